@@ -1,0 +1,133 @@
+"""Turn a chat conversation + images into model inputs with an assistant-token loss mask.
+
+Works through the target's own processor and chat template, for any family whose template
+renders prefixes consistently (every HF chat template we know does):
+
+    >>> enc = encode_conversation(processor, messages, images=[img])
+    >>> enc["input_ids"].shape, enc["loss_mask"].sum()      # (1, T), number of answer tokens
+
+The mask covers each assistant message's content plus the template's end-of-turn text, so the
+model learns to stop. Image placeholders are expanded by the processor; the char spans are mapped
+through its replacement offsets, so no family-specific token arithmetic lives here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class ConversationError(ValueError):
+    """A conversation that cannot be encoded (empty, no assistant turn, bad roles)."""
+
+
+def validate_messages(messages: Any, where: str = "") -> list[dict]:
+    """Check the LLaVA-style messages schema; `where` names the source in the error."""
+    prefix = f"{where}: " if where else ""
+    if not isinstance(messages, list) or not messages:
+        raise ConversationError(f"{prefix}empty conversation (got {messages!r})")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise ConversationError(
+                f"{prefix}message {i} needs a role system/user/assistant: {m!r}"
+            )
+        if not isinstance(m.get("content"), (str, list)):
+            raise ConversationError(f"{prefix}message {i} has no content: {m!r}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ConversationError(f"{prefix}conversation has no assistant turn")
+    return messages
+
+
+def to_content_items(messages: list[dict], placeholder: str = "<image>") -> list[dict]:
+    """LLaVA-style string content with literal `<image>` -> transformers' typed content items.
+
+    Every family's chat template understands {"type": "image"} items, while only LLaVA's own
+    would pass a literal placeholder through. The newline LLaVA puts after the placeholder is
+    dropped, as templates add their own separators.
+    """
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, str):
+            items: list[dict] = []
+            for i, piece in enumerate(content.split(placeholder)):
+                if i:
+                    items.append({"type": "image"})
+                    piece = piece[1:] if piece.startswith("\n") else piece
+                if piece:
+                    items.append({"type": "text", "text": piece})
+            content = items
+        out.append({**m, "content": content})
+    return out
+
+
+def assistant_char_spans(processor, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the (start, end) char span of every assistant turn."""
+    render = processor.apply_chat_template
+    text = render(messages, tokenize=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        head = render(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        full = render(messages[: i + 1], tokenize=False)
+        if not text.startswith(full) or not full.startswith(head):
+            raise ConversationError("the chat template does not render prefixes consistently")
+        spans.append((len(head), len(full)))
+    return text, spans
+
+
+def _shift(pos: int, replacements: list[dict]) -> int:
+    """Map a char position of the unexpanded text into the placeholder-expanded text."""
+    delta = 0
+    for r in replacements:
+        (s0, s1), (n0, n1) = r["span"], r["new_span"]
+        if s1 <= pos:
+            delta += (n1 - n0) - (s1 - s0)
+    return pos + delta
+
+
+def encode_conversation(
+    processor, messages: list[dict], images: list | None = None, max_length: int | None = None
+) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask, loss_mask (all (1, T)) plus the processor's vision tensors."""
+    text, spans = assistant_char_spans(processor, to_content_items(validate_messages(messages)))
+    out = processor(
+        images=images or None,
+        text=text,
+        return_tensors="pt",
+        return_offsets_mapping=True,
+        return_text_replacement_offsets=True,
+    )
+    replacements = out.pop("text_replacement_offsets")[0]
+    offsets = out.pop("offset_mapping")[0]  # (T, 2)
+    starts = offsets[:, 0]
+    loss_mask = torch.zeros_like(starts, dtype=torch.bool)
+    for s, e in spans:
+        loss_mask |= (starts >= _shift(s, replacements)) & (starts < _shift(e, replacements))
+    # Zero-width tokens (none in byte-level BPE, some in sentencepiece) carry no answer text.
+    loss_mask &= offsets[:, 1] > offsets[:, 0]
+    out["loss_mask"] = loss_mask[None]
+    if max_length is not None and out["input_ids"].shape[1] > max_length:
+        raise ConversationError(
+            f"conversation is {out['input_ids'].shape[1]} tokens, over max_length={max_length}"
+        )
+    return dict(out)
+
+
+def pad_batch(encodings: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of single-sample encodings into a batch; vision tensors are concatenated."""
+    length = max(e["input_ids"].shape[1] for e in encodings)
+    batch: dict[str, torch.Tensor] = {}
+    for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("loss_mask", False)):
+        rows = []
+        for e in encodings:
+            row = e[key][0]
+            rows.append(torch.cat([row, row.new_full((length - row.shape[0],), fill)]))
+        batch[key] = torch.stack(rows)
+    for key in {k for e in encodings for k in e} - set(
+        batch
+    ):  # vision tensors; text-only rows have none
+        batch[key] = torch.cat([e[key] for e in encodings if key in e])
+    return batch

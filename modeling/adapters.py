@@ -1,0 +1,280 @@
+"""Target adapters: one small class per HF VLM family, one interface for everything else.
+
+From a single target forward an adapter returns the logits, the hidden states of the requested
+layers and the mask of visual (image or video) positions; it also exposes the input embeddings,
+the LM head and the decoder layers. Nothing outside this file cares which family it talks to.
+
+    >>> adapter = adapter_for(model)                   # picks by config.model_type
+    >>> out = adapter.forward(inputs, layer_ids=(2, 4, 7))
+    >>> out.logits.shape, out.hidden_states[4].shape, out.visual_mask.sum()
+    ((B, T, V), (B, T, D), number of visual tokens)
+
+Layer ids follow HF's `output_hidden_states` indexing, which EAGLE-3 style drafters use too:
+0 is the embedding output (image features already merged in), i in 1..L-1 the output of decoder
+layer i-1, and L the final normed state that feeds the LM head. The states are captured with
+hooks, so only the requested layers are kept, never all L+1 of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+class TargetMismatchError(ValueError):
+    """A request the target cannot serve (unknown family, missing layer ids, wrong inputs)."""
+
+
+@dataclass
+class TargetOutput:
+    logits: torch.Tensor  # (B, T, V)
+    hidden_states: dict[int, torch.Tensor]  # layer id -> (B, T, D)
+    visual_mask: torch.Tensor  # (B, T) bool
+    cache: Any = None  # the model's KV cache when use_cache=True
+
+
+def _first_tensor(x: Any) -> torch.Tensor:
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def _flatten_features(x: Any) -> Iterable[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (list, tuple)):
+        for item in x:
+            yield from _flatten_features(item)
+
+
+class TargetAdapter:
+    """Family-independent behaviour; subclasses name their config fields and input quirks."""
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    image_token_field: ClassVar[str] = "image_token_index"
+    video_token_field: ClassVar[str | None] = None
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.config = model.config
+
+    # -- structure --------------------------------------------------------------------------
+    @property
+    def text_config(self):
+        return self.config.get_text_config()
+
+    @property
+    def num_layers(self) -> int:
+        return self.text_config.num_hidden_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text_config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text_config.vocab_size
+
+    def language_model(self) -> nn.Module:
+        return self.model.get_decoder()
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.language_model().layers
+
+    def input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def lm_head(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    def visual_token_ids(self) -> list[int]:
+        fields = [self.image_token_field, self.video_token_field]
+        return [
+            getattr(self.config, f)
+            for f in fields
+            if f and getattr(self.config, f, None) is not None
+        ]
+
+    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        ids = torch.tensor(self.visual_token_ids(), device=input_ids.device)
+        return torch.isin(input_ids, ids)  # (B, T)
+
+    def check_layer_ids(self, layer_ids: Sequence[int]) -> None:
+        bad = [i for i in layer_ids if not 0 <= i <= self.num_layers]
+        if bad:
+            raise TargetMismatchError(
+                f"layer ids {bad} are outside 0..{self.num_layers} for this "
+                f"{self.config.model_type} target with {self.num_layers} decoder layers"
+            )
+
+    # -- forward ----------------------------------------------------------------------------
+    def model_inputs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """Family-specific completion of processor outputs (e.g. Qwen's mm_token_type_ids)."""
+        return dict(inputs)
+
+    def _hooks(self, layer_ids: Sequence[int], store: dict[int, torch.Tensor]) -> list:
+        lm, layers, handles = self.language_model(), self.decoder_layers(), []
+        for i in sorted(set(layer_ids)):
+            if i == 0:
+
+                def pre(_m, args, kwargs, i=i):
+                    store[i] = args[0] if args else kwargs["hidden_states"]
+
+                handles.append(layers[0].register_forward_pre_hook(pre, with_kwargs=True))
+            else:
+                module = lm.norm if i == self.num_layers else layers[i - 1]
+                handles.append(
+                    module.register_forward_hook(
+                        lambda _m, _a, out, i=i: store.__setitem__(i, _first_tensor(out))
+                    )
+                )
+        return handles
+
+    def forward(
+        self, inputs: Mapping[str, Any], layer_ids: Sequence[int] = (), **kwargs: Any
+    ) -> TargetOutput:
+        """One target forward; `kwargs` (cache, use_cache, position_ids, ...) go to the model."""
+        self.check_layer_ids(layer_ids)
+        store: dict[int, torch.Tensor] = {}
+        handles = self._hooks(layer_ids, store)
+        try:
+            out = self.model(**self.model_inputs(inputs), **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        return TargetOutput(
+            logits=out.logits,
+            hidden_states={i: store[i] for i in layer_ids},
+            visual_mask=self.visual_mask(inputs["input_ids"]),
+            cache=out.get("cache", out.get("past_key_values")),
+        )
+
+    # -- visual features --------------------------------------------------------------------
+    def _feature_calls(self, inputs: Mapping[str, Any]) -> list[tuple[str, dict]]:
+        calls = []
+        if inputs.get("pixel_values") is not None:
+            calls.append(("get_image_features", {"pixel_values": inputs["pixel_values"]}))
+        if inputs.get("pixel_values_videos") is not None:
+            calls.append(
+                ("get_video_features", {"pixel_values_videos": inputs["pixel_values_videos"]})
+            )
+        return calls
+
+    @torch.no_grad()
+    def count_visual_features(self, inputs: Mapping[str, Any]) -> int:
+        """How many visual feature vectors the model merges into the text sequence."""
+        total = 0
+        for method, kwargs in self._feature_calls(inputs):
+            feats = getattr(self.model.model, method)(**kwargs).pooler_output
+            total += sum(t.reshape(-1, t.shape[-1]).shape[0] for t in _flatten_features(feats))
+        return total
+
+
+class LlavaAdapter(TargetAdapter):
+    """LLaVA-1.5 (`LlavaForConditionalGeneration`)."""
+
+    model_types = ("llava",)
+
+
+class LlavaNextAdapter(TargetAdapter):
+    """LLaVA-NeXT / 1.6: any-resolution tiles, features need `image_sizes`."""
+
+    model_types = ("llava_next",)
+
+    def _feature_calls(self, inputs):
+        calls = super()._feature_calls(inputs)
+        return [
+            (m, {**kw, "image_sizes": inputs["image_sizes"]})
+            if m == "get_image_features"
+            else (m, kw)
+            for m, kw in calls
+        ]
+
+
+class LlavaOnevisionAdapter(LlavaNextAdapter):
+    """LLaVA-OneVision: images (any-res) and video frames."""
+
+    model_types = ("llava_onevision",)
+    video_token_field = "video_token_index"
+
+
+class Qwen2VLAdapter(TargetAdapter):
+    """Qwen2-VL and Qwen2.5-VL: M-RoPE positions need `mm_token_type_ids`."""
+
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+    image_token_field = "image_token_id"
+    video_token_field = "video_token_id"
+
+    def model_inputs(self, inputs):
+        inputs = dict(inputs)
+        if inputs.get("mm_token_type_ids") is None:
+            ids = inputs["input_ids"]
+            types = torch.zeros_like(ids, dtype=torch.int32)
+            types[ids == self.config.image_token_id] = 1
+            types[ids == self.config.video_token_id] = 2
+            inputs["mm_token_type_ids"] = types
+        return inputs
+
+    def _feature_calls(self, inputs):
+        calls = []
+        if inputs.get("pixel_values") is not None:
+            calls.append(
+                (
+                    "get_image_features",
+                    {
+                        "pixel_values": inputs["pixel_values"],
+                        "image_grid_thw": inputs["image_grid_thw"],
+                    },
+                )
+            )
+        if inputs.get("pixel_values_videos") is not None:
+            calls.append(
+                (
+                    "get_video_features",
+                    {
+                        "pixel_values_videos": inputs["pixel_values_videos"],
+                        "video_grid_thw": inputs["video_grid_thw"],
+                    },
+                )
+            )
+        return calls
+
+
+class Idefics3Adapter(TargetAdapter):
+    """Idefics3 and SmolVLM: pixel-shuffled SigLIP tiles, optional `pixel_attention_mask`."""
+
+    model_types = ("idefics3", "smolvlm")
+    image_token_field = "image_token_id"
+
+    def _feature_calls(self, inputs):
+        calls = super()._feature_calls(inputs)
+        mask = inputs.get("pixel_attention_mask")
+        return [(m, {**kw, "pixel_attention_mask": mask}) for m, kw in calls]
+
+
+class Gemma3Adapter(TargetAdapter):
+    """Gemma3: fixed `mm_tokens_per_image` soft tokens per image."""
+
+    model_types = ("gemma3",)
+
+
+ADAPTERS: tuple[type[TargetAdapter], ...] = (
+    LlavaAdapter,
+    LlavaNextAdapter,
+    LlavaOnevisionAdapter,
+    Qwen2VLAdapter,
+    Idefics3Adapter,
+    Gemma3Adapter,
+)
+
+
+def adapter_for(model: nn.Module) -> TargetAdapter:
+    """The adapter for `model`'s family, chosen by `config.model_type`."""
+    model_type = model.config.model_type
+    for cls in ADAPTERS:
+        if model_type in cls.model_types:
+            return cls(model)
+    known = sorted(t for cls in ADAPTERS for t in cls.model_types)
+    raise TargetMismatchError(f"no target adapter for model_type {model_type!r}; known: {known}")

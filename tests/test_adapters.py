@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+from modeling.adapters import TargetMismatchError, adapter_for
+from tests.tiny_vlms import FAMILIES
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request):
+    torch.manual_seed(0)
+    model, inputs = FAMILIES[request.param]()
+    return request.param, model.eval(), inputs
+
+
+@torch.no_grad()
+def test_hidden_states_equal_hf_output_hidden_states(family):
+    name, model, inputs = family
+    adapter = adapter_for(model)
+    layers = list(range(adapter.num_layers + 1))  # embeddings, every layer, final norm
+    out = adapter.forward(inputs, layer_ids=layers)
+    ref = model(**adapter.model_inputs(inputs), output_hidden_states=True)
+    assert len(ref.hidden_states) == adapter.num_layers + 1
+    torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=0)
+    for i in layers:
+        torch.testing.assert_close(
+            out.hidden_states[i], ref.hidden_states[i], rtol=0, atol=0, msg=f"{name} layer {i}"
+        )
+
+
+@torch.no_grad()
+def test_visual_mask_counts_visual_features(family):
+    name, model, inputs = family
+    adapter = adapter_for(model)
+    mask = adapter.forward(inputs).visual_mask
+    assert mask.dtype == torch.bool and mask.shape == inputs["input_ids"].shape
+    assert int(mask.sum()) == adapter.count_visual_features(inputs) > 0
+    text_ids = inputs["input_ids"][~mask]
+    assert not torch.isin(text_ids, torch.tensor(adapter.visual_token_ids())).any()
+
+
+def test_exposes_embeddings_and_head(family):
+    _, model, _ = family
+    adapter = adapter_for(model)
+    assert adapter.input_embeddings().weight.shape == (adapter.vocab_size, adapter.hidden_size)
+    assert adapter.lm_head().weight.shape == (adapter.vocab_size, adapter.hidden_size)
+    assert len(adapter.decoder_layers()) == adapter.num_layers
+
+
+def test_bad_layer_ids_refused(family):
+    _, model, inputs = family
+    adapter = adapter_for(model)
+    with pytest.raises(TargetMismatchError, match=str(adapter.num_layers + 3)):
+        adapter.forward(inputs, layer_ids=[1, adapter.num_layers + 3])
+
+
+def test_unknown_family_refused():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=16,
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=1,
+        )
+    )
+    with pytest.raises(TargetMismatchError, match="llama"):
+        adapter_for(model)

@@ -1,0 +1,326 @@
+"""The visual-token-free drafter: a one-layer EAGLE-3 style head fed by the target's fused states.
+
+    >>> cfg = DrafterConfig.for_target(adapter, variant="visual_free")
+    >>> drafter = Drafter(cfg).attach_target(adapter)      # borrows embeddings + LM head
+    >>> feats = drafter.project_features(target_states)    # (B, S, n_layers * Ht) -> (B, S, D)
+    >>> hidden = drafter(drafter.embed(next_ids), feats, position_ids, mask)   # (B, S, D)
+    >>> logits = drafter.logits(hidden)                   # (B, S, V_draft)
+    >>> drafter.save_pretrained("out"); Drafter.from_pretrained("out").attach_target(adapter)
+
+Input at text position t: the embedding of token t+1 and the target's hidden states at t from
+several layers (low / mid / high, concatenated and projected). From draft step 2 on, the feature
+stream is the drafter's own previous output plus a learned step-dependent bias correction (HiViS),
+because its predicted features drift from the target's. The sequence holds text positions only
+(`variant="visual_free"`), so compute and KV cache never grow with visual tokens. Two baselines
+share the code: `text_only` (no target features) and `full_visual` (all positions, visual ones
+carrying the projected visual embeddings, MSD style).
+
+Embeddings and LM head belong to the target and are never saved here; a pruned draft vocabulary
+(EAGLE-3's draft-to-target map `d2t`) brings its own small head, which is saved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, LlamaConfig, PretrainedConfig, PreTrainedModel
+from transformers.models.llama.modeling_llama import (
+    LlamaDecoderLayer,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+)
+
+from modeling.adapters import TargetAdapter, TargetMismatchError
+
+VARIANTS = ("visual_free", "text_only", "full_visual")
+
+
+def default_fused_layer_ids(num_layers: int) -> list[int]:
+    """Low, mid and high target layers (HF hidden_states indices), EAGLE-3's choice scaled to depth."""
+    if num_layers < 3:
+        return list(range(1, num_layers + 1))
+    ids = [min(3, num_layers - 1), num_layers // 2 + 1, num_layers - 2]
+    return sorted({max(1, min(i, num_layers - 1)) for i in ids})
+
+
+class DrafterConfig(PretrainedConfig):
+    model_type = "covspec_drafter"
+
+    def __init__(
+        self,
+        hidden_size: int = 4096,
+        intermediate_size: int | None = None,
+        num_hidden_layers: int = 1,
+        num_attention_heads: int = 32,
+        num_key_value_heads: int | None = None,
+        rms_norm_eps: float = 1e-6,
+        rope_theta: float = 10000.0,
+        max_position_embeddings: int = 8192,
+        variant: str = "visual_free",
+        fused_layer_ids: Sequence[int] = (3, 17, 30),
+        max_draft_steps: int = 6,
+        draft_vocab_size: int | None = None,
+        target_model_type: str | None = None,
+        target_vocab_size: int | None = None,
+        target_hidden_size: int | None = None,
+        target_num_layers: int | None = None,
+        tokenizer_fingerprint: str | None = None,
+        **kwargs,
+    ) -> None:
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if max_draft_steps < 1:
+            raise ValueError(f"max_draft_steps must be >= 1, got {max_draft_steps}")
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size or hidden_size * 8 // 3
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads or num_attention_heads
+        self.rms_norm_eps = rms_norm_eps
+        self.rope_theta = rope_theta
+        self.max_position_embeddings = max_position_embeddings
+        self.variant = variant
+        self.fused_layer_ids = list(fused_layer_ids)
+        self.max_draft_steps = max_draft_steps
+        self.draft_vocab_size = draft_vocab_size
+        self.target_model_type = target_model_type
+        self.target_vocab_size = target_vocab_size
+        self.target_hidden_size = target_hidden_size or hidden_size
+        self.target_num_layers = target_num_layers
+        self.tokenizer_fingerprint = tokenizer_fingerprint
+        super().__init__(**kwargs)
+
+    @classmethod
+    def for_target(
+        cls, adapter: TargetAdapter, tokenizer_fingerprint: str | None = None, **overrides
+    ) -> DrafterConfig:
+        """A config sized for `adapter`'s target: same width, heads scaled to ~64-dim, fused ids by depth."""
+        text = adapter.text_config
+        heads = getattr(text, "num_attention_heads", max(1, adapter.hidden_size // 64))
+        values = dict(
+            hidden_size=adapter.hidden_size,
+            intermediate_size=getattr(text, "intermediate_size", None),
+            num_attention_heads=heads,
+            num_key_value_heads=getattr(text, "num_key_value_heads", heads),
+            rms_norm_eps=getattr(text, "rms_norm_eps", 1e-6),
+            max_position_embeddings=getattr(text, "max_position_embeddings", 8192),
+            fused_layer_ids=default_fused_layer_ids(adapter.num_layers),
+            target_model_type=adapter.config.model_type,
+            target_vocab_size=adapter.vocab_size,
+            target_hidden_size=adapter.hidden_size,
+            target_num_layers=adapter.num_layers,
+            tokenizer_fingerprint=tokenizer_fingerprint,
+        )
+        values.update(overrides)
+        return cls(**values)
+
+    def llama_config(self) -> LlamaConfig:
+        cfg = LlamaConfig(
+            vocab_size=self.target_vocab_size or 1,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            rms_norm_eps=self.rms_norm_eps,
+            max_position_embeddings=self.max_position_embeddings,
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+        )
+        cfg._attn_implementation = "sdpa"
+        return cfg
+
+
+class Drafter(PreTrainedModel):
+    config_class = DrafterConfig
+    base_model_prefix = "drafter"
+    main_input_name = "inputs_embeds"
+    _supports_sdpa = True
+
+    def __init__(self, config: DrafterConfig) -> None:
+        super().__init__(config)
+        d = config.hidden_size
+        lcfg = config.llama_config()
+        if config.variant != "text_only":
+            self.fc = nn.Linear(
+                len(config.fused_layer_ids) * config.target_hidden_size, d, bias=False
+            )
+        self.embed_norm = LlamaRMSNorm(d, eps=config.rms_norm_eps)
+        self.feature_norm = LlamaRMSNorm(d, eps=config.rms_norm_eps)
+        self.in_proj = nn.Linear(2 * d, d, bias=False)
+        # Step k >= 2 correction of the fed-back feature (row k-2); zero at init = plain EAGLE.
+        self.step_bias = nn.Parameter(torch.zeros(max(config.max_draft_steps - 1, 1), d))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(lcfg, i) for i in range(config.num_hidden_layers)
+        )
+        self.norm = LlamaRMSNorm(d, eps=config.rms_norm_eps)
+        self.rotary = LlamaRotaryEmbedding(lcfg)
+        if config.draft_vocab_size:
+            self.lm_head = nn.Linear(d, config.draft_vocab_size, bias=False)
+            self.register_buffer("d2t", torch.arange(config.draft_vocab_size), persistent=True)
+        self._target: tuple[nn.Module, nn.Module] | None = None  # (embeddings, lm_head), unsaved
+        self.post_init()
+
+    # -- target binding -----------------------------------------------------------------------
+    def check_target(
+        self, adapter: TargetAdapter, tokenizer_fingerprint: str | None = None
+    ) -> None:
+        """Refuse a target other than the one this drafter was trained for, naming the field."""
+        c = self.config
+        expected = {
+            "model type": (c.target_model_type, adapter.config.model_type),
+            "vocab size": (c.target_vocab_size, adapter.vocab_size),
+            "hidden size": (c.target_hidden_size, adapter.hidden_size),
+            "number of layers": (c.target_num_layers, adapter.num_layers),
+            "tokenizer fingerprint": (c.tokenizer_fingerprint, tokenizer_fingerprint),
+        }
+        for name, (want, got) in expected.items():
+            if want is not None and got is not None and want != got:
+                raise TargetMismatchError(
+                    f"drafter was trained for a target with {name} {want!r}, this target has {got!r}"
+                )
+        adapter.check_layer_ids(c.fused_layer_ids)
+
+    def attach_target(
+        self, adapter: TargetAdapter, tokenizer_fingerprint: str | None = None
+    ) -> Drafter:
+        self.check_target(adapter, tokenizer_fingerprint)
+        self._target = (adapter.input_embeddings(), adapter.lm_head())
+        return self
+
+    def _bound(self) -> tuple[nn.Module, nn.Module]:
+        if self._target is None:
+            raise RuntimeError("call drafter.attach_target(adapter) before using it")
+        return self._target
+
+    # -- pieces -------------------------------------------------------------------------------
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Target token embeddings, (B, S) -> (B, S, D)."""
+        return self._bound()[0](ids)
+
+    def project_features(
+        self, target_states: torch.Tensor | None, like: torch.Tensor
+    ) -> torch.Tensor:
+        """Fused target states (B, S, n*Ht) -> (B, S, D); zeros for the text-only baseline."""
+        if self.config.variant == "text_only" or target_states is None:
+            return torch.zeros_like(like)
+        return self.fc(target_states.to(self.fc.weight.dtype))
+
+    def step_feature(self, previous_hidden: torch.Tensor, step: int) -> torch.Tensor:
+        """The feature fed at draft step `step` >= 2: own previous output + bias correction."""
+        assert step >= 2, "step 1 feeds on target features"
+        row = min(step, self.config.max_draft_steps) - 2
+        feature = (
+            previous_hidden
+            if self.config.variant != "text_only"
+            else torch.zeros_like(previous_hidden)
+        )
+        return feature + self.step_bias[min(row, self.step_bias.shape[0] - 1)]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, S, D) -> (B, S, V_draft): final norm, then the draft or the target LM head."""
+        h = self.norm(hidden)
+        head = self.lm_head if self.config.draft_vocab_size else self._bound()[1]
+        return head(h.to(head.weight.dtype))
+
+    @torch.no_grad()
+    def set_draft_vocab(self, d2t: torch.Tensor) -> None:
+        """Install a draft-to-target map and start the draft head from the target head's rows."""
+        if d2t.shape != self.d2t.shape:
+            raise ValueError(f"d2t must have shape {tuple(self.d2t.shape)}, got {tuple(d2t.shape)}")
+        self.d2t.copy_(d2t)
+        self.lm_head.weight.copy_(self._bound()[1].weight[d2t.to(self.lm_head.weight.device)])
+
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        return self.d2t[draft_ids] if self.config.draft_vocab_size else draft_ids
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,  # (B, S, D) embeddings of the next tokens
+        features: torch.Tensor,  # (B, S, D) projected target features or step features
+        position_ids: torch.Tensor,  # (B, S)
+        attention_mask: torch.Tensor | None = None,  # (B, 1, S, S_past + S) additive
+        cache=None,
+    ) -> torch.Tensor:
+        """Pre-norm hidden states (B, S, D); with `cache`, keys/values are appended to it."""
+        x = torch.cat(
+            [self.embed_norm(inputs_embeds.to(features.dtype)), self.feature_norm(features)], dim=-1
+        )
+        h = self.in_proj(x)  # (B, S, D)
+        pos = self.rotary(h, position_ids)
+        for layer in self.layers:
+            h = layer(
+                h,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                position_embeddings=pos,
+            )
+            h = h[0] if isinstance(h, tuple) else h
+        return h
+
+
+def build_draft_vocab(counts: torch.Tensor, size: int) -> torch.Tensor:
+    """EAGLE-3 draft vocabulary: the `size` most frequent target ids, ascending. counts: (V,)."""
+    if not 0 < size <= counts.numel():
+        raise ValueError(f"draft vocab size must be in 1..{counts.numel()}, got {size}")
+    top = torch.argsort(-counts.double(), stable=True)[:size]  # ties keep the lower id
+    return torch.sort(top).values
+
+
+def ttt_attention_mask(step: int, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Training-time-test mask for unroll step `step` (1-based) over keys of steps 1..step.
+
+    A query at position t of step k stands for draft depth k after a context that ends at
+    t-k+1: it sees step-1 keys at positions <= t-k+1 and the step-j key at t-k+j (j = 2..k),
+    exactly the keys the drafter's cache holds at inference. valid: (B, S) bool.
+    Returns (B, 1, S, step * S), additive.
+    """
+    _, s = valid.shape
+    t = torch.arange(s, device=valid.device)
+    blocks = [(t[None, :] <= (t[:, None] - step + 1))]  # (S, S) step-1 keys
+    for j in range(2, step + 1):
+        blocks.append(t[None, :] == (t[:, None] - step + j))
+    allowed = torch.cat(blocks, dim=1)[None] & valid.repeat(1, step)[:, None, :]  # (B, S, step*S)
+    allowed |= torch.cat(
+        [
+            torch.zeros(s, (step - 1) * s, dtype=torch.bool, device=valid.device),
+            torch.eye(s, dtype=torch.bool, device=valid.device),
+        ],
+        1,
+    )
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=valid.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def ttt_unroll(
+    drafter: Drafter,
+    next_embeds: torch.Tensor,  # (B, S, D) embedding of the token after each position
+    target_features: torch.Tensor,  # (B, S, D) projected fused target states at each position
+    valid: torch.Tensor,  # (B, S) bool
+    steps: int,
+) -> list[torch.Tensor]:
+    """Unroll the drafter `steps` times as at inference; returns pre-norm hidden (B, S, D) per step.
+
+    Step 1 feeds on the target's features. Step k >= 2 at position t feeds on the drafter's own
+    step k-1 output at t-1 (plus the step bias), attending to the keys of earlier steps through a
+    cache, so every step sees exactly what depth k sees when drafting.
+    """
+    from transformers import DynamicCache
+
+    b, s, _ = next_embeds.shape
+    position_ids = torch.arange(s, device=next_embeds.device).expand(b, s)
+    cache = DynamicCache(config=drafter.config.llama_config())
+    outputs, features = [], target_features
+    for k in range(1, steps + 1):
+        if k > 1:
+            shifted = torch.cat([torch.zeros_like(outputs[-1][:, :1]), outputs[-1][:, :-1]], dim=1)
+            features = drafter.step_feature(shifted, k)
+        mask = ttt_attention_mask(k, valid, features.dtype)
+        outputs.append(drafter(next_embeds, features, position_ids, mask, cache=cache))
+    return outputs
+
+
+AutoConfig.register(DrafterConfig.model_type, DrafterConfig)
+AutoModel.register(DrafterConfig, Drafter)

@@ -1,0 +1,213 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from data.datamodule import ConversationDataModule
+from training.cli import CovspecCLI, make_cli
+from training.distill import DrafterDistillation, compact
+from training.metrics import DepthAgreement, implied_tau
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module(target_dir, **kw):
+    torch.manual_seed(0)
+    module = DrafterDistillation(target=str(target_dir), unroll_steps=3, **kw)
+    module.configure_model()
+    return module
+
+
+def _loader(target_dir, n, seed, batch_size):
+    dm = ConversationDataModule(
+        target=str(target_dir), train_data=f"toy:{n}:{seed}", val_data=None, batch_size=batch_size
+    )
+    dm.setup("fit")
+    return dm.train_dataloader()
+
+
+def _batch(target_dir, n=4, seed=0):
+    return next(iter(_loader(target_dir, n, seed, n)))
+
+
+def test_compact_keeps_order():
+    keep = torch.tensor([[1, 0, 1, 1, 0], [0, 0, 1, 0, 0]], dtype=torch.bool)
+    idx, valid = compact(keep)
+    assert idx[0].tolist() == [0, 2, 3] and idx[1, :1].tolist() == [2]
+    assert valid.tolist() == [[True, True, True], [True, False, False]]
+
+
+def test_metrics_implied_tau():
+    m = DepthAgreement(3)
+    m.update(1, torch.tensor([True, True, False, True]))
+    m.update(2, torch.tensor([True, False]))
+    rates = m.compute()
+    assert rates.tolist() == [0.75, 0.5, 0.0]
+    assert implied_tau(rates) == pytest.approx(1 + 0.75 + 0.375)
+    with pytest.raises(ValueError, match="depth"):
+        m.update(4, torch.tensor([True]))
+
+
+@pytest.mark.parametrize("variant", ["visual_free", "text_only", "full_visual"])
+def test_step_moves_every_drafter_parameter_and_no_target_parameter(micro_target_dir, variant):
+    module = _module(micro_target_dir, variant=variant)
+    batch = _batch(micro_target_dir)
+    before_d = {n: p.detach().clone() for n, p in module.drafter.named_parameters()}
+    before_t = {n: p.detach().clone() for n, p in module.target.named_parameters()}
+    opt = torch.optim.AdamW(module.drafter.parameters(), lr=1e-2)
+    loss = module.losses(batch, module.train_agreement)
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    assert all(not p.requires_grad for p in module.target.parameters())
+    for n, p in module.drafter.named_parameters():
+        assert not torch.equal(p, before_d[n]), f"drafter parameter {n} did not move"
+    for n, p in module.target.named_parameters():
+        assert torch.equal(p, before_t[n]), f"target parameter {n} moved"
+
+
+def test_visual_free_sequence_has_no_visual_positions(micro_target_dir):
+    batch = _batch(micro_target_dir)
+    free = _module(micro_target_dir).teacher(batch)
+    full = _module(micro_target_dir, variant="full_visual").teacher(batch)
+    image_id = free["ids"].new_tensor(_module(micro_target_dir).adapter.visual_token_ids())
+    assert not torch.isin(free["ids"][free["valid"]], image_id).any()
+    n_visual = 81
+    assert full["ids"].shape[1] - free["ids"].shape[1] == n_visual
+
+
+def test_nan_loss_stops_naming_the_step(micro_target_dir):
+    module = _module(micro_target_dir)
+    with torch.no_grad():
+        module.drafter.in_proj.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="global step 0"):
+        module.training_step(_batch(micro_target_dir), 0)
+
+
+def test_missing_layer_ids_refused_before_training(micro_target_dir):
+    with pytest.raises(ValueError, match="outside"):
+        _module(micro_target_dir, fused_layer_ids=[1, 40])
+
+
+class ParseOnlyCLI(CovspecCLI):
+    """Parses a recipe and instantiates every class in it except the Trainer (GPU recipes)."""
+
+    def instantiate_trainer(self, **kwargs):
+        return None
+
+
+@pytest.mark.parametrize(
+    "recipe", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "recipes").rglob("*.yaml"))
+)
+def test_every_recipe_parses_through_the_cli(recipe, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cli = make_cli(["--config", recipe, "--model.variant", "text_only"], cli_class=ParseOnlyCLI)
+    assert isinstance(cli.model, DrafterDistillation) and cli.model.hparams.variant == "text_only"
+    assert isinstance(cli.datamodule, ConversationDataModule)
+    assert cli.datamodule.hparams.target == cli.model.hparams.target
+    callbacks = cli.config_init.trainer.callbacks
+    export = [c for c in callbacks if type(c).__name__ == "ExportDrafter"][0]
+    assert export.dirpath.endswith("-text-only"), "variant suffix not resolved"
+    if "toy" not in recipe:
+        strategy = cli.config_init.trainer.strategy
+        assert (
+            type(strategy).__name__ == "DeepSpeedStrategy"
+            and strategy.config["zero_optimization"]["stage"] == 2
+        )
+
+
+def test_unknown_recipe_key_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        (ROOT / "recipes/toy/drafter.yaml")
+        .read_text()
+        .replace("  unroll_steps: 6", "  unrol_steps: 6")
+    )
+    with pytest.raises(SystemExit):
+        make_cli(["--config", str(bad)], cli_class=ParseOnlyCLI)
+
+
+def _train(target_dir, out, extra, timeout=240):
+    args = [
+        sys.executable, "-m", "scripts.cli", "train", "--config", "recipes/toy/drafter.yaml",
+        f"--model.target={target_dir}", "--model.unroll_steps=3", "--model.warmup_steps=2",
+        "--data.train_data=toy:64:3", "--data.val_data=toy:8:4", "--data.batch_size=4",
+        "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.val_check_interval=null",
+        "--trainer.callbacks=lightning.pytorch.callbacks.ModelCheckpoint",  # replaces the list
+        f"--trainer.callbacks.dirpath={out}/ckpt", "--trainer.callbacks.save_last=true",
+        "--trainer.callbacks+=training.callbacks.ExportDrafter", f"--trainer.callbacks.dirpath={out}/drafter",
+        "--trainer.default_root_dir", str(out), "--resume", "none", *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_ddp_two_processes_on_cpu(micro_target_dir, tmp_path):
+    run = _train(
+        micro_target_dir,
+        tmp_path,
+        ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.max_steps=3"],
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "drafter" / "model.safetensors").is_file()
+    card = (tmp_path / "drafter" / "README.md").read_text()
+    assert "Implied tau" in card and "agreement" in card
+
+
+def _agreement(module, batch):
+    m = DepthAgreement(module.hparams.unroll_steps)
+    with torch.no_grad():
+        module.losses(batch, m)
+    return m.compute()
+
+
+def test_seconds_of_training_beat_chance(micro_target_dir):
+    module = _module(micro_target_dir)
+    held_out = _batch(micro_target_dir, n=16, seed=99)
+    untrained = _agreement(module, held_out)
+    opt = torch.optim.AdamW(module.drafter.parameters(), lr=3e-3)
+    for batch in _loader(micro_target_dir, n=320, seed=1, batch_size=8):
+        loss = module.losses(batch, module.train_agreement)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    trained = _agreement(module, held_out)
+    chance = 1 / module.adapter.vocab_size
+    assert trained[0] > max(10 * chance, untrained[0] + 0.1), (untrained, trained)
+    assert implied_tau(trained) > implied_tau(untrained)
+
+
+def test_resume_from_last_checkpoint_without_target_weights(micro_target_dir, tmp_path):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class Count(L.Callback):
+        batches = 0
+
+        def on_train_batch_end(self, *args):
+            self.batches += 1
+
+    def fit(max_steps, ckpt_path=None):
+        module = DrafterDistillation(target=str(micro_target_dir), unroll_steps=2, warmup_steps=1)
+        dm = ConversationDataModule(
+            target=str(micro_target_dir), train_data="toy:32:5", val_data=None, batch_size=4
+        )
+        ckpt = ModelCheckpoint(
+            dirpath=tmp_path, save_last=True, save_top_k=0, every_n_train_steps=1
+        )
+        trainer = L.Trainer(
+            accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, callbacks=[ckpt, count := Count()], default_root_dir=tmp_path,
+        )  # fmt: skip
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        return trainer, module, count.batches
+
+    _, first, _ = fit(2)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert saved["state_dict"] and not any(k.startswith("target.") for k in saved["state_dict"])
+    trainer, resumed, batches = fit(3, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert trainer.global_step == 3 and batches == 1  # continued, not restarted

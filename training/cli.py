@@ -1,0 +1,73 @@
+"""`covspec train`: LightningCLI over DrafterDistillation + ConversationDataModule.
+
+    covspec train --config recipes/toy/drafter.yaml
+    covspec train --config recipes/toy/drafter.yaml --model.variant full_visual
+    covspec train --config recipes/toy/drafter.yaml --resume none      # ignore last.ckpt
+
+The data module's `target` is linked to the model's, so a recipe names its target once. Strings
+in the trainer section may hold `{variant}` and `{variant_suffix}` ("" for visual_free, else
+"-full-visual" / "-text-only"), so checkpoints, exports and run names follow `--model.variant`
+and a baseline never resumes from another variant's checkpoint. By default training resumes from
+the `last.ckpt` of the recipe's ModelCheckpoint when there is one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jsonargparse import Namespace
+from lightning.pytorch.cli import LightningCLI
+
+from data.datamodule import ConversationDataModule
+from training.distill import DrafterDistillation
+
+
+def _format(value: Any, names: dict[str, str]) -> Any:
+    if isinstance(value, str):
+        for key, sub in names.items():
+            value = value.replace("{" + key + "}", sub)
+        return value
+    if isinstance(value, list):
+        return [_format(v, names) for v in value]
+    if isinstance(value, dict):
+        return {k: _format(v, names) for k, v in value.items()}
+    if isinstance(value, Namespace):
+        for key in list(vars(value)):
+            setattr(value, key, _format(getattr(value, key), names))
+    return value
+
+
+class CovspecCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.target", "data.target")
+        parser.add_argument(
+            "--resume",
+            default="last",
+            help="'last' (resume if a last.ckpt exists), 'none', or a checkpoint path",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        variant = self.config.model.variant
+        suffix = "" if variant == "visual_free" else "-" + variant.replace("_", "-")
+        _format(self.config.trainer, {"variant": variant, "variant_suffix": suffix})
+
+
+def make_cli(
+    args: list[str] | None = None, cli_class: type[LightningCLI] = CovspecCLI
+) -> LightningCLI:
+    return cli_class(
+        DrafterDistillation,
+        ConversationDataModule,
+        run=False,
+        args=args,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+def main(args: list[str] | None = None) -> None:
+    cli = make_cli(args)
+    resume = cli.config["resume"]
+    cli.trainer.fit(
+        cli.model, datamodule=cli.datamodule, ckpt_path=None if resume == "none" else resume
+    )

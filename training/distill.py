@@ -1,0 +1,240 @@
+"""`DrafterDistillation`: online-logit distillation of the drafter from a frozen target (Lightning).
+
+    >>> module = DrafterDistillation(target="checkpoints/toy-target", variant="visual_free")
+    >>> trainer.fit(module, datamodule=ConversationDataModule(target="checkpoints/toy-target"))
+
+The frozen target runs inside every training step (eval mode, no grad, bf16 on GPU) and is the
+teacher: no hidden-state dump. The drafter is unrolled `unroll_steps` times as at inference
+(training-time test); each depth k is trained with soft cross-entropy against the teacher's
+distribution plus SmoothL1 against the target's final features, weighted by `step_decay**(k-1)`,
+on assistant tokens only. The target's weights are never written into Lightning checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForImageTextToText
+
+from modeling.adapters import adapter_for
+from modeling.drafter import VARIANTS, Drafter, DrafterConfig, build_draft_vocab, ttt_unroll
+from modeling.tokens import tokenizer_fingerprint
+from training.metrics import DepthAgreement, implied_tau
+
+
+def compact(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (B, S) gathering the kept positions of each row to the left, and their validity."""
+    counts = keep.sum(1)
+    s = int(counts.max())
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :s]  # kept first, in order
+    valid = torch.arange(s, device=keep.device)[None] < counts[:, None]
+    return order, valid
+
+
+def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    if x.dim() == 2:
+        return x.gather(1, idx)
+    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+class DrafterDistillation(L.LightningModule):
+    def __init__(
+        self,
+        target: str,
+        variant: str = "visual_free",
+        unroll_steps: int = 6,
+        step_decay: float = 0.8,
+        feature_loss_weight: float = 0.1,
+        fused_layer_ids: list[int] | None = None,
+        drafter_layers: int = 1,
+        draft_vocab_size: int | None = None,
+        draft_vocab_batches: int = 200,
+        lr: float = 5e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 50,
+        min_lr_ratio: float = 0.1,
+        target_dtype: str = "auto",
+    ) -> None:
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if unroll_steps < 1:
+            raise ValueError(f"unroll_steps must be >= 1, got {unroll_steps}")
+        self.save_hyperparameters()
+        self.strict_loading = False  # checkpoints hold the drafter only, never the frozen target
+        self.target = self.drafter = self.adapter = None
+        self.train_agreement = DepthAgreement(unroll_steps)
+        self.val_agreement = DepthAgreement(unroll_steps)
+
+    # -- model ----------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.drafter is not None:
+            return
+        hp = self.hparams
+        dtype = hp.target_dtype
+        if dtype == "auto":
+            dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        else:
+            dtype = getattr(torch, dtype)
+        target = AutoModelForImageTextToText.from_pretrained(hp.target, dtype=dtype)
+        self.set_target(target, tokenizer_fingerprint(hp.target))
+
+    def set_target(self, target, fingerprint: str | None = None) -> None:
+        """Bind a loaded target and build the drafter for it (tests pass tiny models here)."""
+        hp = self.hparams
+        self.target = target.eval().requires_grad_(False)
+        self.adapter = adapter_for(self.target)
+        overrides = {
+            "variant": hp.variant,
+            "max_draft_steps": hp.unroll_steps,
+            "num_hidden_layers": hp.drafter_layers,
+        }
+        if hp.fused_layer_ids:
+            overrides["fused_layer_ids"] = list(hp.fused_layer_ids)
+        if hp.draft_vocab_size:
+            overrides["draft_vocab_size"] = hp.draft_vocab_size
+        config = DrafterConfig.for_target(
+            self.adapter, tokenizer_fingerprint=fingerprint, **overrides
+        )
+        self.adapter.check_layer_ids(config.fused_layer_ids)  # refuse before any training
+        self.drafter = Drafter(config).attach_target(self.adapter)
+
+    def on_fit_start(self) -> None:
+        """Build the pruned draft vocabulary from answer-token counts (summed over ranks)."""
+        d = self.drafter
+        if not d.config.draft_vocab_size or not torch.equal(
+            d.d2t, torch.arange(len(d.d2t), device=d.d2t.device)
+        ):
+            return  # full vocabulary, or a map restored from a checkpoint
+        counts = torch.zeros(self.adapter.vocab_size, device=self.device)
+        for i, batch in enumerate(self.trainer.datamodule.train_dataloader()):
+            if i >= self.hparams.draft_vocab_batches:
+                break
+            ids = batch["input_ids"][batch["loss_mask"]].to(self.device)
+            counts += torch.bincount(ids, minlength=counts.numel()).to(counts.dtype)
+        counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        d.set_draft_vocab(build_draft_vocab(counts, d.config.draft_vocab_size))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("target.")
+        }
+
+    # -- the step -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def teacher(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Run the frozen target; return the drafter-side (compacted, shifted) tensors."""
+        self.target.eval()
+        cfg = self.drafter.config
+        n_layers = self.adapter.num_layers
+        layer_ids = sorted(
+            set(cfg.fused_layer_ids) | {n_layers} | ({0} if cfg.variant == "full_visual" else set())
+        )
+        inputs = {k: v for k, v in batch.items() if k != "loss_mask"}
+        out = self.adapter.forward(inputs, layer_ids)
+        keep = batch["attention_mask"].bool()
+        if cfg.variant != "full_visual":
+            keep &= ~out.visual_mask
+        idx, valid = compact(keep)
+        ids = _gather(batch["input_ids"], idx)
+        feats = torch.cat([_gather(out.hidden_states[i], idx) for i in cfg.fused_layer_ids], dim=-1)
+        embeds = _gather(out.hidden_states[0], idx) if cfg.variant == "full_visual" else None
+        loss_mask = _gather(batch["loss_mask"], idx) & valid
+        return {
+            "ids": ids,  # (B, S)
+            "valid": valid,  # (B, S)
+            "features": feats,  # (B, S, n*Ht) at position i
+            "embeds": embeds,  # (B, S, D) merged embeddings (full_visual) or None
+            "teacher_logits": _gather(out.logits, idx),  # (B, S, V): row i predicts token i+1
+            "teacher_hidden": _gather(out.hidden_states[n_layers], idx),  # (B, S, Ht)
+            "loss_mask": loss_mask,  # (B, S): token i is an answer token
+        }
+
+    def unroll(self, t: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Drafter hidden per step over positions 0..S-2 (input: feature i, embedding of token i+1)."""
+        embeds = t["embeds"] if t["embeds"] is not None else self.drafter.embed(t["ids"])
+        next_embeds = embeds[:, 1:]  # (B, S-1, D)
+        valid = t["valid"][:, 1:]
+        feats = self.drafter.project_features(
+            t["features"][:, :-1], like=next_embeds.to(self.drafter.in_proj.weight.dtype)
+        )
+        return ttt_unroll(self.drafter, next_embeds, feats, valid, self.hparams.unroll_steps), valid
+
+    def losses(self, batch: dict, agreement: DepthAgreement) -> torch.Tensor:
+        t = self.teacher(batch)
+        hidden, _ = self.unroll(t)
+        s = hidden[0].shape[1]  # S-1 drafter positions; position i predicts token i+2
+        target_mask = torch.zeros_like(t["loss_mask"][:, 1:])
+        target_mask[:, : s - 1] = t["loss_mask"][:, 2:]
+        teacher_logits = t["teacher_logits"][:, 1:]  # row i: distribution of token i+2
+        teacher_hidden = t["teacher_hidden"][:, 1:]
+        pruned = bool(self.drafter.config.draft_vocab_size)
+        total, weights = 0.0, 0.0
+        positions = torch.arange(s, device=target_mask.device)
+        for k, h in enumerate(hidden, start=1):
+            sel = target_mask & (positions >= k - 1)[None]  # depth k needs k-1 earlier positions
+            if not sel.any():
+                continue
+            logits = self.drafter.logits(h[sel]).float()  # (N, V_draft)
+            full = teacher_logits[sel].float()  # (N, V)
+            # A pruned vocabulary renormalises the teacher over the draft tokens (EAGLE-3).
+            p_teacher = (full[:, self.drafter.d2t] if pruned else full).softmax(-1)
+            ce = -(p_teacher * logits.log_softmax(-1)).sum(-1).mean()
+            feat = F.smooth_l1_loss(self.drafter.norm(h[sel]).float(), teacher_hidden[sel].float())
+            w = self.hparams.step_decay ** (k - 1)
+            total = total + w * (ce + self.hparams.feature_loss_weight * feat)
+            weights += w
+            agreement.update(k, self.drafter.to_target_ids(logits.argmax(-1)) == full.argmax(-1))
+        if weights == 0.0:
+            raise ValueError("batch has no answer tokens to train on (check the loss mask / data)")
+        return total / weights
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.losses(batch, self.train_agreement)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"drafter loss is {loss.item()} at global step {self.global_step}; stopping"
+            )
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+            self._log_agreement("train", self.train_agreement)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss = self.losses(batch, self.val_agreement)
+        self.log(
+            "val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0]
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_agreement("val", self.val_agreement)
+
+    def _log_agreement(self, stage: str, metric: DepthAgreement) -> None:
+        rates = metric.compute()
+        metric.reset()
+        for k, r in enumerate(rates.tolist(), start=1):
+            self.log(f"{stage}/agree_{k}", r, sync_dist=False)
+        self.log(f"{stage}/tau", implied_tau(rates), prog_bar=stage == "val", sync_dist=False)
+
+    # -- optimisation ---------------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = [p for p in self.drafter.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=(0.9, 0.95))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+
+        def schedule(step: int) -> float:
+            if step < hp.warmup_steps:
+                return (step + 1) / hp.warmup_steps
+            progress = min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (
+                1 + math.cos(math.pi * progress)
+            )
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,233 @@
+"""Side-by-side benchmark: our runner vs what users would otherwise run, in one process.
+
+    >>> report = run_bench("checkpoints/toy-target", ["checkpoints/toy-drafter"], samples, 96)
+    >>> write_report(report, "bench.json")      # + bench.md table + bench.png plot
+
+Methods per sample, interleaved (rotating order) after a warm-up so machine noise hits all alike:
+`hf_greedy` (the target's own `generate`, the baseline), `hf_prompt_lookup` (transformers'
+prompt-lookup decoding) and, for every drafter, the runner in `chain` and `tree` mode. Every
+method is timed from raw prompt to tokens (processor included) and its text compared with
+`hf_greedy`'s. tau = tokens emitted per target forward in the decode loop, bonus included.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from inference.runner import SpecRunner, build_prompt
+from inference.tree import DraftSettings
+
+TAU_DEFINITION = "tau = tokens emitted per target forward in the decode loop, the bonus token included (ceiling: depth + 1)"
+
+
+@dataclass
+class _Tally:
+    kind: str
+    drafter: str | None = None
+    mode: str | None = None
+    seconds: float = 0.0
+    tokens: int = 0
+    decode_tokens: int = 0
+    rounds: int = 0
+    drafted: int = 0
+    attempts: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+    identical: int = 0
+
+
+def _hf_method(model, processor, extra: dict):
+    def run(image, prompt, max_new_tokens):
+        inputs = processor(
+            images=[image], text=build_prompt(processor, prompt), return_tensors="pt"
+        )
+        if max_new_tokens <= 0:
+            return [], None
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, **extra)
+        return out[0, inputs["input_ids"].shape[1] :].tolist(), None
+
+    return run
+
+
+def _spec_method(runner: SpecRunner, settings: DraftSettings):
+    def run(image, prompt, max_new_tokens):
+        result = runner.generate(image, prompt, max_new_tokens, settings)
+        return result.tokens, result
+
+    return run
+
+
+def build_methods(model, processor, drafters: list[str], chain: DraftSettings, tree: DraftSettings):
+    # Same suppressed tokens as the runner (visual placeholders); it also keeps prompt lookup
+    # from proposing image tokens copied out of the prompt, which crashes transformers' VLMs.
+    suppress = {"suppress_tokens": SpecRunner(model, processor, None).suppress_tokens}
+    methods = {
+        "hf_greedy": (_Tally("baseline"), _hf_method(model, processor, suppress)),
+        "hf_prompt_lookup": (
+            _Tally("baseline"),
+            _hf_method(model, processor, {**suppress, "prompt_lookup_num_tokens": 10}),
+        ),
+    }
+    for path in drafters:
+        from modeling.drafter import Drafter
+
+        runner = SpecRunner(model, processor, Drafter.from_pretrained(path))
+        name = Path(path).name
+        for settings in (chain, tree):
+            methods[f"{name}/{settings.mode}"] = (
+                _Tally(
+                    "speculative",
+                    path,
+                    settings.mode,
+                    attempts=[0] * settings.depth,
+                    accepted=[0] * settings.depth,
+                ),
+                _spec_method(runner, settings),
+            )
+    return methods
+
+
+@torch.inference_mode()
+def run_bench(
+    target: str,
+    drafters: list[str],
+    samples: list[dict],
+    max_new_tokens: int,
+    chain: DraftSettings | None = None,
+    tree: DraftSettings | None = None,
+    warmup: int = 1,
+) -> dict:
+    """samples: [{"id", "image": PIL.Image, "prompt"}]. Returns the report dict (see module doc)."""
+    chain = chain or DraftSettings(mode="chain", depth=6)
+    tree = tree or DraftSettings(mode="tree", depth=6)
+    model = AutoModelForImageTextToText.from_pretrained(target).eval()
+    processor = AutoProcessor.from_pretrained(target)
+    methods = build_methods(model, processor, drafters, chain, tree)
+    names = list(methods)
+    for s in samples[:warmup]:
+        for name in names:
+            methods[name][1](s["image"], s["prompt"], max_new_tokens)
+    rows = []
+    for i, s in enumerate(tqdm(samples, desc="bench", unit="sample")):
+        outputs = {}
+        for name in names[i % len(names) :] + names[: i % len(names)]:  # rotate the order
+            tally, run = methods[name]
+            start = time.perf_counter()
+            tokens, result = run(s["image"], s["prompt"], max_new_tokens)
+            tally.seconds += time.perf_counter() - start
+            tally.tokens += len(tokens)
+            outputs[name] = processor.tokenizer.decode(tokens, skip_special_tokens=True)
+            if result is not None:
+                tally.decode_tokens += max(0, len(result.tokens) - 1)
+                tally.rounds += result.rounds
+                tally.drafted += result.drafted
+                tally.attempts = [
+                    a + b for a, b in zip(tally.attempts, result.attempts_per_depth, strict=True)
+                ]
+                tally.accepted = [
+                    a + b for a, b in zip(tally.accepted, result.accepted_per_depth, strict=True)
+                ]
+        for name in names:
+            methods[name][0].identical += outputs[name] == outputs["hf_greedy"]
+        rows.append({"id": s["id"], "outputs": outputs})
+    return _report(target, samples, max_new_tokens, methods, rows)
+
+
+def _report(target, samples, max_new_tokens, methods, rows) -> dict:
+    base = methods["hf_greedy"][0]
+    base_tps = base.tokens / base.seconds if base.seconds else 0.0
+    out = {}
+    for name, (t, _) in methods.items():
+        tps = t.tokens / t.seconds if t.seconds else 0.0
+        spec = t.kind == "speculative"
+        out[name] = {
+            "kind": t.kind,
+            "drafter": t.drafter,
+            "mode": t.mode,
+            "tokens_per_s": tps,
+            "speedup": tps / base_tps if base_tps else None,  # undefined without tokens
+            "tau": (t.decode_tokens / t.rounds if t.rounds else None) if spec else None,
+            "mean_drafted": (t.drafted / t.rounds if t.rounds else None) if spec else None,
+            "acceptance_per_depth": [
+                a / n if n else 0.0 for a, n in zip(t.accepted, t.attempts, strict=True)
+            ]
+            if spec
+            else None,
+            "identical_fraction": t.identical / max(1, len(samples)),
+        }
+    return {
+        "target": str(target),
+        "num_samples": len(samples),
+        "max_new_tokens": max_new_tokens,
+        "torch_threads": torch.get_num_threads(),
+        "tau_definition": TAU_DEFINITION,
+        "methods": out,
+        "samples": rows,
+    }
+
+
+def markdown_table(report: dict) -> str:
+    lines = [
+        f"Target `{report['target']}`, {report['num_samples']} samples, max {report['max_new_tokens']} new tokens, "
+        f"{report['torch_threads']} torch threads. {report['tau_definition']}.",
+        "",
+        "| method | tokens/s | speedup vs hf_greedy | tau | drafted/round | identical to hf_greedy |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, m in report["methods"].items():
+        tau = f"{m['tau']:.2f}" if m["tau"] is not None else "-"
+        drafted = f"{m['mean_drafted']:.1f}" if m["mean_drafted"] is not None else "-"
+        speedup = f"{m['speedup']:.2f}x" if m["speedup"] is not None else "-"
+        lines.append(
+            f"| {name} | {m['tokens_per_s']:.1f} | {speedup} | {tau} | {drafted} | {m['identical_fraction']:.0%} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, m in report["methods"].items():
+        if m["acceptance_per_depth"]:
+            ax1.plot(
+                range(1, len(m["acceptance_per_depth"]) + 1),
+                m["acceptance_per_depth"],
+                marker="o",
+                label=name,
+            )
+    ax1.set(
+        xlabel="draft depth", ylabel="acceptance rate", title="acceptance per depth", ylim=(0, 1.05)
+    )
+    ax1.legend(fontsize=7)
+    names = list(report["methods"])
+    ax2.barh(names, [report["methods"][n]["speedup"] or 0.0 for n in names])
+    ax2.axvline(1.0, color="k", lw=0.8)
+    ax2.set(xlabel="wall-clock speedup vs hf_greedy", title="speedup")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(report: dict, out: str | Path) -> Path:
+    """JSON at `out`, markdown table and PNG plot beside it (atomic writes)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for path, text in (
+        (out, json.dumps(report, indent=2, allow_nan=False)),
+        (out.with_suffix(".md"), markdown_table(report)),
+    ):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        tmp.rename(path)
+    plot(report, out.with_suffix(".png"))
+    return out

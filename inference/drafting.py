@@ -1,0 +1,132 @@
+"""The drafter side of the runner: its own KV cache over text positions, tree expansion, catch-up.
+
+    >>> side = DrafterSide.prefill(runner, inputs, target_out, bonus)   # after the target prefill
+    >>> side.root_logits()                  # (V,) distribution of the token after the bonus
+    >>> side.expand(tree, frontier)         # (F, V) for new tree nodes, one forward per level
+    >>> side.commit(verify_out, rows, emitted)  # keep the accepted path, feed real target features
+
+The visual-token-free drafter's cache holds text positions only: at prefill the visual positions
+are dropped from the target's states (the `full_visual` baseline keeps them). Tree nodes are run
+with a tree mask and dropped from the cache after each round; `commit` re-runs the accepted
+positions with the target's real features, exactly as the training-time-test unroll assumes.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from inference.tree import DraftTree
+
+
+def keep_cache_positions(cache, past: int, rows: list[int]) -> None:
+    """Keep the first `past` entries of every layer plus entries past+rows (in that order)."""
+    idx = torch.tensor(rows)
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            t = getattr(layer, name)  # (B, H, T, d)
+            setattr(
+                layer,
+                name,
+                torch.cat([t[..., :past, :], t[..., past + idx.to(t.device), :]], dim=-2),
+            )
+
+
+def _causal(n_new: int, past: int, dtype: torch.dtype, device) -> torch.Tensor:
+    mask = torch.full((n_new, past + n_new), torch.finfo(dtype).min, dtype=dtype, device=device)
+    return mask.triu(past + 1)[None, None]  # (1, 1, n_new, past + n_new)
+
+
+class DrafterSide:
+    def __init__(self, drafter, vocab_size: int) -> None:
+        self.drafter = drafter
+        self.vocab_size = vocab_size
+        self.cache = DynamicCache(config=drafter.config.llama_config())
+        self.length = 0  # drafter cache entries that belong to committed positions
+        self.hidden: dict[int, torch.Tensor] = {}  # tree node -> drafter output (D,)
+        self.tree_nodes: list[int] = []  # tree nodes in the cache after `length`, in order
+        self.fused = drafter.config.fused_layer_ids
+        self.dtype = drafter.in_proj.weight.dtype
+
+    @classmethod
+    def prefill(cls, runner, inputs: dict, target_out, bonus: int) -> DrafterSide:
+        side = cls(runner.drafter, runner.adapter.vocab_size)
+        d = side.drafter
+        ids = inputs["input_ids"][0]
+        keep = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))[0].bool()
+        if d.config.variant != "full_visual":
+            keep &= ~target_out.visual_mask[0]
+        positions = keep.nonzero()[:, 0]
+        feats = torch.cat([target_out.hidden_states[i][0, positions] for i in side.fused], dim=-1)[
+            None
+        ]
+        bonus_embed = d.embed(torch.tensor([[bonus]]))
+        if d.config.variant == "full_visual":
+            next_embeds = torch.cat(
+                [target_out.hidden_states[0][:, positions[1:]], bonus_embed], dim=1
+            )
+        else:
+            next_embeds = d.embed(torch.cat([ids[positions[1:]], torch.tensor([bonus])])[None])
+        side._run_committed(feats, next_embeds)
+        return side
+
+    def _run_committed(self, target_feats: torch.Tensor, next_embeds: torch.Tensor) -> None:
+        """Append committed positions (real target features) and reset the tree to its root."""
+        n = next_embeds.shape[1]
+        if self.tree_nodes:  # drop last round's drafted nodes
+            self.cache.crop(-len(self.tree_nodes))
+        self.tree_nodes = []
+        feats = self.drafter.project_features(target_feats, like=next_embeds.to(self.dtype))
+        pos = torch.arange(self.length, self.length + n)[None]
+        h = self.drafter(
+            next_embeds.to(self.dtype),
+            feats,
+            pos,
+            _causal(n, self.length, self.dtype, feats.device),
+            cache=self.cache,
+        )
+        self.length += n
+        self.hidden = {0: h[0, -1]}
+
+    def _full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.drafter.logits(hidden).float()
+        if not self.drafter.config.draft_vocab_size:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.vocab_size), float("-inf"))
+        return full.index_copy_(-1, self.drafter.d2t, logits)
+
+    def root_logits(self) -> torch.Tensor:
+        return self._full_logits(self.hidden[0][None])[0]
+
+    def expand(self, tree: DraftTree, nodes: list[int]) -> torch.Tensor:
+        """Run the drafter on new tree nodes (each attends to context + its ancestors)."""
+        d = self.drafter
+        feats = torch.stack(
+            [d.step_feature(self.hidden[tree.parents[n]], tree.depths[n] + 1) for n in nodes]
+        )[None]
+        embeds = d.embed(torch.tensor([[tree.tokens[n] for n in nodes]]))
+        pos = torch.tensor([[self.length - 1 + tree.depths[n] for n in nodes]])
+        in_cache = {node: self.length + i for i, node in enumerate(self.tree_nodes)}
+        total = self.length + len(self.tree_nodes) + len(nodes)
+        allowed = torch.zeros(len(nodes), total, dtype=torch.bool)
+        allowed[:, : self.length] = True
+        for i, n in enumerate(nodes):
+            allowed[i, total - len(nodes) + i] = True
+            for a in tree.ancestors(n)[
+                1:-1
+            ]:  # drafted ancestors; the root is the last context entry
+                allowed[i, in_cache[a]] = True
+        mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill(
+            ~allowed, torch.finfo(self.dtype).min
+        )[None, None]
+        h = d(embeds.to(self.dtype), feats, pos, mask, cache=self.cache)[0]  # (F, D)
+        self.tree_nodes += nodes
+        for i, n in enumerate(nodes):
+            self.hidden[n] = h[i]
+        return self._full_logits(h)
+
+    def commit(self, verify_out, rows: list[int], emitted: list[int]) -> None:
+        """Keep the accepted path: rows index the verify forward (root first); emitted = the
+        accepted drafted tokens then the bonus, i.e. the token after each row."""
+        feats = torch.cat([verify_out.hidden_states[i][0, rows] for i in self.fused], dim=-1)[None]
+        self._run_committed(feats, self.drafter.embed(torch.tensor([emitted])))

@@ -1,0 +1,92 @@
+import json
+
+import pytest
+import torch
+
+from data.readers import DataFileError, read_prompts_jsonl, toy_prompts
+from inference.bench import run_bench, write_report
+from inference.tree import DraftSettings
+from modeling.adapters import adapter_for
+from modeling.drafter import Drafter, DrafterConfig
+
+METHOD_FIELDS = {
+    "kind",
+    "drafter",
+    "mode",
+    "tokens_per_s",
+    "speedup",
+    "tau",
+    "mean_drafted",
+    "acceptance_per_depth",
+    "identical_fraction",
+}
+
+
+@pytest.fixture(scope="module")
+def drafter_dir(micro_target_dir, tmp_path_factory):
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(0)
+    adapter = adapter_for(AutoModelForImageTextToText.from_pretrained(micro_target_dir))
+    out = tmp_path_factory.mktemp("drafters") / "micro-drafter"
+    Drafter(DrafterConfig.for_target(adapter)).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("max_new", [8, 0])
+def test_bench_report_has_the_promised_fields(micro_target_dir, drafter_dir, tmp_path, max_new):
+    settings = dict(
+        chain=DraftSettings(mode="chain", depth=3),
+        tree=DraftSettings(mode="tree", depth=3, max_nodes=6),
+    )
+    report = run_bench(
+        str(micro_target_dir), [str(drafter_dir)], toy_prompts(2), max_new, warmup=1, **settings
+    )
+    path = write_report(report, tmp_path / "bench.json")
+    data = json.loads(path.read_text())
+    assert {
+        "target",
+        "num_samples",
+        "max_new_tokens",
+        "torch_threads",
+        "methods",
+        "samples",
+    } <= set(data)
+    assert set(data["methods"]) == {
+        "hf_greedy",
+        "hf_prompt_lookup",
+        "micro-drafter/chain",
+        "micro-drafter/tree",
+    }
+    for name, m in data["methods"].items():
+        assert set(m) >= METHOD_FIELDS, name
+        assert m["kind"] == ("speculative" if "/" in name else "baseline")
+        if max_new:
+            assert (m["tau"] is None) == (m["kind"] == "baseline")
+        if m["kind"] == "speculative":
+            assert m["identical_fraction"] == 1.0  # greedy speculative decoding is lossless
+            assert len(m["acceptance_per_depth"]) == 3 and m["mode"] in ("chain", "tree")
+    assert data["methods"]["hf_greedy"]["speedup"] == (pytest.approx(1.0) if max_new else None)
+    assert [s["id"] for s in data["samples"]] == ["toy-31337-0", "toy-31337-1"]
+    if max_new == 0:
+        assert all(out == "" for s in data["samples"] for out in s["outputs"].values())
+    assert (tmp_path / "bench.md").read_text().count("|") > 10 and (
+        tmp_path / "bench.png"
+    ).stat().st_size > 0
+
+
+def test_prompts_jsonl_errors_name_the_line(tmp_path):
+    toy_prompts(1)[0]["image"].save(tmp_path / "a.png")
+    path = tmp_path / "p.jsonl"
+    path.write_text(
+        '{"id": "a", "image": "a.png", "prompt": "Describe."}\n{"id": "b", "image": "nope.png", "prompt": "x"}\n'
+    )
+    with pytest.raises(DataFileError, match=f"{path}:2: image file not found"):
+        read_prompts_jsonl(path)
+    path.write_text(
+        '{"id": "a", "image": "a.png", "prompt": "Describe."}\n{"id": "b", "image": "a.png"\n'
+    )
+    with pytest.raises(DataFileError, match=f"{path}:2: not valid JSON"):
+        read_prompts_jsonl(path)
+    path.write_text('{"id": "a", "image": "a.png", "prompt": "Describe."}\n')
+    assert read_prompts_jsonl(path)[0]["image"].size == (72, 72)

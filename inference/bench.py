@@ -23,6 +23,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from inference.runner import SpecRunner, build_prompt
 from inference.tree import DraftSettings
+from modeling.drafter import Drafter
 
 TAU_DEFINITION = "tau = tokens emitted per target forward in the decode loop, the bonus token included (ceiling: depth + 1)"
 
@@ -75,8 +76,6 @@ def build_methods(model, processor, drafters: list[str], chain: DraftSettings, t
         ),
     }
     for path in drafters:
-        from modeling.drafter import Drafter
-
         runner = SpecRunner(model, processor, Drafter.from_pretrained(path))
         name = Path(path).name
         for settings in (chain, tree):

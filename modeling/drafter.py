@@ -25,7 +25,14 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, LlamaConfig, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    DynamicCache,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers.models.llama.modeling_llama import (
     LlamaDecoderLayer,
     LlamaRMSNorm,
@@ -307,8 +314,6 @@ def ttt_unroll(
     step k-1 output at t-1 (plus the step bias), attending to the keys of earlier steps through a
     cache, so every step sees exactly what depth k sees when drafting.
     """
-    from transformers import DynamicCache
-
     b, s, _ = next_embeds.shape
     position_ids = torch.arange(s, device=next_embeds.device).expand(b, s)
     cache = DynamicCache(config=drafter.config.llama_config())

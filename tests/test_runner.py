@@ -201,3 +201,20 @@ def test_bad_requests(runner, micro_target_dir, tmp_path):
     with pytest.raises(TargetMismatchError, match="vocab size"):
         SpecRunner.from_folders(str(micro_target_dir), str(tmp_path))
     assert "<image>" in build_prompt(runner.processor, "hi")
+
+
+def test_sampling_generation_runs_and_is_seeded(runner, micro_target_dir, tmp_path):
+    torch.manual_seed(0)
+    Drafter(DrafterConfig.for_target(runner.adapter)).save_pretrained(tmp_path)
+    real = SpecRunner.from_folders(str(micro_target_dir), str(tmp_path))
+    s = make_sample(46, 0)
+    for mode in ("chain", "tree"):
+        settings = DraftSettings(mode=mode, depth=3, top_k=2, beam=2)
+        a = real.generate(
+            s["image"], "Describe the image.", 20, settings, temperature=0.8, top_p=0.9, seed=3
+        )
+        b = real.generate(
+            s["image"], "Describe the image.", 20, settings, temperature=0.8, top_p=0.9, seed=3
+        )
+        assert a.tokens == b.tokens and 0 < len(a.tokens) <= 20
+        assert not set(a.tokens) & set(real.suppress_tokens)

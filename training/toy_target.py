@@ -90,6 +90,16 @@ def _patch_labels(objects: list[dict], grid: int) -> torch.Tensor:
     return torch.tensor(rows)
 
 
+def _step(opt, sched, params, loss: torch.Tensor, bar: tqdm, stage: str) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    bar.update(1)
+    bar.set_postfix(stage=stage, loss=f"{loss.item():.3f}")
+
+
 def train_vision(model, processor, s: ToyTargetSettings, bar: tqdm) -> None:
     tower = model.model.vision_tower
     grid = s.spec.image_size // s.spec.patch_size
@@ -111,13 +121,7 @@ def train_vision(model, processor, s: ToyTargetSettings, bar: tqdm) -> None:
             F.cross_entropy(h(feats).flatten(0, 1), labels[..., k].flatten())
             for k, h in enumerate(heads)
         )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        bar.update(1)
-        bar.set_postfix(stage="vision", loss=f"{loss.item():.3f}")
+        _step(opt, sched, params, loss, bar, "vision")
     tower.requires_grad_(False)
     tower.eval()
 
@@ -149,13 +153,7 @@ def train_language(model, processor, s: ToyTargetSettings, bar: tqdm) -> None:
         loss = lm_loss(model, pad_batch([_encode(processor, x) for x in samples], pad))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"toy target loss is {loss.item()} at language step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        bar.update(1)
-        bar.set_postfix(stage="language", loss=f"{loss.item():.3f}")
+        _step(opt, sched, params, loss, bar, "language")
     model.eval()
 
 

@@ -62,7 +62,7 @@ def _bench(args: argparse.Namespace) -> None:
     chain = DraftSettings(mode="chain", depth=args.depth, stop_margin=args.stop_margin)
     tree = DraftSettings(
         mode="tree", depth=args.depth, top_k=args.top_k, beam=args.beam, max_nodes=args.max_nodes,
-        stop_margin=args.stop_margin, branch_margin=args.branch_margin,
+        stop_margin=args.stop_margin, branch_margin=None if args.branch_margin < 0 else args.branch_margin,
     )  # fmt: skip
     report = run_bench(
         args.target, args.drafter, samples, args.max_new_tokens, chain, tree, warmup=args.warmup
@@ -112,18 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--out", default="checkpoints/bench/toy.json")
     p.add_argument("--depth", type=int, default=6)
-    p.add_argument("--top-k", type=int, default=4)
-    p.add_argument("--beam", type=int, default=4)
-    p.add_argument("--max-nodes", type=int, default=24)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--beam", type=int, default=2)
+    p.add_argument("--max-nodes", type=int, default=10)
     p.add_argument(
         "--stop-margin", type=float, default=0.0, help="CoVSpec adaptive length (0: off)"
     )
     p.add_argument(
-        "--branch-margin",
-        type=float,
-        default=None,
-        help="CoVSpec branching (default: EAGLE-2 top-k)",
-    )
+        "--branch-margin", type=float, default=0.5,
+        help="CoVSpec parallel branching: top-k children only below this margin (negative: always, EAGLE-2)",
+    )  # fmt: skip
     p.add_argument("--warmup", type=int, default=1)
     p.set_defaults(func=_bench)
 

@@ -13,6 +13,6 @@ for variant in visual_free full_visual text_only; do
     covspec train --config recipes/toy/drafter.yaml --model.variant "$variant"
   fi
 done
-covspec bench --target checkpoints/toy-target --toy 20 --max-new-tokens 96 \
+covspec bench --target checkpoints/toy-target --toy 40 --max-new-tokens 96 \
   --drafter checkpoints/toy-drafter --drafter checkpoints/toy-drafter-full-visual \
   --drafter checkpoints/toy-drafter-text-only --out checkpoints/bench/toy.json

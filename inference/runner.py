@@ -85,6 +85,7 @@ class SpecRunner:
         # (`suppress_tokens`), which also stops prompt lookup from proposing them.
         configured = model.generation_config.suppress_tokens or []
         self.suppress_tokens = sorted(set(configured) | set(self.adapter.visual_token_ids()))
+        self._suppress_ids = torch.tensor(self.suppress_tokens, dtype=torch.long)
 
     @classmethod
     def from_folders(
@@ -191,9 +192,7 @@ class SpecRunner:
         return sorted(set(cfg.fused_layer_ids) | ({0} if cfg.variant == "full_visual" else set()))
 
     def _suppress(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.index_fill(
-            -1, torch.tensor(self.suppress_tokens, device=logits.device), float("-inf")
-        )
+        return logits.index_fill(-1, self._suppress_ids.to(logits.device), float("-inf"))
 
     @staticmethod
     def _probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:

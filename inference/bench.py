@@ -21,8 +21,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from inference.runner import SpecRunner, build_prompt
+from inference.runner import SpecRunner, build_prompt, suppressed_tokens
 from inference.tree import DraftSettings
+from modeling.adapters import adapter_for
 from modeling.drafter import Drafter
 
 TAU_DEFINITION = "tau = tokens emitted per target forward in the decode loop, the bonus token included (ceiling: depth + 1)"
@@ -67,7 +68,7 @@ def _spec_method(runner: SpecRunner, settings: DraftSettings):
 def build_methods(model, processor, drafters: list[str], chain: DraftSettings, tree: DraftSettings):
     # Same suppressed tokens as the runner (visual placeholders); it also keeps prompt lookup
     # from proposing image tokens copied out of the prompt, which crashes transformers' VLMs.
-    suppress = {"suppress_tokens": SpecRunner(model, processor, None).suppress_tokens}
+    suppress = {"suppress_tokens": suppressed_tokens(model, adapter_for(model))}
     methods = {
         "hf_greedy": (_Tally("baseline"), _hf_method(model, processor, suppress)),
         "hf_prompt_lookup": (

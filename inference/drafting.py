@@ -57,9 +57,7 @@ class DrafterSide:
         if d.config.variant != "full_visual":
             keep &= ~target_out.visual_mask[0]
         positions = keep.nonzero()[:, 0]
-        feats = torch.cat([target_out.hidden_states[i][0, positions] for i in side.fused], dim=-1)[
-            None
-        ]
+        feats = side._fused(target_out, positions)
         bonus_embed = d.embed(torch.tensor([[bonus]]))
         if d.config.variant == "full_visual":
             next_embeds = torch.cat(
@@ -69,6 +67,10 @@ class DrafterSide:
             next_embeds = d.embed(torch.cat([ids[positions[1:]], torch.tensor([bonus])])[None])
         side._run_committed(feats, next_embeds)
         return side
+
+    def _fused(self, target_out, index: torch.Tensor) -> torch.Tensor:
+        """The fused target layers at sequence positions `index`: (1, len(index), n * Ht)."""
+        return torch.cat([target_out.hidden_states[i][0, index] for i in self.fused], dim=-1)[None]
 
     def _run_committed(self, target_feats: torch.Tensor, next_embeds: torch.Tensor) -> None:
         """Append committed positions (real target features) and reset the tree to its root."""
@@ -128,5 +130,6 @@ class DrafterSide:
     def commit(self, verify_out, rows: list[int], emitted: list[int]) -> None:
         """Keep the accepted path: rows index the verify forward (root first); emitted = the
         accepted drafted tokens then the bonus, i.e. the token after each row."""
-        feats = torch.cat([verify_out.hidden_states[i][0, rows] for i in self.fused], dim=-1)[None]
-        self._run_committed(feats, self.drafter.embed(torch.tensor([emitted])))
+        self._run_committed(
+            self._fused(verify_out, torch.tensor(rows)), self.drafter.embed(torch.tensor([emitted]))
+        )

@@ -71,6 +71,16 @@ def eos_ids(model) -> set[int]:
     return set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
 
 
+def suppressed_tokens(model, adapter: TargetAdapter) -> list[int]:
+    """Ids the target must never emit: its configured suppress_tokens and its visual placeholders.
+
+    HF baselines get the same list (`suppress_tokens=`), which also stops transformers' prompt
+    lookup from proposing placeholder tokens copied out of the prompt (it crashes VLMs).
+    """
+    configured = model.generation_config.suppress_tokens or []
+    return sorted(set(configured) | set(adapter.visual_token_ids()))
+
+
 class SpecRunner:
     def __init__(self, model, processor, drafter: Drafter | None) -> None:
         self.model = model.eval()
@@ -81,10 +91,7 @@ class SpecRunner:
             drafter.attach_target(self.adapter, fingerprint_vocab(processor.tokenizer.get_vocab()))
             drafter.eval()
         self.eos = eos_ids(model)
-        # A VLM must never emit its visual placeholders; HF baselines get the same list
-        # (`suppress_tokens`), which also stops prompt lookup from proposing them.
-        configured = model.generation_config.suppress_tokens or []
-        self.suppress_tokens = sorted(set(configured) | set(self.adapter.visual_token_ids()))
+        self.suppress_tokens = suppressed_tokens(model, self.adapter)
         self._suppress_ids = torch.tensor(self.suppress_tokens, dtype=torch.long)
 
     @classmethod

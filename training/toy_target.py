@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import random
 import shutil
 import time
 from collections import Counter
@@ -231,7 +230,6 @@ def build_toy_target(
     if not force and (hit := _cached(out, s.digest())):
         return hit
     torch.manual_seed(s.seed)
-    random.seed(s.seed)
     start = time.time()
     tokenizer = train_tokenizer(corpus_text(s.seed, 4000), s.spec.vocab_size)
     processor = build_processor(tokenizer, s.spec)

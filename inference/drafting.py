@@ -14,13 +14,16 @@ positions with the target's real features, exactly as the training-time-test unr
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
 
-from inference.tree import DraftTree
+from inference.kernel import DrafterKernel
+from inference.tree import DraftTree, additive_mask
 
 
 def keep_cache_positions(cache, past: int, rows: list[int]) -> None:
     """Keep the first `past` entries of every layer plus entries past+rows (in that order)."""
+    if rows == list(range(len(rows))):  # accepted path is a prefix (always for chains): crop
+        cache.crop(-(cache.get_seq_length() - past - len(rows)))
+        return
     idx = torch.tensor(rows)
     for layer in cache.layers:
         for name in ("keys", "values"):
@@ -32,25 +35,27 @@ def keep_cache_positions(cache, past: int, rows: list[int]) -> None:
             )
 
 
-def _causal(n_new: int, past: int, dtype: torch.dtype, device) -> torch.Tensor:
+def _causal(n_new: int, past: int, dtype: torch.dtype, device=None) -> torch.Tensor:
     mask = torch.full((n_new, past + n_new), torch.finfo(dtype).min, dtype=dtype, device=device)
-    return mask.triu(past + 1)[None, None]  # (1, 1, n_new, past + n_new)
+    return mask.triu(past + 1)  # (n_new, past + n_new)
 
 
 class DrafterSide:
-    def __init__(self, drafter, vocab_size: int) -> None:
-        self.drafter = drafter
+    def __init__(self, kernel: DrafterKernel, vocab_size: int, capacity: int) -> None:
+        self.kernel = kernel
+        self.drafter = kernel.drafter
         self.vocab_size = vocab_size
-        self.cache = DynamicCache(config=drafter.config.llama_config())
+        self.cache = kernel.new_cache(capacity)
         self.length = 0  # drafter cache entries that belong to committed positions
         self.hidden: dict[int, torch.Tensor] = {}  # tree node -> drafter output (D,)
         self.tree_nodes: list[int] = []  # tree nodes in the cache after `length`, in order
-        self.fused = drafter.config.fused_layer_ids
-        self.dtype = drafter.in_proj.weight.dtype
+        self.fused = self.drafter.config.fused_layer_ids
+        self.dtype = self.drafter.in_proj.weight.dtype
 
     @classmethod
-    def prefill(cls, runner, inputs: dict, target_out, bonus: int) -> DrafterSide:
-        side = cls(runner.drafter, runner.adapter.vocab_size)
+    def prefill(cls, runner, inputs: dict, target_out, bonus: int, capacity: int) -> DrafterSide:
+        """`capacity`: drafter cache entries the request may need (text + new tokens + a tree)."""
+        side = cls(runner.kernel(), runner.adapter.vocab_size, capacity)
         d = side.drafter
         ids = inputs["input_ids"][0]
         keep = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))[0].bool()
@@ -65,33 +70,28 @@ class DrafterSide:
             )
         else:
             next_embeds = d.embed(torch.cat([ids[positions[1:]], torch.tensor([bonus])])[None])
-        side._run_committed(feats, next_embeds)
+        side._run_committed(feats, next_embeds[0])
         return side
 
     def _fused(self, target_out, index: torch.Tensor) -> torch.Tensor:
-        """The fused target layers at sequence positions `index`: (1, len(index), n * Ht)."""
-        return torch.cat([target_out.hidden_states[i][0, index] for i in self.fused], dim=-1)[None]
+        """The fused target layers at sequence positions `index`: (len(index), n * Ht)."""
+        return torch.cat([target_out.hidden_states[i][0, index] for i in self.fused], dim=-1)
 
     def _run_committed(self, target_feats: torch.Tensor, next_embeds: torch.Tensor) -> None:
         """Append committed positions (real target features) and reset the tree to its root."""
-        n = next_embeds.shape[1]
-        if self.tree_nodes:  # drop last round's drafted nodes
-            self.cache.crop(-len(self.tree_nodes))
+        n = next_embeds.shape[0]
+        self.cache.truncate(self.length)  # drop last round's drafted nodes
         self.tree_nodes = []
-        feats = self.drafter.project_features(target_feats, like=next_embeds.to(self.dtype))
-        pos = torch.arange(self.length, self.length + n)[None]
-        h = self.drafter(
-            next_embeds.to(self.dtype),
-            feats,
-            pos,
-            _causal(n, self.length, self.dtype, feats.device),
-            cache=self.cache,
-        )
+        next_embeds = next_embeds.to(self.dtype)
+        feats = self.drafter.project_features(target_feats, like=next_embeds)
+        pos = torch.arange(self.length, self.length + n)
+        mask = _causal(n, self.length, self.dtype)
+        h = self.kernel.run(self.cache, next_embeds, feats, pos, mask)  # (n, D)
         self.length += n
-        self.hidden = {0: h[0, -1]}
+        self.hidden = {0: h[-1]}
 
     def _full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.drafter.logits(hidden).float()
+        logits = self.kernel.logits(hidden).float()
         if not self.drafter.config.draft_vocab_size:
             return logits
         full = logits.new_full((*logits.shape[:-1], self.vocab_size), float("-inf"))
@@ -105,23 +105,22 @@ class DrafterSide:
         d = self.drafter
         feats = torch.stack(
             [d.step_feature(self.hidden[tree.parents[n]], tree.depths[n] + 1) for n in nodes]
-        )[None]
-        embeds = d.embed(torch.tensor([[tree.tokens[n] for n in nodes]]))
-        pos = torch.tensor([[self.length - 1 + tree.depths[n] for n in nodes]])
-        in_cache = {node: self.length + i for i, node in enumerate(self.tree_nodes)}
-        total = self.length + len(self.tree_nodes) + len(nodes)
-        allowed = torch.zeros(len(nodes), total, dtype=torch.bool)
-        allowed[:, : self.length] = True
+        )
+        embeds = d.embed(torch.tensor([tree.tokens[n] for n in nodes]))
+        pos = torch.tensor([self.length - 1 + tree.depths[n] for n in nodes])
+        # Keys after the committed context: this round's earlier nodes (in `tree_nodes` order),
+        # then the new nodes themselves.
+        slot = {node: i for i, node in enumerate(self.tree_nodes + nodes)}
+        rows, cols = [], []
         for i, n in enumerate(nodes):
-            allowed[i, total - len(nodes) + i] = True
-            for a in tree.ancestors(n)[
-                1:-1
-            ]:  # drafted ancestors; the root is the last context entry
-                allowed[i, in_cache[a]] = True
-        mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill(
-            ~allowed, torch.finfo(self.dtype).min
-        )[None, None]
-        h = d(embeds.to(self.dtype), feats, pos, mask, cache=self.cache)[0]  # (F, D)
+            while n > 0:  # the root is the last committed entry, visible to all
+                rows.append(i)
+                cols.append(self.length + slot[n])
+                n = tree.parents[n]
+        mask = additive_mask(
+            len(nodes), self.length + len(slot), self.length, rows, cols, self.dtype
+        )
+        h = self.kernel.run(self.cache, embeds.to(self.dtype), feats, pos, mask[0, 0])  # (F, D)
         self.tree_nodes += nodes
         for i, n in enumerate(nodes):
             self.hidden[n] = h[i]
@@ -131,5 +130,5 @@ class DrafterSide:
         """Keep the accepted path: rows index the verify forward (root first); emitted = the
         accepted drafted tokens then the bonus, i.e. the token after each row."""
         self._run_committed(
-            self._fused(verify_out, torch.tensor(rows)), self.drafter.embed(torch.tensor([emitted]))
+            self._fused(verify_out, torch.tensor(rows)), self.drafter.embed(torch.tensor(emitted))
         )

@@ -23,6 +23,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from inference.drafting import DrafterSide, keep_cache_positions
+from inference.kernel import DrafterKernel
 from inference.tree import (
     DraftSettings,
     DraftTree,
@@ -31,7 +32,7 @@ from inference.tree import (
     verify_greedy,
     verify_sampling,
 )
-from modeling.adapters import TargetAdapter, adapter_for
+from modeling.adapters import TargetAdapter, TargetMismatchError, adapter_for
 from modeling.drafter import Drafter
 from modeling.tokens import fingerprint_vocab
 
@@ -86,10 +87,16 @@ class SpecRunner:
         self.model = model.eval()
         self.processor = processor
         self.adapter: TargetAdapter = adapter_for(model)
+        if self.adapter.tree_decoding_blocker:
+            raise TargetMismatchError(
+                f"the runner does not support {model.config.model_type} targets yet: "
+                f"{self.adapter.tree_decoding_blocker}"
+            )
         self.drafter = drafter
         if drafter is not None:
             drafter.attach_target(self.adapter, fingerprint_vocab(processor.tokenizer.get_vocab()))
             drafter.eval()
+        self._kernel: DrafterKernel | None = None
         self.eos = eos_ids(model)
         self.suppress_tokens = suppressed_tokens(model, self.adapter)
         self._suppress_ids = torch.tensor(self.suppress_tokens, dtype=torch.long)
@@ -128,7 +135,7 @@ class SpecRunner:
         seed: int = 0,
         source_factory=None,
     ) -> GenerationResult:
-        """Speculative decoding of one prompt. `source_factory(runner, inputs, target_out, bonus)`
+        """Speculative decoding of one prompt. `source_factory(runner, inputs, target_out, bonus, capacity)`
         replaces the drafter (tests script one)."""
         if self.drafter is None and source_factory is None:
             raise ValueError("this runner has no drafter; load one or pass source_factory")
@@ -149,7 +156,9 @@ class SpecRunner:
         cache, past = out.cache, inputs["input_ids"].shape[1]
         bonus = self._pick(self._suppress(out.logits[0, -1:]), temperature, top_p, gen)
         factory = source_factory or DrafterSide.prefill
-        source = factory(self, inputs, out, bonus)
+        # drafter cache: the prompt, every new token, and the nodes one round's tree can add
+        capacity = past + max_new_tokens + settings.depth * settings.beam + 1
+        source = factory(self, inputs, out, bonus, capacity)
         tokens = [bonus]
         while len(tokens) < max_new_tokens and tokens[-1] not in self.eos:
             tree = DraftTree(root_token=tokens[-1])
@@ -192,6 +201,14 @@ class SpecRunner:
         return result
 
     # -- helpers ------------------------------------------------------------------------------
+    def kernel(self) -> DrafterKernel:
+        """The drafter's fused decode path, built once per runner (weights are frozen here)."""
+        if self._kernel is None:
+            if self.drafter is None:
+                raise ValueError("this runner has no drafter")
+            self._kernel = DrafterKernel(self.drafter)
+        return self._kernel
+
     def _layers(self) -> list[int]:
         if self.drafter is None:
             return []

@@ -105,17 +105,10 @@ class DraftSource(Protocol):
     def expand(self, tree: DraftTree, nodes: list[int]) -> torch.Tensor: ...  # (len(nodes), V)
 
 
-def _margin(probs: torch.Tensor) -> torch.Tensor:
-    top2 = probs.topk(min(2, probs.shape[-1]), dim=-1).values
-    return top2[..., 0] - (top2[..., 1] if top2.shape[-1] > 1 else 0)
-
-
-def _children(probs: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
-    if generator is None:
-        return probs.topk(k).indices
-    # Gumbel top-k = k samples without replacement from probs
-    gumbel = -torch.log(-torch.log(torch.rand(probs.shape, generator=generator).clamp_min(1e-20)))
-    return (probs.clamp_min(1e-30).log() + gumbel).topk(k).indices
+def _gumbel_topk(logp: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k draws without replacement from exp(logp), per row (Gumbel top-k). (F, V) -> (F, k)."""
+    u = torch.rand(logp.shape, generator=generator, dtype=logp.dtype).clamp_min(1e-20)
+    return (logp - torch.log(-torch.log(u))).topk(k, dim=-1).indices
 
 
 def grow(
@@ -126,27 +119,31 @@ def grow(
     generator: torch.Generator | None = None,
 ) -> None:
     """Draft under the root. Greedy (temperature 0) takes top children; sampling draws them
-    without replacement from the drafter's distribution (as sampling verification requires)."""
+    without replacement from the drafter's distribution (as sampling verification requires).
+    One softmax and one top-k per level, read back once: this runs every round."""
     sample = temperature > 0
+    k = 1 if s.mode == "chain" else s.top_k
     logits = source.root_logits()[None]  # (1, V)
     frontier = [0]
     for level in range(s.depth):
-        probs = (logits.float() / (temperature if sample else 1.0)).softmax(-1)  # (F, V)
-        margins = _margin(probs)
-        if s.stop_margin > 0 and float(margins.max()) < s.stop_margin:
+        logp = (logits.float() / (temperature if sample else 1.0)).log_softmax(-1)  # (F, V)
+        top_lp, top_ids = logp.topk(min(max(k, 2), logp.shape[-1]), dim=-1)  # (F, >=2)
+        top_p = top_lp.exp()
+        margins = (top_p[:, 0] - top_p[:, 1] if top_p.shape[-1] > 1 else top_p[:, 0]).tolist()
+        if s.stop_margin > 0 and max(margins) < s.stop_margin:
             break  # adaptive length: the drafter is unsure everywhere
+        if sample:
+            top_ids = _gumbel_topk(logp, k, generator)
+            top_lp = logp.gather(-1, top_ids)
+        ids, lps = top_ids.tolist(), top_lp.tolist()
         new = []
         for row, node in enumerate(frontier):
-            if s.mode == "chain":
-                k = 1
-            elif s.branch_margin is not None:  # parallel branching only where unsure
-                k = s.top_k if float(margins[row]) < s.branch_margin else 1
-            else:
-                k = s.top_k
-            tree.draft_probs[node] = probs[row]
-            for tok in _children(probs[row], k, generator if sample else None).tolist():
-                score = tree.scores[node] + float(torch.log(probs[row, tok].clamp_min(1e-30)))
-                new.append(tree.add(node, tok, score))
+            # CoVSpec parallel branching: extra candidates only where the drafter is unsure
+            width = k if s.branch_margin is None or margins[row] < s.branch_margin else 1
+            if sample:
+                tree.draft_probs[node] = logp[row].exp()
+            for tok, lp in zip(ids[row][:width], lps[row][:width], strict=True):
+                new.append(tree.add(node, tok, tree.scores[node] + lp))
         frontier = sorted(new, key=lambda n: -tree.scores[n])[
             : (1 if s.mode == "chain" else s.beam)
         ]
@@ -154,19 +151,35 @@ def grow(
             logits = source.expand(tree, frontier)
 
 
+def additive_mask(
+    n_query: int,
+    n_keys: int,
+    visible: int,
+    rows: list[int],
+    cols: list[int],
+    dtype: torch.dtype,
+    device=None,
+) -> torch.Tensor:
+    """(1, 1, n_query, n_keys) additive mask: every query sees the first `visible` keys, and
+    query rows[j] also sees key cols[j]. Built from index lists in one write, every round."""
+    mask = torch.full((n_query, n_keys), torch.finfo(dtype).min, dtype=dtype, device=device)
+    mask[:, :visible] = 0
+    mask[torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)] = 0
+    return mask[None, None]
+
+
 def tree_attention_mask(
     tree: DraftTree, order: list[int], past_len: int, dtype: torch.dtype, device=None
 ) -> torch.Tensor:
     """(1, 1, n, past_len + n) additive mask: the context, plus each node's ancestors and itself."""
-    n = len(order)
     index = {node: i for i, node in enumerate(order)}
-    allowed = torch.zeros(n, past_len + n, dtype=torch.bool, device=device)
-    allowed[:, :past_len] = True
+    rows, cols = [], []
     for i, node in enumerate(order):
-        for a in tree.ancestors(node):
-            allowed[i, past_len + index[a]] = True
-    mask = torch.zeros(n, past_len + n, dtype=dtype, device=device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+        while node >= 0:
+            rows.append(i)
+            cols.append(past_len + index[node])
+            node = tree.parents[node]
+    return additive_mask(len(order), past_len + len(order), past_len, rows, cols, dtype, device)
 
 
 def verify_greedy(tree: DraftTree, order: list[int], logits: torch.Tensor) -> tuple[list[int], int]:

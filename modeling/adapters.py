@@ -53,6 +53,9 @@ class TargetAdapter:
     """Family-independent behaviour; subclasses name their config fields and input quirks."""
 
     model_types: ClassVar[tuple[str, ...]] = ()
+    # Why the speculative runner cannot verify trees on this family yet (None: it can). Tree
+    # verification passes 1D rotary positions and a 4D mask through the model's own forward.
+    tree_decoding_blocker: ClassVar[str | None] = None
     image_token_field: ClassVar[str] = "image_token_index"
     video_token_field: ClassVar[str | None] = None
 
@@ -204,6 +207,7 @@ class Qwen2VLAdapter(TargetAdapter):
     """Qwen2-VL and Qwen2.5-VL: M-RoPE positions need `mm_token_type_ids`."""
 
     model_types = ("qwen2_vl", "qwen2_5_vl")
+    tree_decoding_blocker = "M-RoPE needs 3D tree position ids (text position + rope delta)"
     image_token_field = "image_token_id"
     video_token_field = "video_token_id"
 
@@ -258,6 +262,7 @@ class Gemma3Adapter(TargetAdapter):
     """Gemma3: fixed `mm_tokens_per_image` soft tokens per image."""
 
     model_types = ("gemma3",)
+    tree_decoding_blocker = "sliding-window layers with a custom 4D tree mask are unverified"
 
 
 ADAPTERS: tuple[type[TargetAdapter], ...] = (

@@ -225,10 +225,14 @@ class Drafter(PreTrainedModel):
         )
         return feature + self.step_bias[min(row, self.step_bias.shape[0] - 1)]
 
+    def head(self) -> nn.Module:
+        """The output head: the drafter's own for a pruned draft vocabulary, else the target's."""
+        return self.lm_head if self.config.draft_vocab_size else self._bound()[1]
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, S, D) -> (B, S, V_draft): final norm, then the draft or the target LM head."""
         h = self.norm(hidden)
-        head = self.lm_head if self.config.draft_vocab_size else self._bound()[1]
+        head = self.head()
         return head(h.to(head.weight.dtype))
 
     @torch.no_grad()

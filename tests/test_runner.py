@@ -11,6 +11,7 @@ from inference.runner import SpecRunner, build_prompt
 from inference.tree import DraftSettings, DraftTree, grow, tree_attention_mask, verify_sampling
 from modeling.adapters import TargetMismatchError
 from modeling.drafter import Drafter, DrafterConfig
+from tests.tiny_vlms import FAMILIES
 
 MAX_NEW = 40
 
@@ -218,3 +219,10 @@ def test_sampling_generation_runs_and_is_seeded(runner, micro_target_dir, tmp_pa
         )
         assert a.tokens == b.tokens and 0 < len(a.tokens) <= 20
         assert not set(a.tokens) & set(real.suppress_tokens)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
+def test_runner_refuses_families_it_cannot_verify_yet(family):
+    model, _ = FAMILIES[family]()
+    with pytest.raises(TargetMismatchError, match=f"does not support {family}"):
+        SpecRunner(model.eval(), None, None)

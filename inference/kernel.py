@@ -1,0 +1,153 @@
+"""A lean decode path for the drafter: fused projections, a preallocated KV cache, no HF wrappers.
+
+    >>> kernel = DrafterKernel(drafter)                    # once per drafter: fused weights, rotary table
+    >>> cache = kernel.new_cache(capacity=1024)            # once per request
+    >>> h = kernel.run(cache, embeds, feats, positions, mask)  # (S, D) pre-norm hidden, K/V appended
+    >>> cache.truncate(n)                                  # keep the first n entries
+
+At batch size 1 the drafter runs a handful of rows per call, so its cost is weight traffic plus
+per-op dispatch, not FLOPs. This path computes exactly what `Drafter.forward` computes (same
+parameters, same rotary table, same masking) with fewer ops: q/k/v and gate/up each as one matmul,
+`F.rms_norm` instead of six elementwise ops, rotary cos/sin looked up instead of recomputed, and
+K/V written into a buffer instead of concatenated. tests/test_runner.py checks it equals the
+module forward with a DynamicCache. Training keeps using the module (transformers' own layer).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from modeling.drafter import Drafter
+
+
+def _cat_weights(*linears) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weight = torch.cat([m.weight for m in linears], dim=0)
+    biases = [m.bias for m in linears]
+    if all(b is None for b in biases):
+        return weight, None
+    return weight, torch.cat(
+        [
+            b if b is not None else weight.new_zeros(m.out_features)
+            for b, m in zip(biases, linears, strict=True)
+        ]
+    )
+
+
+class _Layer:
+    def __init__(self, layer) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        self.qkv, self.qkv_bias = _cat_weights(attn.q_proj, attn.k_proj, attn.v_proj)
+        self.o, self.o_bias = attn.o_proj.weight, attn.o_proj.bias
+        self.gate_up, self.gate_up_bias = _cat_weights(mlp.gate_proj, mlp.up_proj)
+        self.down, self.down_bias = mlp.down_proj.weight, mlp.down_proj.bias
+        self.ln1, self.eps1 = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
+        self.ln2, self.eps2 = (
+            layer.post_attention_layernorm.weight,
+            layer.post_attention_layernorm.variance_epsilon,
+        )
+        self.heads, self.kv_heads = attn.config.num_attention_heads, attn.config.num_key_value_heads
+        self.head_dim = attn.head_dim
+        self.scaling = attn.scaling
+        self.act = mlp.act_fn
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class KVBuffer:
+    """One request's drafter cache: preallocated (layers, Hkv, capacity, hd) keys and values."""
+
+    def __init__(self, shape: tuple[int, ...], like: torch.Tensor) -> None:
+        self.keys = like.new_empty(shape)
+        self.values = like.new_empty(shape)
+        self.length = 0  # filled entries
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+    def truncate(self, length: int) -> None:
+        assert 0 <= length <= self.length, (length, self.length)
+        self.length = length
+
+
+class DrafterKernel:
+    """Inference-only view of a `Drafter`'s weights (fused once; do not train through it)."""
+
+    def __init__(self, drafter: Drafter) -> None:
+        self.drafter = drafter
+        self.layers = [_Layer(layer) for layer in drafter.layers]
+        weight = drafter.in_proj.weight
+        self.max_positions = drafter.config.max_position_embeddings
+        position = torch.arange(self.max_positions, device=weight.device)[None]
+        cos, sin = drafter.rotary(weight.new_zeros(1), position)  # (1, P, head_dim)
+        self.cos, self.sin = cos[0].to(weight.dtype), sin[0].to(weight.dtype)
+
+    def new_cache(self, capacity: int) -> KVBuffer:
+        first = self.layers[0]
+        shape = (len(self.layers), first.kv_heads, capacity, first.head_dim)
+        return KVBuffer(shape, self.drafter.in_proj.weight)
+
+    @staticmethod
+    def _norm(x: torch.Tensor, norm) -> torch.Tensor:
+        return F.rms_norm(x, x.shape[-1:], norm.weight, norm.variance_epsilon)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., D) pre-norm hidden -> (..., V_draft), as `Drafter.logits`."""
+        d = self.drafter
+        head = d.head()
+        return F.linear(self._norm(hidden, d.norm).to(head.weight.dtype), head.weight, head.bias)
+
+    def run(
+        self,
+        cache: KVBuffer,
+        embeds: torch.Tensor,  # (S, D) next-token embeddings
+        feats: torch.Tensor,  # (S, D) projected target features or step features
+        positions: torch.Tensor,  # (S,) rotary positions
+        mask: torch.Tensor,  # (S, cache.length + S) additive, over the cache then the new rows
+    ) -> torch.Tensor:
+        """Appends S entries to `cache`; returns the pre-norm hidden states (S, D)."""
+        d = self.drafter
+        s, start = embeds.shape[0], cache.length
+        if start + s > cache.capacity:
+            raise ValueError(
+                f"drafter cache holds {cache.capacity} entries; {start} + {s} do not fit"
+            )
+        x = torch.cat(
+            [self._norm(embeds.to(feats.dtype), d.embed_norm), self._norm(feats, d.feature_norm)],
+            -1,
+        )
+        h = F.linear(x, d.in_proj.weight)  # (S, D)
+        cos, sin = self.cos[positions][None], self.sin[positions][None]  # (1, S, hd)
+        mask = mask[None, None].to(h.dtype)
+        for i, layer in enumerate(self.layers):
+            y = F.rms_norm(h, h.shape[-1:], layer.ln1, layer.eps1)
+            h = h + self._attention(cache, i, layer, y, cos, sin, mask, start)
+            y = F.rms_norm(h, h.shape[-1:], layer.ln2, layer.eps2)
+            gate, up = F.linear(y, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
+            h = h + F.linear(layer.act(gate) * up, layer.down, layer.down_bias)
+        cache.length = start + s
+        return h
+
+    def _attention(self, cache: KVBuffer, i: int, layer: _Layer, x, cos, sin, mask, start: int):
+        s, hd = x.shape[0], layer.head_dim
+        end = start + s
+        qkv = F.linear(x, layer.qkv, layer.qkv_bias)  # (S, (H + 2 Hkv) hd)
+        q, k, v = qkv.split([layer.heads * hd, layer.kv_heads * hd, layer.kv_heads * hd], dim=-1)
+        q = q.view(s, layer.heads, hd).transpose(0, 1)  # (H, S, hd)
+        k = k.view(s, layer.kv_heads, hd).transpose(0, 1)  # (Hkv, S, hd)
+        cache.keys[i, :, start:end] = k * cos + _rotate_half(k) * sin
+        cache.values[i, :, start:end] = v.view(s, layer.kv_heads, hd).transpose(0, 1)
+        out = F.scaled_dot_product_attention(
+            (q * cos + _rotate_half(q) * sin)[None],
+            cache.keys[None, i, :, :end],
+            cache.values[None, i, :, :end],
+            attn_mask=mask,
+            scale=layer.scaling,
+            enable_gqa=layer.heads != layer.kv_heads,
+        )  # (1, H, S, hd)
+        out = out[0].transpose(0, 1).reshape(s, layer.heads * hd)
+        return F.linear(out, layer.o, layer.o_bias)

@@ -52,11 +52,6 @@ class _Layer:
         self.act = mlp.act_fn
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class KVBuffer:
     """One request's drafter cache: preallocated (layers, Hkv, capacity, hd) keys and values."""
 
@@ -84,7 +79,11 @@ class DrafterKernel:
         self.max_positions = drafter.config.max_position_embeddings
         position = torch.arange(self.max_positions, device=weight.device)[None]
         cos, sin = drafter.rotary(weight.new_zeros(1), position)  # (1, P, head_dim)
-        self.cos, self.sin = cos[0].to(weight.dtype), sin[0].to(weight.dtype)
+        # rotate_half(x) * sin == x[..., perm] * signed_sin: one gather instead of four ops
+        half = cos.shape[-1] // 2
+        self.perm = torch.cat([torch.arange(half, 2 * half), torch.arange(half)]).to(weight.device)
+        sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(weight.device)
+        self.cos, self.signed_sin = cos[0].to(weight.dtype), (sin[0] * sign).to(weight.dtype)
 
     def new_cache(self, capacity: int) -> KVBuffer:
         first = self.layers[0]
@@ -121,7 +120,7 @@ class DrafterKernel:
             -1,
         )
         h = F.linear(x, d.in_proj.weight)  # (S, D)
-        cos, sin = self.cos[positions][None], self.sin[positions][None]  # (1, S, hd)
+        cos, sin = self.cos[positions][None], self.signed_sin[positions][None]  # (1, S, hd)
         mask = mask[None, None].to(h.dtype)
         for i, layer in enumerate(self.layers):
             y = F.rms_norm(h, h.shape[-1:], layer.ln1, layer.eps1)
@@ -136,13 +135,15 @@ class DrafterKernel:
         s, hd = x.shape[0], layer.head_dim
         end = start + s
         qkv = F.linear(x, layer.qkv, layer.qkv_bias)  # (S, (H + 2 Hkv) hd)
-        q, k, v = qkv.split([layer.heads * hd, layer.kv_heads * hd, layer.kv_heads * hd], dim=-1)
-        q = q.view(s, layer.heads, hd).transpose(0, 1)  # (H, S, hd)
-        k = k.view(s, layer.kv_heads, hd).transpose(0, 1)  # (Hkv, S, hd)
-        cache.keys[i, :, start:end] = k * cos + _rotate_half(k) * sin
-        cache.values[i, :, start:end] = v.view(s, layer.kv_heads, hd).transpose(0, 1)
+        heads = layer.heads + layer.kv_heads
+        qk = qkv[:, : heads * hd].view(s, heads, hd).transpose(0, 1)  # (H + Hkv, S, hd)
+        qk = qk * cos + qk[..., self.perm] * sin  # rotary on queries and keys at once
+        cache.keys[i, :, start:end] = qk[layer.heads :]
+        cache.values[i, :, start:end] = (
+            qkv[:, heads * hd :].view(s, layer.kv_heads, hd).transpose(0, 1)
+        )
         out = F.scaled_dot_product_attention(
-            (q * cos + _rotate_half(q) * sin)[None],
+            qk[None, : layer.heads],
             cache.keys[None, i, :, :end],
             cache.values[None, i, :, :end],
             attn_mask=mask,

@@ -2,7 +2,7 @@
 
     >>> tree = DraftTree(root_token=b)
     >>> grow(tree, drafter_side, DraftSettings(mode="tree", depth=6))   # drafts under the root
-    >>> order = tree.select(max_nodes=24)                          # root first, parents before children
+    >>> order = tree.select(max_nodes=24)                          # root first, depth-first
     >>> mask = tree_attention_mask(tree, order, past_len, dtype)   # (1, 1, n, past + n)
     >>> path, bonus = verify_greedy(tree, order, target_logits)    # lossless, exact
 
@@ -78,9 +78,11 @@ class DraftTree:
         return out[::-1]
 
     def select(self, max_nodes: int | None = None, keep_sibling_prefix: bool = False) -> list[int]:
-        """Root + the best `max_nodes` drafted nodes by cumulative score, closed under ancestors,
-        ordered by depth (parents first). With `keep_sibling_prefix`, a node is kept only if all
-        its earlier siblings are, which sampling verification needs."""
+        """Root + the best `max_nodes` drafted nodes by cumulative score, closed under ancestors.
+        Depth-first, first-drafted child first: parents precede children and the drafter's top
+        path is a prefix, so accepting it keeps both caches by cropping instead of gathering.
+        With `keep_sibling_prefix`, a node is kept only if all its earlier siblings are, which
+        sampling verification needs."""
         drafted = sorted(range(1, len(self)), key=lambda n: (-self.scores[n], self.depths[n], n))
         chosen = set(drafted if max_nodes is None else drafted[:max_nodes])
         keep = {0}
@@ -94,7 +96,12 @@ class DraftTree:
             )
             if parent in keep and prefix_ok:
                 keep.add(n)
-        return sorted(keep, key=lambda n: (self.depths[n], n))
+        order, stack = [], [0]
+        while stack:
+            node = stack.pop()
+            order.append(node)
+            stack.extend(reversed([c for c in self.children.get(node, []) if c in keep]))
+        return order
 
 
 class DraftSource(Protocol):

@@ -17,6 +17,7 @@ hooks, so only the requested layers are kept, never all L+1 of them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -64,8 +65,9 @@ class TargetAdapter:
         self.config = model.config
 
     # -- structure --------------------------------------------------------------------------
-    @property
+    @functools.cached_property
     def text_config(self):
+        # cached: HF config attribute access is slow and the runner asks every round
         return self.config.get_text_config()
 
     @property
@@ -101,8 +103,11 @@ class TargetAdapter:
         ]
 
     def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        ids = torch.tensor(self.visual_token_ids(), device=input_ids.device)
-        return torch.isin(input_ids, ids)  # (B, T)
+        return torch.isin(input_ids, self._visual_ids.to(input_ids.device))  # (B, T)
+
+    @functools.cached_property
+    def _visual_ids(self) -> torch.Tensor:
+        return torch.tensor(self.visual_token_ids())
 
     def check_layer_ids(self, layer_ids: Sequence[int]) -> None:
         bad = [i for i in layer_ids if not 0 <= i <= self.num_layers]

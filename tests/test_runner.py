@@ -103,8 +103,9 @@ def test_tree_mask_and_cache_pruning_equal_sequential(runner):
         a = tree.add(0, 7, -1.0)
         tree.add(0, 9, -2.0)
         b = tree.add(a, 11, -3.0)
-        tree.add(a, 12, -4.0)
+        e = tree.add(a, 12, -4.0)
         order = tree.select()
+        assert order[:3] == [0, a, b]  # depth-first: the top path is a prefix
         cache = copy.deepcopy(pre.cache)
         ids = torch.tensor([[tree.tokens[n] for n in order]])
         pos = torch.tensor([[past + tree.depths[n] for n in order]])
@@ -118,14 +119,18 @@ def test_tree_mask_and_cache_pruning_equal_sequential(runner):
                 input_ids=torch.tensor([path]), cache=copy.deepcopy(pre.cache), use_cache=True
             ).logits[0, -1]
             torch.testing.assert_close(tree_logits[i], seq, atol=1e-5, rtol=1e-5)
-        # keep root -> a -> b, then one more step must equal decoding that path sequentially
-        keep_cache_positions(cache, past, [order.index(n) for n in (0, a, b)])
-        nxt = runner.model(input_ids=torch.tensor([[3]]), cache=cache, use_cache=True).logits[0, -1]
-        ref_cache = copy.deepcopy(pre.cache)
-        ref = runner.model(
-            input_ids=torch.tensor([[5, 7, 11, 3]]), cache=ref_cache, use_cache=True
-        ).logits[0, -1]
-        torch.testing.assert_close(nxt, ref, atol=1e-5, rtol=1e-5)
+        # keep a path (a prefix of `order`: cropped; or not: gathered), then one more step must
+        # equal decoding that path sequentially
+        for kept in ((0, a, b), (0, a, e)):
+            pruned = copy.deepcopy(cache)
+            keep_cache_positions(pruned, past, [order.index(n) for n in kept])
+            nxt = runner.model(input_ids=torch.tensor([[3]]), cache=pruned, use_cache=True)
+            ref = runner.model(
+                input_ids=torch.tensor([[tree.tokens[n] for n in kept] + [3]]),
+                cache=copy.deepcopy(pre.cache),
+                use_cache=True,
+            )
+            torch.testing.assert_close(nxt.logits[0, -1], ref.logits[0, -1], atol=1e-5, rtol=1e-5)
 
 
 def test_sampling_verification_reproduces_target_distribution():

@@ -103,11 +103,12 @@ class DrafterSide:
     def expand(self, tree: DraftTree, nodes: list[int]) -> torch.Tensor:
         """Run the drafter on new tree nodes (each attends to context + its ancestors)."""
         d = self.drafter
-        feats = torch.stack(
-            [d.step_feature(self.hidden[tree.parents[n]], tree.depths[n] + 1) for n in nodes]
-        )
+        depth = tree.depths[nodes[0]]
+        assert all(tree.depths[n] == depth for n in nodes), "expand one tree level at a time"
+        previous = torch.stack([self.hidden[tree.parents[n]] for n in nodes])  # (F, D)
+        feats = d.step_feature(previous, depth + 1)
         embeds = d.embed(torch.tensor([tree.tokens[n] for n in nodes]))
-        pos = torch.tensor([self.length - 1 + tree.depths[n] for n in nodes])
+        pos = torch.full((len(nodes),), self.length - 1 + depth)
         # Keys after the committed context: this round's earlier nodes (in `tree_nodes` order),
         # then the new nodes themselves.
         slot = {node: i for i, node in enumerate(self.tree_nodes + nodes)}

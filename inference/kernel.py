@@ -9,7 +9,7 @@ At batch size 1 the drafter runs a handful of rows per call, so its cost is weig
 per-op dispatch, not FLOPs. This path computes exactly what `Drafter.forward` computes (same
 parameters, same rotary table, same masking) with fewer ops: q/k/v and gate/up each as one matmul,
 `F.rms_norm` instead of six elementwise ops, rotary cos/sin looked up instead of recomputed, and
-K/V written into a buffer instead of concatenated. tests/test_runner.py checks it equals the
+K/V written into a buffer instead of concatenated. tests/test_kernel.py checks it equals the
 module forward with a DynamicCache. Training keeps using the module (transformers' own layer).
 """
 
@@ -76,7 +76,8 @@ class DrafterKernel:
         self.drafter = drafter
         self.layers = [_Layer(layer) for layer in drafter.layers]
         weight = drafter.in_proj.weight
-        self.max_positions = drafter.config.max_position_embeddings
+        # tree nodes sit up to a draft depth past the last text position, so leave headroom
+        self.max_positions = drafter.config.max_position_embeddings + 1024
         position = torch.arange(self.max_positions, device=weight.device)[None]
         cos, sin = drafter.rotary(weight.new_zeros(1), position)  # (1, P, head_dim)
         # rotate_half(x) * sin == x[..., perm] * signed_sin: one gather instead of four ops

@@ -152,7 +152,7 @@ class SpecRunner:
         gen = torch.Generator().manual_seed(seed)
         sampling = temperature > 0
         layers = self._layers()
-        out = self.adapter.forward(inputs, layers, use_cache=True)
+        out = self.adapter.forward(inputs, layers, use_cache=True, logits_to_keep=1)
         cache, past = out.cache, inputs["input_ids"].shape[1]
         bonus = self._pick(self._suppress(out.logits[0, -1:]), temperature, top_p, gen)
         factory = source_factory or DrafterSide.prefill

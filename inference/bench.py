@@ -42,6 +42,7 @@ class _Tally:
     attempts: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
     identical: int = 0
+    phases: dict[str, float] = field(default_factory=dict)  # runner phase -> seconds
 
 
 def _hf_method(model, processor, extra: dict):
@@ -133,6 +134,8 @@ def run_bench(
                 tally.accepted = [
                     a + b for a, b in zip(tally.accepted, result.accepted_per_depth, strict=True)
                 ]
+                for phase, sec in result.seconds.items():
+                    tally.phases[phase] = tally.phases.get(phase, 0.0) + sec
         for name in names:
             methods[name][0].identical += outputs[name] == outputs["hf_greedy"]
         rows.append({"id": s["id"], "outputs": outputs})
@@ -160,6 +163,7 @@ def _report(target, samples, max_new_tokens, methods, rows) -> dict:
             if spec
             else None,
             "identical_fraction": t.identical / max(1, len(samples)),
+            "ms_per_sample": _ms_per_sample(t, len(samples)),
         }
     return {
         "target": str(target),
@@ -170,6 +174,19 @@ def _report(target, samples, max_new_tokens, methods, rows) -> dict:
         "methods": out,
         "samples": rows,
     }
+
+
+PHASES = ("encode", "prefill", "drafter_prefill", "draft", "verify", "commit")
+
+
+def _ms_per_sample(t: _Tally, n: int) -> dict[str, float]:
+    """Wall ms per sample: the total, and for the runner its phases plus `other` (the rest)."""
+    n = max(1, n)
+    out = {"total": 1000 * t.seconds / n}
+    if t.phases:
+        out.update({p: 1000 * t.phases.get(p, 0.0) / n for p in PHASES})
+        out["other"] = out["total"] - sum(out[p] for p in PHASES)
+    return out
 
 
 def markdown_table(report: dict) -> str:
@@ -187,6 +204,17 @@ def markdown_table(report: dict) -> str:
         lines.append(
             f"| {name} | {m['tokens_per_s']:.1f} | {speedup} | {tau} | {drafted} | {m['identical_fraction']:.0%} |"
         )
+    lines += [
+        "",
+        "Where the time goes, wall ms per sample (runner phases; `other` = the loop itself):",
+        "",
+        "| method | total | " + " | ".join(PHASES) + " | other |",
+        "|---|" + "---|" * (len(PHASES) + 2),
+    ]
+    for name, m in report["methods"].items():
+        ms = m["ms_per_sample"]
+        cells = [f"{ms[p]:.1f}" if p in ms else "-" for p in (*PHASES, "other")]
+        lines.append(f"| {name} | {ms['total']:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

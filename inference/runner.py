@@ -17,6 +17,9 @@ lossless and cheap. Larger batches would pad every tree to the longest accepted 
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +48,8 @@ class GenerationResult:
     drafted: int = 0  # draft tokens verified, summed over rounds
     attempts_per_depth: list[int] = field(default_factory=list)
     accepted_per_depth: list[int] = field(default_factory=list)
+    # wall seconds per phase: encode, prefill (target), drafter_prefill, draft, verify, commit
+    seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def tau(self) -> float:
@@ -82,6 +87,24 @@ def suppressed_tokens(model, adapter: TargetAdapter) -> list[int]:
     return sorted(set(configured) | set(adapter.visual_token_ids()))
 
 
+class PhaseClock:
+    """Accumulates wall time per phase; synchronises CUDA so a phase owns its kernels' time."""
+
+    def __init__(self, seconds: dict[str, float], device: torch.device) -> None:
+        self.seconds = seconds
+        self.cuda = device.type == "cuda"
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        if self.cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
 class SpecRunner:
     def __init__(self, model, processor, drafter: Drafter | None) -> None:
         self.model = model.eval()
@@ -97,6 +120,7 @@ class SpecRunner:
             drafter.attach_target(self.adapter, fingerprint_vocab(processor.tokenizer.get_vocab()))
             drafter.eval()
         self._kernel: DrafterKernel | None = None
+        self.layers = self._layers()
         self.eos = eos_ids(model)
         self.suppress_tokens = suppressed_tokens(model, self.adapter)
         self._suppress_ids = torch.tensor(self.suppress_tokens, dtype=torch.long)
@@ -140,58 +164,41 @@ class SpecRunner:
         if self.drafter is None and source_factory is None:
             raise ValueError("this runner has no drafter; load one or pass source_factory")
         settings = settings or DraftSettings()
-        inputs = self.encode(image, prompt)
-        if inputs["input_ids"].shape[0] != 1:
-            raise ValueError(f"batch size must be 1, got {inputs['input_ids'].shape[0]}")
-        self.check_length(inputs["input_ids"].shape[1], max_new_tokens)
         result = GenerationResult(
             [], "", attempts_per_depth=[0] * settings.depth, accepted_per_depth=[0] * settings.depth
         )
+        clock = PhaseClock(result.seconds, self.model.device)
+        with clock("encode"):
+            inputs = self.encode(image, prompt)
+        if inputs["input_ids"].shape[0] != 1:
+            raise ValueError(f"batch size must be 1, got {inputs['input_ids'].shape[0]}")
+        self.check_length(inputs["input_ids"].shape[1], max_new_tokens)
         if max_new_tokens <= 0:
             return result
         gen = torch.Generator().manual_seed(seed)
-        sampling = temperature > 0
-        layers = self._layers()
-        out = self.adapter.forward(inputs, layers, use_cache=True, logits_to_keep=1)
-        cache, past = out.cache, inputs["input_ids"].shape[1]
-        bonus = self._pick(self._suppress(out.logits[0, -1:]), temperature, top_p, gen)
-        factory = source_factory or DrafterSide.prefill
+        with clock("prefill"):
+            out = self.adapter.forward(inputs, self.layers, use_cache=True, logits_to_keep=1)
+            bonus = self._pick(self._suppress(out.logits[0, -1:]), temperature, top_p, gen)
+        past = inputs["input_ids"].shape[1]
         # drafter cache: the prompt, every new token, and the nodes one round's tree can add
         capacity = past + max_new_tokens + settings.depth * settings.beam + 1
-        source = factory(self, inputs, out, bonus, capacity)
+        with clock("drafter_prefill"):
+            source = (source_factory or DrafterSide.prefill)(self, inputs, out, bonus, capacity)
         tokens = [bonus]
         while len(tokens) < max_new_tokens and tokens[-1] not in self.eos:
-            tree = DraftTree(root_token=tokens[-1])
-            grow(
-                tree, source, settings, temperature=temperature, generator=gen if sampling else None
+            emitted = self._round(
+                tokens[-1],
+                source,
+                out.cache,
+                past,
+                settings,
+                temperature,
+                top_p,
+                gen,
+                result,
+                clock,
             )
-            order = tree.select(
-                None if sampling else settings.max_nodes, keep_sibling_prefix=sampling
-            )
-            ids = torch.tensor([[tree.tokens[n] for n in order]])
-            pos = torch.tensor([[past + tree.depths[n] for n in order]])
-            mask = tree_attention_mask(tree, order, past, self.model.dtype)
-            out = self.adapter.forward(
-                {"input_ids": ids},
-                layers,
-                cache=cache,
-                position_ids=pos,
-                attention_mask=mask,
-                use_cache=True,
-            )
-            logits = self._suppress(out.logits[0])  # (n, V)
-            if sampling:
-                path, bonus = verify_sampling(
-                    tree, order, self._probs(logits, temperature, top_p), gen
-                )
-            else:
-                path, bonus = verify_greedy(tree, order, logits)
-            self._count(result, tree, order, path)
-            rows = [0] + [order.index(n) for n in path]
-            keep_cache_positions(cache, past, rows)
-            past += len(rows)
-            emitted = [tree.tokens[n] for n in path] + [bonus]
-            source.commit(out, rows, emitted)
+            past += len(emitted)
             tokens += emitted
             stop = next((i for i, t in enumerate(tokens) if t in self.eos), None)
             if stop is not None:
@@ -199,6 +206,44 @@ class SpecRunner:
         result.tokens = tokens[:max_new_tokens]
         result.text = self.processor.tokenizer.decode(result.tokens, skip_special_tokens=True)
         return result
+
+    def _round(
+        self, root, source, cache, past, settings, temperature, top_p, gen, result, clock
+    ) -> list[int]:
+        """Draft, verify in one target forward, keep the accepted path. Returns the new tokens
+        (accepted drafts, then the target's bonus token)."""
+        sampling = temperature > 0
+        with clock("draft"):
+            tree = DraftTree(root_token=root)
+            grow(tree, source, settings, temperature, gen if sampling else None)
+            order = tree.select(
+                None if sampling else settings.max_nodes, keep_sibling_prefix=sampling
+            )
+            ids = torch.tensor([[tree.tokens[n] for n in order]])
+            pos = torch.tensor([[past + tree.depths[n] for n in order]])
+            mask = tree_attention_mask(tree, order, past, self.model.dtype)
+        with clock("verify"):
+            out = self.adapter.forward(
+                {"input_ids": ids},
+                self.layers,
+                cache=cache,
+                position_ids=pos,
+                attention_mask=mask,
+                use_cache=True,
+            )
+            logits = self._suppress(out.logits[0])  # (n, V)
+            if sampling:
+                probs = self._probs(logits, temperature, top_p)
+                path, bonus = verify_sampling(tree, order, probs, gen)
+            else:
+                path, bonus = verify_greedy(tree, order, logits)
+        self._count(result, tree, order, path)
+        with clock("commit"):
+            rows = [0] + [order.index(n) for n in path]
+            keep_cache_positions(cache, past, rows)
+            emitted = [tree.tokens[n] for n in path] + [bonus]
+            source.commit(out, rows, emitted)
+        return emitted
 
     # -- helpers ------------------------------------------------------------------------------
     def kernel(self) -> DrafterKernel:
@@ -210,6 +255,7 @@ class SpecRunner:
         return self._kernel
 
     def _layers(self) -> list[int]:
+        """Target layers to capture: the drafter's fused ids (+ embeddings for full_visual)."""
         if self.drafter is None:
             return []
         cfg = self.drafter.config

@@ -66,6 +66,12 @@ def test_bench_report_has_the_promised_fields(micro_target_dir, drafter_dir, tmp
         if m["kind"] == "speculative":
             assert m["identical_fraction"] == 1.0  # greedy speculative decoding is lossless
             assert len(m["acceptance_per_depth"]) == 3 and m["mode"] in ("chain", "tree")
+        ms = m["ms_per_sample"]
+        assert ms["total"] > 0
+        if m["kind"] == "speculative" and max_new:
+            phases = ("encode", "prefill", "drafter_prefill", "draft", "verify", "commit")
+            assert all(ms[p] > 0 for p in phases), ms
+            assert sum(ms[p] for p in phases) <= ms["total"] and ms["other"] >= 0
     assert data["methods"]["hf_greedy"]["speedup"] == (pytest.approx(1.0) if max_new else None)
     assert [s["id"] for s in data["samples"]] == ["toy-31337-0", "toy-31337-1"]
     if max_new == 0:

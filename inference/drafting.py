@@ -1,11 +1,12 @@
 """The drafter side of the runner: its own KV cache over text positions, tree expansion, catch-up.
 
-    >>> side = DrafterSide.prefill(runner, inputs, target_out, bonus)   # after the target prefill
+    >>> side = DrafterSide.prefill(runner, inputs, target_out, bonus, capacity)  # after target prefill
     >>> side.root_logits()                  # (V,) distribution of the token after the bonus
     >>> side.expand(tree, frontier)         # (F, V) for new tree nodes, one forward per level
     >>> side.commit(verify_out, rows, emitted)  # keep the accepted path, feed real target features
 
-The visual-token-free drafter's cache holds text positions only: at prefill the visual positions
+The drafter runs through the runner's `DrafterKernel` (inference/kernel.py) with a preallocated
+cache. The visual-token-free drafter's cache holds text positions only: at prefill the visual positions
 are dropped from the target's states (the `full_visual` baseline keeps them). Tree nodes are run
 with a tree mask and dropped from the cache after each round; `commit` re-runs the accepted
 positions with the target's real features, exactly as the training-time-test unroll assumes.

@@ -8,8 +8,8 @@
 At batch size 1 the drafter runs a handful of rows per call, so its cost is weight traffic plus
 per-op dispatch, not FLOPs. This path computes exactly what `Drafter.forward` computes (same
 parameters, same rotary table, same masking) with fewer ops: q/k/v and gate/up each as one matmul,
-`F.rms_norm` instead of six elementwise ops, rotary cos/sin looked up instead of recomputed, and
-K/V written into a buffer instead of concatenated. tests/test_kernel.py checks it equals the
+RMSNorm weights folded into the matmul that follows (only 1/RMS is computed per row), rotary
+cos/sin looked up instead of recomputed, and K/V written into a buffer instead of concatenated. tests/test_kernel.py checks it equals the
 module forward with a DynamicCache. Training keeps using the module (transformers' own layer).
 """
 
@@ -34,22 +34,33 @@ def _cat_weights(*linears) -> tuple[torch.Tensor, torch.Tensor | None]:
     )
 
 
+def _inv_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / RMS(x) per row, (..., 1). With the norm's weight folded into the next matmul,
+    RMSNorm(x) @ W.T == (x @ (W * w).T) * inv_rms(x): four cheap ops instead of F.rms_norm,
+    which is the costliest op of a one-row step on CPU."""
+    return x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
+
+
 class _Layer:
     def __init__(self, layer) -> None:
         attn, mlp = layer.self_attn, layer.mlp
-        self.qkv, self.qkv_bias = _cat_weights(attn.q_proj, attn.k_proj, attn.v_proj)
+        ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
+        qkv, self.qkv_bias = _cat_weights(attn.q_proj, attn.k_proj, attn.v_proj)
+        self.qkv, self.eps1 = qkv * ln1.weight, ln1.variance_epsilon
+        gate_up, self.gate_up_bias = _cat_weights(mlp.gate_proj, mlp.up_proj)
+        self.gate_up, self.eps2 = gate_up * ln2.weight, ln2.variance_epsilon
         self.o, self.o_bias = attn.o_proj.weight, attn.o_proj.bias
-        self.gate_up, self.gate_up_bias = _cat_weights(mlp.gate_proj, mlp.up_proj)
         self.down, self.down_bias = mlp.down_proj.weight, mlp.down_proj.bias
-        self.ln1, self.eps1 = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
-        self.ln2, self.eps2 = (
-            layer.post_attention_layernorm.weight,
-            layer.post_attention_layernorm.variance_epsilon,
-        )
         self.heads, self.kv_heads = attn.config.num_attention_heads, attn.config.num_key_value_heads
         self.head_dim = attn.head_dim
         self.scaling = attn.scaling
         self.act = mlp.act_fn
+
+
+def _normed_linear(x, weight, bias, eps) -> torch.Tensor:
+    """RMSNorm then linear, the norm weight already folded into `weight`."""
+    y = F.linear(x, weight) * _inv_rms(x, eps)
+    return y if bias is None else y + bias
 
 
 class KVBuffer:
@@ -85,21 +96,21 @@ class DrafterKernel:
         self.perm = torch.cat([torch.arange(half, 2 * half), torch.arange(half)]).to(weight.device)
         sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(weight.device)
         self.cos, self.signed_sin = cos[0].to(weight.dtype), (sin[0] * sign).to(weight.dtype)
+        norms = torch.cat([drafter.embed_norm.weight, drafter.feature_norm.weight])
+        self.in_proj = weight * norms  # both input norms folded in
 
     def new_cache(self, capacity: int) -> KVBuffer:
         first = self.layers[0]
         shape = (len(self.layers), first.kv_heads, capacity, first.head_dim)
         return KVBuffer(shape, self.drafter.in_proj.weight)
 
-    @staticmethod
-    def _norm(x: torch.Tensor, norm) -> torch.Tensor:
-        return F.rms_norm(x, x.shape[-1:], norm.weight, norm.variance_epsilon)
-
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., D) pre-norm hidden -> (..., V_draft), as `Drafter.logits`."""
+        """(..., D) pre-norm hidden -> (..., V_draft), as `Drafter.logits`. The head may be the
+        target's (large, shared), so the final norm is applied, not folded into a copy."""
         d = self.drafter
         head = d.head()
-        return F.linear(self._norm(hidden, d.norm).to(head.weight.dtype), head.weight, head.bias)
+        normed = hidden * _inv_rms(hidden, d.norm.variance_epsilon) * d.norm.weight
+        return F.linear(normed.to(head.weight.dtype), head.weight, head.bias)
 
     def run(
         self,
@@ -116,26 +127,29 @@ class DrafterKernel:
             raise ValueError(
                 f"drafter cache holds {cache.capacity} entries; {start} + {s} do not fit"
             )
+        embeds = embeds.to(feats.dtype)
         x = torch.cat(
-            [self._norm(embeds.to(feats.dtype), d.embed_norm), self._norm(feats, d.feature_norm)],
+            [
+                embeds * _inv_rms(embeds, d.embed_norm.variance_epsilon),
+                feats * _inv_rms(feats, d.feature_norm.variance_epsilon),
+            ],
             -1,
         )
-        h = F.linear(x, d.in_proj.weight)  # (S, D)
+        h = F.linear(x, self.in_proj)  # (S, D)
         cos, sin = self.cos[positions][None], self.signed_sin[positions][None]  # (1, S, hd)
         mask = mask[None, None].to(h.dtype)
         for i, layer in enumerate(self.layers):
-            y = F.rms_norm(h, h.shape[-1:], layer.ln1, layer.eps1)
-            h = h + self._attention(cache, i, layer, y, cos, sin, mask, start)
-            y = F.rms_norm(h, h.shape[-1:], layer.ln2, layer.eps2)
-            gate, up = F.linear(y, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
+            h = h + self._attention(cache, i, layer, h, cos, sin, mask, start)
+            gate_up = _normed_linear(h, layer.gate_up, layer.gate_up_bias, layer.eps2)
+            gate, up = gate_up.chunk(2, dim=-1)
             h = h + F.linear(layer.act(gate) * up, layer.down, layer.down_bias)
         cache.length = start + s
         return h
 
-    def _attention(self, cache: KVBuffer, i: int, layer: _Layer, x, cos, sin, mask, start: int):
-        s, hd = x.shape[0], layer.head_dim
+    def _attention(self, cache: KVBuffer, i: int, layer: _Layer, h, cos, sin, mask, start: int):
+        s, hd = h.shape[0], layer.head_dim
         end = start + s
-        qkv = F.linear(x, layer.qkv, layer.qkv_bias)  # (S, (H + 2 Hkv) hd)
+        qkv = _normed_linear(h, layer.qkv, layer.qkv_bias, layer.eps1)  # (S, (H + 2 Hkv) hd)
         heads = layer.heads + layer.kv_heads
         qk = qkv[:, : heads * hd].view(s, heads, hd).transpose(0, 1)  # (H + Hkv, S, hd)
         qk = qk * cos + qk[..., self.perm] * sin  # rotary on queries and keys at once

@@ -223,8 +223,8 @@ class SpecRunner:
             pos = torch.tensor([[past + tree.depths[n] for n in order]])
             mask = tree_attention_mask(tree, order, past, self.model.dtype)
         with clock("verify"):
-            out = self.adapter.forward(
-                {"input_ids": ids},
+            out = self.adapter.text_forward(
+                ids,
                 self.layers,
                 cache=cache,
                 position_ids=pos,

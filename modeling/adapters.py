@@ -159,6 +159,24 @@ class TargetAdapter:
             cache=out.get("cache", out.get("past_key_values")),
         )
 
+    def text_forward(
+        self, input_ids: torch.Tensor, layer_ids: Sequence[int] = (), **kwargs: Any
+    ) -> TargetOutput:
+        """Continue a cached sequence with text tokens only: the language model and LM head
+        directly, without the multimodal wrapper or hooks (its `output_hidden_states` holds the
+        same states). This is the runner's per-round verification, so it stays lean."""
+        out = self.language_model()(
+            inputs_embeds=self.input_embeddings()(input_ids),
+            output_hidden_states=bool(layer_ids),
+            **kwargs,
+        )
+        return TargetOutput(
+            logits=self.lm_head()(out.last_hidden_state),
+            hidden_states={i: out.hidden_states[i] for i in layer_ids},
+            visual_mask=torch.zeros_like(input_ids, dtype=torch.bool),
+            cache=out.get("cache", out.get("past_key_values")),
+        )
+
     # -- visual features --------------------------------------------------------------------
     def _feature_calls(self, inputs: Mapping[str, Any]) -> list[tuple[str, dict]]:
         calls = []

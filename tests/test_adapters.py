@@ -28,6 +28,33 @@ def test_hidden_states_equal_hf_output_hidden_states(family):
 
 
 @torch.no_grad()
+def test_text_forward_continues_like_the_full_forward(family):
+    """After an image prefill, a text-only continuation through the language model directly
+    gives the full forward's logits and hidden states (what the runner verifies with)."""
+    name, model, inputs = family
+    adapter = adapter_for(model)
+    if adapter.tree_decoding_blocker:
+        pytest.skip(f"{name}: {adapter.tree_decoding_blocker}")
+    layers = list(range(adapter.num_layers + 1))
+    new = torch.tensor([[5, 6, 7]]).expand(inputs["input_ids"].shape[0], 3)
+    full = dict(inputs, input_ids=torch.cat([inputs["input_ids"], new], 1))
+    if "attention_mask" in full:
+        full["attention_mask"] = torch.ones_like(full["input_ids"])
+    ref = adapter.forward(full, layers)
+    pre = adapter.forward(inputs, [], use_cache=True)
+    out = adapter.text_forward(new, layers, cache=pre.cache, use_cache=True)
+    torch.testing.assert_close(out.logits, ref.logits[:, -3:], rtol=1e-5, atol=1e-5)
+    for i in layers:
+        torch.testing.assert_close(
+            out.hidden_states[i],
+            ref.hidden_states[i][:, -3:],
+            rtol=1e-5,
+            atol=1e-5,
+            msg=f"{name} {i}",
+        )
+
+
+@torch.no_grad()
 def test_visual_mask_counts_visual_features(family):
     name, model, inputs = family
     adapter = adapter_for(model)

@@ -50,7 +50,9 @@ class DrafterSide:
         self.length = 0  # drafter cache entries that belong to committed positions
         self.hidden: dict[int, torch.Tensor] = {}  # tree node -> drafter output (D,)
         self.tree_nodes: list[int] = []  # tree nodes in the cache after `length`, in order
-        self.fused = self.drafter.config.fused_layer_ids
+        cfg = self.drafter.config
+        self.fused = cfg.fused_layer_ids
+        self.d2t = self.drafter.d2t if cfg.draft_vocab_size else None
         self.dtype = self.drafter.in_proj.weight.dtype
 
     @classmethod
@@ -93,10 +95,10 @@ class DrafterSide:
 
     def _full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.kernel.logits(hidden).float()
-        if not self.drafter.config.draft_vocab_size:
+        if self.d2t is None:
             return logits
         full = logits.new_full((*logits.shape[:-1], self.vocab_size), float("-inf"))
-        return full.index_copy_(-1, self.drafter.d2t, logits)
+        return full.index_copy_(-1, self.d2t, logits)
 
     def root_logits(self) -> torch.Tensor:
         return self._full_logits(self.hidden[0][None])[0]

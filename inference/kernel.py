@@ -98,6 +98,12 @@ class DrafterKernel:
         self.cos, self.signed_sin = cos[0].to(weight.dtype), (sin[0] * sign).to(weight.dtype)
         norms = torch.cat([drafter.embed_norm.weight, drafter.feature_norm.weight])
         self.in_proj = weight * norms  # both input norms folded in
+        # plain attributes: config and module lookups cost microseconds on every step
+        self.eps_embed = drafter.embed_norm.variance_epsilon
+        self.eps_feature = drafter.feature_norm.variance_epsilon
+        self.eps_final, self.final_norm = drafter.norm.variance_epsilon, drafter.norm.weight
+        head = drafter.head()
+        self.head, self.head_bias = head.weight, head.bias
 
     def new_cache(self, capacity: int) -> KVBuffer:
         first = self.layers[0]
@@ -107,10 +113,8 @@ class DrafterKernel:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., D) pre-norm hidden -> (..., V_draft), as `Drafter.logits`. The head may be the
         target's (large, shared), so the final norm is applied, not folded into a copy."""
-        d = self.drafter
-        head = d.head()
-        normed = hidden * _inv_rms(hidden, d.norm.variance_epsilon) * d.norm.weight
-        return F.linear(normed.to(head.weight.dtype), head.weight, head.bias)
+        normed = hidden * _inv_rms(hidden, self.eps_final) * self.final_norm
+        return F.linear(normed.to(self.head.dtype), self.head, self.head_bias)
 
     def run(
         self,
@@ -121,7 +125,6 @@ class DrafterKernel:
         mask: torch.Tensor,  # (S, cache.length + S) additive, over the cache then the new rows
     ) -> torch.Tensor:
         """Appends S entries to `cache`; returns the pre-norm hidden states (S, D)."""
-        d = self.drafter
         s, start = embeds.shape[0], cache.length
         if start + s > cache.capacity:
             raise ValueError(
@@ -130,8 +133,8 @@ class DrafterKernel:
         embeds = embeds.to(feats.dtype)
         x = torch.cat(
             [
-                embeds * _inv_rms(embeds, d.embed_norm.variance_epsilon),
-                feats * _inv_rms(feats, d.feature_norm.variance_epsilon),
+                embeds * _inv_rms(embeds, self.eps_embed),
+                feats * _inv_rms(feats, self.eps_feature),
             ],
             -1,
         )

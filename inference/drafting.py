@@ -66,14 +66,13 @@ class DrafterSide:
             keep &= ~target_out.visual_mask[0]
         positions = keep.nonzero()[:, 0]
         feats = side._fused(target_out, positions)
-        bonus_embed = d.embed(torch.tensor([[bonus]]))
+        k = side.kernel
         if d.config.variant == "full_visual":
-            next_embeds = torch.cat(
-                [target_out.hidden_states[0][:, positions[1:]], bonus_embed], dim=1
-            )
+            bonus_embed = k.embed(torch.tensor([bonus]))
+            next_embeds = torch.cat([target_out.hidden_states[0][0, positions[1:]], bonus_embed])
         else:
-            next_embeds = d.embed(torch.cat([ids[positions[1:]], torch.tensor([bonus])])[None])
-        side._run_committed(feats, next_embeds[0])
+            next_embeds = k.embed(torch.cat([ids[positions[1:]], torch.tensor([bonus])]))
+        side._run_committed(feats, next_embeds)  # (n, D) each
         return side
 
     def _fused(self, target_out, index: torch.Tensor) -> torch.Tensor:
@@ -86,7 +85,7 @@ class DrafterSide:
         self.cache.truncate(self.length)  # drop last round's drafted nodes
         self.tree_nodes = []
         next_embeds = next_embeds.to(self.dtype)
-        feats = self.drafter.project_features(target_feats, like=next_embeds)
+        feats = self.kernel.project_features(target_feats, like=next_embeds)
         pos = torch.arange(self.length, self.length + n)
         mask = _causal(n, self.length, self.dtype)
         h = self.kernel.run(self.cache, next_embeds, feats, pos, mask)  # (n, D)
@@ -105,12 +104,11 @@ class DrafterSide:
 
     def expand(self, tree: DraftTree, nodes: list[int]) -> torch.Tensor:
         """Run the drafter on new tree nodes (each attends to context + its ancestors)."""
-        d = self.drafter
         depth = tree.depths[nodes[0]]
         assert all(tree.depths[n] == depth for n in nodes), "expand one tree level at a time"
         previous = torch.stack([self.hidden[tree.parents[n]] for n in nodes])  # (F, D)
-        feats = d.step_feature(previous, depth + 1)
-        embeds = d.embed(torch.tensor([tree.tokens[n] for n in nodes]))
+        feats = self.kernel.step_feature(previous, depth + 1)
+        embeds = self.kernel.embed(torch.tensor([tree.tokens[n] for n in nodes]))
         pos = torch.full((len(nodes),), self.length - 1 + depth)
         # Keys after the committed context: this round's earlier nodes (in `tree_nodes` order),
         # then the new nodes themselves.
@@ -134,5 +132,5 @@ class DrafterSide:
         """Keep the accepted path: rows index the verify forward (root first); emitted = the
         accepted drafted tokens then the bonus, i.e. the token after each row."""
         self._run_committed(
-            self._fused(verify_out, torch.tensor(rows)), self.drafter.embed(torch.tensor(emitted))
+            self._fused(verify_out, torch.tensor(rows)), self.kernel.embed(torch.tensor(emitted))
         )

@@ -104,11 +104,37 @@ class DrafterKernel:
         self.eps_final, self.final_norm = drafter.norm.variance_epsilon, drafter.norm.weight
         head = drafter.head()
         self.head, self.head_bias = head.weight, head.bias
+        cfg = drafter.config
+        embedding = drafter.embedding()
+        # a plain table is one F.embedding; scaled or otherwise special embeddings keep their module
+        self.embedding = embedding.weight if type(embedding) is torch.nn.Embedding else None
+        self.embedding_module = embedding
+        self.text_only = cfg.variant == "text_only"
+        self.fc = None if self.text_only else (drafter.fc.weight, drafter.fc.bias)
+        self.step_bias, self.max_draft_steps = drafter.step_bias.detach(), cfg.max_draft_steps
 
     def new_cache(self, capacity: int) -> KVBuffer:
         first = self.layers[0]
         shape = (len(self.layers), first.kv_heads, capacity, first.head_dim)
         return KVBuffer(shape, self.drafter.in_proj.weight)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """(...,) token ids -> (..., D) target embeddings, as `Drafter.embed`."""
+        if self.embedding is None:
+            return self.embedding_module(ids)
+        return F.embedding(ids, self.embedding)
+
+    def project_features(self, target_states: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """(..., n * Ht) fused target states -> (..., D), as `Drafter.project_features`."""
+        if self.fc is None:
+            return torch.zeros_like(like)
+        return F.linear(target_states.to(self.fc[0].dtype), *self.fc)
+
+    def step_feature(self, previous_hidden: torch.Tensor, step: int) -> torch.Tensor:
+        """The feature at draft step `step` >= 2, as `Drafter.step_feature`."""
+        row = min(min(step, self.max_draft_steps) - 2, self.step_bias.shape[0] - 1)
+        feature = torch.zeros_like(previous_hidden) if self.text_only else previous_hidden
+        return feature + self.step_bias[row]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., D) pre-norm hidden -> (..., V_draft), as `Drafter.logits`. The head may be the

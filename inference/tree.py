@@ -133,7 +133,8 @@ def grow(
     logits = source.root_logits()[None]  # (1, V)
     frontier = [0]
     for level in range(s.depth):
-        logp = (logits.float() / (temperature if sample else 1.0)).log_softmax(-1)  # (F, V)
+        scaled = logits.float() / temperature if sample else logits.float()
+        logp = scaled.log_softmax(-1)  # (F, V)
         top_lp, top_ids = logp.topk(min(max(k, 2), logp.shape[-1]), dim=-1)  # (F, >=2)
         top_p = top_lp.exp()
         margins = (top_p[:, 0] - top_p[:, 1] if top_p.shape[-1] > 1 else top_p[:, 0]).tolist()

@@ -202,6 +202,10 @@ class Drafter(PreTrainedModel):
         return self._target
 
     # -- pieces -------------------------------------------------------------------------------
+    def embedding(self) -> nn.Module:
+        """The target's input embedding module, borrowed (never trained here)."""
+        return self._bound()[0]
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Target token embeddings, (B, S) -> (B, S, D)."""
         return self._bound()[0](ids)

@@ -72,3 +72,26 @@ def test_kernel_cache_overflow_is_refused(adapter):
     dim = d.config.hidden_size
     with pytest.raises(ValueError, match="holds 4 entries"):
         kernel.run(kv, torch.randn(5, dim), torch.randn(5, dim), torch.arange(5), _causal(5, 0))
+
+
+@pytest.mark.parametrize("variant", ["visual_free", "full_visual", "text_only"])
+def test_kernel_inputs_equal_the_drafter_pieces(adapter, variant):
+    torch.manual_seed(2)
+    d = Drafter(DrafterConfig.for_target(adapter, variant=variant, max_draft_steps=4))
+    d = d.attach_target(adapter).eval()
+    with torch.no_grad():
+        d.step_bias.add_(torch.randn_like(d.step_bias))
+    kernel = DrafterKernel(d)
+    ids = torch.tensor([3, 1, 4, 1, 5])
+    states = torch.randn(5, len(d.config.fused_layer_ids) * d.config.target_hidden_size)
+    previous = torch.randn(2, d.config.hidden_size)
+    with torch.inference_mode():
+        torch.testing.assert_close(kernel.embed(ids), d.embed(ids[None])[0])
+        like = kernel.embed(ids)
+        torch.testing.assert_close(
+            kernel.project_features(states, like), d.project_features(states[None], like[None])[0]
+        )
+        for step in (2, 3, 4, 7):  # past max_draft_steps the last bias row is reused
+            torch.testing.assert_close(
+                kernel.step_feature(previous, step), d.step_feature(previous, step)
+            )

@@ -208,7 +208,7 @@ class Drafter(PreTrainedModel):
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Target token embeddings, (B, S) -> (B, S, D)."""
-        return self._bound()[0](ids)
+        return self.embedding()(ids)
 
     def project_features(
         self, target_states: torch.Tensor | None, like: torch.Tensor

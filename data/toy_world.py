@@ -4,7 +4,7 @@ No model hub is reachable from our machines and a random target makes acceptance
 meaningless, so the project builds a small but real VLM world from nothing. Every answer depends
 on the pixels; every sample carries its ground-truth object list.
 
-    >>> from data.toy_world import make_sample, parse_description
+    >>> from covspec.data.toy_world import make_sample, parse_description
     >>> s = make_sample(seed=0, index=3)
     >>> s["image"].size, s["messages"][0]["content"].startswith("<image>")
     ((72, 72), True)

@@ -18,13 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from covspec.inference.runner import SpecRunner, build_prompt, suppressed_tokens
+from covspec.inference.tree import DraftSettings
+from covspec.modeling.adapters import adapter_for
+from covspec.modeling.drafter import Drafter
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
-
-from inference.runner import SpecRunner, build_prompt, suppressed_tokens
-from inference.tree import DraftSettings
-from modeling.adapters import adapter_for
-from modeling.drafter import Drafter
 
 TAU_DEFINITION = "tau = tokens emitted per target forward in the decode loop, the bonus token included (ceiling: depth + 1)"
 

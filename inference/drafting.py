@@ -15,9 +15,8 @@ positions with the target's real features, exactly as the training-time-test unr
 from __future__ import annotations
 
 import torch
-
-from inference.kernel import DrafterKernel
-from inference.tree import DraftTree, additive_mask
+from covspec.inference.kernel import DrafterKernel
+from covspec.inference.tree import DraftTree, additive_mask
 
 
 def keep_cache_positions(cache, past: int, rows: list[int]) -> None:

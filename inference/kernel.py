@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from modeling.drafter import Drafter
+from covspec.modeling.drafter import Drafter
 
 
 def _cat_weights(*linears) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -23,11 +23,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
-
-from inference.drafting import DrafterSide, keep_cache_positions
-from inference.kernel import DrafterKernel
-from inference.tree import (
+from covspec.inference.drafting import DrafterSide, keep_cache_positions
+from covspec.inference.kernel import DrafterKernel
+from covspec.inference.tree import (
     DraftSettings,
     DraftTree,
     grow,
@@ -35,9 +33,10 @@ from inference.tree import (
     verify_greedy,
     verify_sampling,
 )
-from modeling.adapters import TargetAdapter, TargetMismatchError, adapter_for
-from modeling.drafter import Drafter
-from modeling.tokens import fingerprint_vocab
+from covspec.modeling.adapters import TargetAdapter, TargetMismatchError, adapter_for
+from covspec.modeling.drafter import Drafter
+from covspec.modeling.tokens import fingerprint_vocab
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 
 @dataclass

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from covspec.modeling.adapters import TargetAdapter, TargetMismatchError
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -38,8 +39,6 @@ from transformers.models.llama.modeling_llama import (
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
 )
-
-from modeling.adapters import TargetAdapter, TargetMismatchError
 
 VARIANTS = ("visual_free", "text_only", "full_visual")
 

@@ -18,15 +18,15 @@ from dataclasses import fields
 
 
 def _toy_data(args: argparse.Namespace) -> None:
-    from data.readers import write_toy_jsonl
+    from covspec.data.readers import write_toy_jsonl
 
     path = write_toy_jsonl(args.out, num=args.num, seed=args.seed, image_size=args.image_size)
     print(f"wrote {args.num} conversations to {path}")
 
 
 def _toy_target(args: argparse.Namespace) -> None:
-    from modeling.toy_vlm import ToyVLMSpec
-    from training.toy_target import ToyTargetSettings, build_toy_target
+    from covspec.modeling.toy_vlm import ToyVLMSpec
+    from covspec.training.toy_target import ToyTargetSettings, build_toy_target
 
     spec_keys = {f.name for f in fields(ToyVLMSpec)}
     overrides = {k: v for k, v in vars(args).items() if v is not None}
@@ -41,9 +41,8 @@ def _toy_target(args: argparse.Namespace) -> None:
 
 
 def _toy_eval(args: argparse.Namespace) -> None:
+    from covspec.training.toy_target import EVAL_SEED, object_accuracy
     from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from training.toy_target import EVAL_SEED, object_accuracy
 
     processor = AutoProcessor.from_pretrained(args.target)
     model = AutoModelForImageTextToText.from_pretrained(args.target).eval()
@@ -54,9 +53,9 @@ def _toy_eval(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from data.readers import read_prompts_jsonl, toy_prompts
-    from inference.bench import markdown_table, run_bench, write_report
-    from inference.tree import DraftSettings
+    from covspec.data.readers import read_prompts_jsonl, toy_prompts
+    from covspec.inference.bench import markdown_table, run_bench, write_report
+    from covspec.inference.tree import DraftSettings
 
     samples = read_prompts_jsonl(args.data) if args.data else toy_prompts(args.toy)
     chain = DraftSettings(mode="chain", depth=args.depth, stop_margin=args.stop_margin)
@@ -138,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:  # LightningCLI owns its own argument parsing
-        from training.cli import main as train_main
+        from covspec.training.cli import main as train_main
 
         train_main(argv[1:])
         return 0

@@ -2,12 +2,11 @@ import json
 
 import pytest
 import torch
-
-from data.readers import DataFileError, read_prompts_jsonl, toy_prompts
-from inference.bench import run_bench, write_report
-from inference.tree import DraftSettings
-from modeling.adapters import adapter_for
-from modeling.drafter import Drafter, DrafterConfig
+from covspec.data.readers import DataFileError, read_prompts_jsonl, toy_prompts
+from covspec.inference.bench import run_bench, write_report
+from covspec.inference.tree import DraftSettings
+from covspec.modeling.adapters import adapter_for
+from covspec.modeling.drafter import Drafter, DrafterConfig
 
 METHOD_FIELDS = {
     "kind",

@@ -1,8 +1,7 @@
 import pytest
-
-from data.chat import ConversationError, encode_conversation, pad_batch
-from data.toy_world import corpus_text, make_sample
-from modeling.toy_vlm import ToyVLMSpec, build_processor, train_tokenizer
+from covspec.data.chat import ConversationError, encode_conversation, pad_batch
+from covspec.data.toy_world import corpus_text, make_sample
+from covspec.modeling.toy_vlm import ToyVLMSpec, build_processor, train_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from data.datamodule import ConversationDataModule
-from training.cli import CovspecCLI, make_cli
-from training.distill import DrafterDistillation, compact
-from training.metrics import DepthAgreement, implied_tau
+from covspec.data.datamodule import ConversationDataModule
+from covspec.training.cli import CovspecCLI, make_cli
+from covspec.training.distill import DrafterDistillation, compact
+from covspec.training.metrics import DepthAgreement, implied_tau
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,7 +132,7 @@ def test_unknown_recipe_key_is_an_error(tmp_path, monkeypatch):
 
 def _train(target_dir, out, extra, timeout=240):
     args = [
-        sys.executable, "-m", "scripts.cli", "train", "--config", "recipes/toy/drafter.yaml",
+        sys.executable, "-m", "covspec.scripts.cli", "train", "--config", "recipes/toy/drafter.yaml",
         f"--model.target={target_dir}", "--model.unroll_steps=3", "--model.warmup_steps=2",
         "--data.train_data=toy:64:3", "--data.val_data=toy:8:4", "--data.batch_size=4",
         "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.val_check_interval=null",

@@ -1,15 +1,15 @@
 import pytest
 import torch
-from transformers import AutoConfig, AutoModel, DynamicCache
-
-from modeling.adapters import TargetMismatchError, adapter_for
-from modeling.drafter import (
+from covspec.modeling.adapters import TargetMismatchError, adapter_for
+from covspec.modeling.drafter import (
     Drafter,
     DrafterConfig,
     build_draft_vocab,
     default_fused_layer_ids,
     ttt_unroll,
 )
+from transformers import AutoConfig, AutoModel, DynamicCache
+
 from tests.tiny_vlms import llava
 
 

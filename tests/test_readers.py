@@ -1,15 +1,14 @@
 import json
 
 import pytest
-from datasets import Image
-
-from data.readers import (
+from covspec.data.readers import (
     CONVERSATION_FEATURES,
     DataFileError,
     read_conversations_jsonl,
     toy_dataset,
     write_toy_jsonl,
 )
+from datasets import Image
 
 
 @pytest.fixture(scope="module")

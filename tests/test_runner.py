@@ -3,14 +3,20 @@ import random
 
 import pytest
 import torch
+from covspec.data.toy_world import make_sample
+from covspec.inference.drafting import keep_cache_positions
+from covspec.inference.runner import SpecRunner, build_prompt
+from covspec.inference.tree import (
+    DraftSettings,
+    DraftTree,
+    grow,
+    tree_attention_mask,
+    verify_sampling,
+)
+from covspec.modeling.adapters import TargetMismatchError
+from covspec.modeling.drafter import Drafter, DrafterConfig
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from data.toy_world import make_sample
-from inference.drafting import keep_cache_positions
-from inference.runner import SpecRunner, build_prompt
-from inference.tree import DraftSettings, DraftTree, grow, tree_attention_mask, verify_sampling
-from modeling.adapters import TargetMismatchError
-from modeling.drafter import Drafter, DrafterConfig
 from tests.tiny_vlms import FAMILIES
 
 MAX_NEW = 40

@@ -4,11 +4,10 @@ import json
 
 import pytest
 import torch
+from covspec.data.toy_world import make_sample
+from covspec.modeling.toy_vlm import ToyVLMSpec
+from covspec.training.toy_target import REPORT_NAME, ToyTargetSettings, build_toy_target
 from transformers import AutoModelForImageTextToText, AutoProcessor
-
-from data.toy_world import make_sample
-from modeling.toy_vlm import ToyVLMSpec
-from training.toy_target import REPORT_NAME, ToyTargetSettings, build_toy_target
 
 MICRO = ToyTargetSettings(
     spec=ToyVLMSpec(
@@ -72,7 +71,7 @@ def test_second_call_is_cached_and_force_retrains(tmp_path, micro_target):
 
 
 def test_cli_toy_data(tmp_path):
-    from scripts.cli import main
+    from covspec.scripts.cli import main
 
     assert main(["toy-data", "--out", str(tmp_path / "d"), "--num", "3", "--seed", "2"]) == 0
     assert len((tmp_path / "d" / "data.jsonl").read_text().splitlines()) == 3

@@ -3,8 +3,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-
-from data.toy_world import (
+from covspec.data.toy_world import (
     COLOURS,
     POSITIONS,
     SHAPES,

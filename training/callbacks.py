@@ -15,9 +15,8 @@ from pathlib import Path
 
 import lightning as L
 import yaml
+from covspec.training.metrics import implied_tau
 from lightning.pytorch.utilities import rank_zero_only
-
-from training.metrics import implied_tau
 
 TAU_DEFINITION = (
     "tau = mean number of tokens emitted per target forward in the decode loop, the bonus token "
@@ -69,8 +68,8 @@ Trained by online-logit distillation with a {steps}-step training-time-test unro
 Load it with the project's code (no `trust_remote_code`):
 
 ```python
-from modeling.drafter import Drafter
-from modeling.adapters import adapter_for
+from covspec.modeling.drafter import Drafter
+from covspec.modeling.adapters import adapter_for
 drafter = Drafter.from_pretrained(this_folder).attach_target(adapter_for(target_model))
 ```
 

@@ -1,6 +1,6 @@
 """Train the toy target VLM from scratch on the toy world, in minutes, on a CPU.
 
-    >>> from training.toy_target import ToyTargetSettings, build_toy_target
+    >>> from covspec.training.toy_target import ToyTargetSettings, build_toy_target
     >>> build_toy_target("checkpoints/toy-target", ToyTargetSettings())   # cached after the first
 
 The result is a standard HF folder (model, processor, tokenizer, chat template) plus
@@ -27,11 +27,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
-from transformers import LlavaForConditionalGeneration
-
-from data.chat import encode_conversation, pad_batch
-from data.toy_world import (
+from covspec.data.chat import encode_conversation, pad_batch
+from covspec.data.toy_world import (
     COLOURS,
     DESCRIBE_PROMPTS,
     SHAPES,
@@ -39,7 +36,9 @@ from data.toy_world import (
     make_sample,
     parse_description,
 )
-from modeling.toy_vlm import ToyVLMSpec, build_config, build_processor, train_tokenizer
+from covspec.modeling.toy_vlm import ToyVLMSpec, build_config, build_processor, train_tokenizer
+from tqdm.auto import tqdm
+from transformers import LlavaForConditionalGeneration
 
 REPORT_NAME = "covspec_toy_target.json"
 EVAL_SEED = 987_654  # unseen by training (which uses `seed` and seed + 1)

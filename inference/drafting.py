@@ -51,8 +51,8 @@ class DrafterSide:
         self.tree_nodes: list[int] = []  # tree nodes in the cache after `length`, in order
         cfg = self.drafter.config
         self.fused = cfg.fused_layer_ids
-        self.d2t = self.drafter.d2t if cfg.draft_vocab_size else None
-        self.dtype = self.drafter.in_proj.weight.dtype
+        self.d2t = self.drafter.draft_token_ids() if cfg.draft_vocab_size else None
+        self.dtype = kernel.dtype
 
     @classmethod
     def prefill(cls, runner, inputs: dict, target_out, bonus: int, capacity: int) -> DrafterSide:

@@ -8,9 +8,11 @@
 At batch size 1 the drafter runs a handful of rows per call, so its cost is weight traffic plus
 per-op dispatch, not FLOPs. This path computes exactly what `Drafter.forward` computes (same
 parameters, same rotary table, same masking) with fewer ops: q/k/v and gate/up each as one matmul,
-RMSNorm weights folded into the matmul that follows (only 1/RMS is computed per row), rotary
-cos/sin looked up instead of recomputed, and K/V written into a buffer instead of concatenated. tests/test_kernel.py checks it equals the
-module forward with a DynamicCache. Training keeps using the module (transformers' own layer).
+RMSNorm weights folded into the matmul that follows (only 1/RMS is computed per row; in the
+EAGLE-3 first layer the embedding and feature norms fold into the two column halves of q/k/v),
+rotary cos/sin looked up instead of recomputed, and K/V written into a buffer instead of
+concatenated. tests/test_kernel.py checks it equals the module forward with a DynamicCache.
+Training keeps using the module (transformers' own layers).
 """
 
 from __future__ import annotations
@@ -45,7 +47,11 @@ class _Layer:
         attn, mlp = layer.self_attn, layer.mlp
         ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
         qkv, self.qkv_bias = _cat_weights(attn.q_proj, attn.k_proj, attn.v_proj)
-        self.qkv, self.eps1 = qkv * ln1.weight, ln1.variance_epsilon
+        # EAGLE-3 first layer: q/k/v read [norm(embedding); hidden_norm(feature)], 2D wide
+        self.first = hasattr(layer, "hidden_norm")
+        norms = torch.cat([ln1.weight, layer.hidden_norm.weight]) if self.first else ln1.weight
+        self.qkv, self.eps1 = qkv * norms, ln1.variance_epsilon
+        self.eps_hidden = layer.hidden_norm.variance_epsilon if self.first else None
         gate_up, self.gate_up_bias = _cat_weights(mlp.gate_proj, mlp.up_proj)
         self.gate_up, self.eps2 = gate_up * ln2.weight, ln2.variance_epsilon
         self.o, self.o_bias = attn.o_proj.weight, attn.o_proj.bias
@@ -85,7 +91,7 @@ class DrafterKernel:
     def __init__(self, drafter: Drafter) -> None:
         self.drafter = drafter
         self.layers = [_Layer(layer) for layer in drafter.layers]
-        weight = drafter.in_proj.weight
+        weight = drafter.layers[0].self_attn.o_proj.weight
         # tree nodes sit up to a draft depth past the last text position, so leave headroom
         self.max_positions = drafter.config.max_position_embeddings + 1024
         position = torch.arange(self.max_positions, device=weight.device)[None]
@@ -95,11 +101,7 @@ class DrafterKernel:
         self.perm = torch.cat([torch.arange(half, 2 * half), torch.arange(half)]).to(weight.device)
         sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(weight.device)
         self.cos, self.signed_sin = cos[0].to(weight.dtype), (sin[0] * sign).to(weight.dtype)
-        norms = torch.cat([drafter.embed_norm.weight, drafter.feature_norm.weight])
-        self.in_proj = weight * norms  # both input norms folded in
         # plain attributes: config and module lookups cost microseconds on every step
-        self.eps_embed = drafter.embed_norm.variance_epsilon
-        self.eps_feature = drafter.feature_norm.variance_epsilon
         self.eps_final, self.final_norm = drafter.norm.variance_epsilon, drafter.norm.weight
         head = drafter.head()
         self.head, self.head_bias = head.weight, head.bias
@@ -110,12 +112,14 @@ class DrafterKernel:
         self.embedding_module = embedding
         self.text_only = cfg.variant == "text_only"
         self.fc = None if self.text_only else (drafter.fc.weight, drafter.fc.bias)
-        self.step_bias, self.max_draft_steps = drafter.step_bias.detach(), cfg.max_draft_steps
+        self.step_bias = drafter.step_bias.detach() if cfg.step_bias else None
+        self.max_draft_steps = cfg.max_draft_steps
+        self.dtype = weight.dtype
 
     def new_cache(self, capacity: int) -> KVBuffer:
         first = self.layers[0]
         shape = (len(self.layers), first.kv_heads, capacity, first.head_dim)
-        return KVBuffer(shape, self.drafter.in_proj.weight)
+        return KVBuffer(shape, self.drafter.layers[0].self_attn.o_proj.weight)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """(...,) token ids -> (..., D) target embeddings, as `Drafter.embed`."""
@@ -131,8 +135,10 @@ class DrafterKernel:
 
     def step_feature(self, previous_hidden: torch.Tensor, step: int) -> torch.Tensor:
         """The feature at draft step `step` >= 2, as `Drafter.step_feature`."""
-        row = min(min(step, self.max_draft_steps) - 2, self.step_bias.shape[0] - 1)
         feature = torch.zeros_like(previous_hidden) if self.text_only else previous_hidden
+        if self.step_bias is None:
+            return feature
+        row = min(min(step, self.max_draft_steps) - 2, self.step_bias.shape[0] - 1)
         return feature + self.step_bias[row]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -156,28 +162,29 @@ class DrafterKernel:
                 f"drafter cache holds {cache.capacity} entries; {start} + {s} do not fit"
             )
         embeds = embeds.to(feats.dtype)
-        x = torch.cat(
-            [
-                embeds * _inv_rms(embeds, self.eps_embed),
-                feats * _inv_rms(feats, self.eps_feature),
-            ],
-            -1,
-        )
-        h = F.linear(x, self.in_proj)  # (S, D)
         cos, sin = self.cos[positions][None], self.signed_sin[positions][None]  # (1, S, hd)
-        mask = mask[None, None].to(h.dtype)
+        mask = mask[None, None].to(feats.dtype)
+        h = feats  # the EAGLE-3 first layer's attention residual is the un-normed feature
         for i, layer in enumerate(self.layers):
-            h = h + self._attention(cache, i, layer, h, cos, sin, mask, start)
+            if layer.first:  # (S, 2D), each half pre-scaled by its 1/RMS; norm weights folded
+                x = torch.cat(
+                    [embeds * _inv_rms(embeds, layer.eps1), h * _inv_rms(h, layer.eps_hidden)], -1
+                )
+                qkv = F.linear(x, layer.qkv)
+                qkv = qkv if layer.qkv_bias is None else qkv + layer.qkv_bias
+            else:
+                qkv = _normed_linear(h, layer.qkv, layer.qkv_bias, layer.eps1)
+            h = h + self._attention(cache, i, layer, qkv, cos, sin, mask, start)
             gate_up = _normed_linear(h, layer.gate_up, layer.gate_up_bias, layer.eps2)
             gate, up = gate_up.chunk(2, dim=-1)
             h = h + F.linear(layer.act(gate) * up, layer.down, layer.down_bias)
         cache.length = start + s
         return h
 
-    def _attention(self, cache: KVBuffer, i: int, layer: _Layer, h, cos, sin, mask, start: int):
-        s, hd = h.shape[0], layer.head_dim
+    def _attention(self, cache: KVBuffer, i: int, layer: _Layer, qkv, cos, sin, mask, start: int):
+        """qkv: (S, (H + 2 Hkv) hd) projections of this layer's normed input."""
+        s, hd = qkv.shape[0], layer.head_dim
         end = start + s
-        qkv = _normed_linear(h, layer.qkv, layer.qkv_bias, layer.eps1)  # (S, (H + 2 Hkv) hd)
         heads = layer.heads + layer.kv_heads
         qk = qkv[:, : heads * hd].view(s, heads, hd).transpose(0, 1)  # (H + Hkv, S, hd)
         qk = qk * cos + qk[..., self.perm] * sin  # rotary on queries and keys at once

@@ -1,22 +1,29 @@
-"""The visual-token-free drafter: a one-layer EAGLE-3 style head fed by the target's fused states.
+"""The visual-token-free drafter in EAGLE-3's layout, fed by the target's fused hidden states.
 
     >>> cfg = DrafterConfig.for_target(adapter, variant="visual_free")
-    >>> drafter = Drafter(cfg).attach_target(adapter)      # borrows embeddings + LM head
+    >>> drafter = Drafter(cfg).attach_target(adapter)      # borrows embeddings (+ full LM head)
     >>> feats = drafter.project_features(target_states)    # (B, S, n_layers * Ht) -> (B, S, D)
     >>> hidden = drafter(drafter.embed(next_ids), feats, position_ids, mask)   # (B, S, D)
     >>> logits = drafter.logits(hidden)                   # (B, S, V_draft)
     >>> drafter.save_pretrained("out"); Drafter.from_pretrained("out").attach_target(adapter)
 
-Input at text position t: the embedding of token t+1 and the target's hidden states at t from
-several layers (low / mid / high, concatenated and projected). From draft step 2 on, the feature
-stream is the drafter's own previous output plus a learned step-dependent bias correction (HiViS),
-because its predicted features drift from the target's. The sequence holds text positions only
-(`variant="visual_free"`), so compute and KV cache never grow with visual tokens. Two baselines
-share the code: `text_only` (no target features) and `full_visual` (all positions, visual ones
-carrying the projected visual embeddings, MSD style).
+Layout (EAGLE-3, as the `speculators` library, vLLM and SGLang load it): `fc` projects the
+concatenated target states of `fused_layer_ids` (HF `output_hidden_states` indices, EAGLE-3's
+default 2, L//2, L-3) to the drafter width; the first decoder layer takes
+[input_layernorm(token embedding); hidden_norm(feature)] (2D wide) straight into q/k/v, with the
+un-normed feature as the attention residual; then a Llama MLP, `norm` and the LM head. A pruned
+draft vocabulary stores EAGLE-3's `d2t` offsets (target id = draft id + d2t[draft id]) and the
+`t2d` membership mask beside its own head.
 
-Embeddings and LM head belong to the target and are never saved here; a pruned draft vocabulary
-(EAGLE-3's draft-to-target map `d2t`) brings its own small head, which is saved.
+Input at text position t: the embedding of token t+1 and the target's states at t. From draft
+step 2 on the feature is the drafter's own previous output. The sequence holds text positions
+only (`variant="visual_free"`), so compute and KV cache never grow with visual tokens; two
+baselines share the code: `text_only` (no target features) and `full_visual` (all positions,
+visual ones carrying the projected visual embeddings, MSD style). HiViS step-dependent bias
+corrections of the fed-back feature are an opt-in extra (`step_bias=True`) that the EAGLE-3
+export refuses, since no serving engine applies them.
+
+Embeddings (and the full-vocabulary LM head) belong to the target and are never saved here.
 """
 
 from __future__ import annotations
@@ -24,7 +31,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from covspec.modeling.adapters import TargetAdapter, TargetMismatchError
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -40,15 +46,21 @@ from transformers.models.llama.modeling_llama import (
     LlamaRotaryEmbedding,
 )
 
+from covspec.modeling.adapters import TargetAdapter, TargetMismatchError
+
 VARIANTS = ("visual_free", "text_only", "full_visual")
 
 
 def default_fused_layer_ids(num_layers: int) -> list[int]:
-    """Low, mid and high target layers (HF hidden_states indices), EAGLE-3's choice scaled to depth."""
-    if num_layers < 3:
-        return list(range(1, num_layers + 1))
-    ids = [min(3, num_layers - 1), num_layers // 2 + 1, num_layers - 2]
-    return sorted({max(1, min(i, num_layers - 1)) for i in ids})
+    """EAGLE-3's low / mid / high target layers (2, L//2, L-3), as HF hidden_states indices.
+
+    EAGLE-3 (and vLLM's `aux_hidden_state_layers`) take the input of decoder layer i, which is
+    HF's `hidden_states[i]`, so the two indexings agree. Shallow targets fall back to distinct
+    layers in 1..L."""
+    ids = sorted({2, num_layers // 2, num_layers - 3})
+    if num_layers >= 6 and len(ids) == 3:
+        return ids
+    return sorted({max(1, min(i, num_layers)) for i in (1, (num_layers + 1) // 2, num_layers)})
 
 
 class DrafterConfig(PretrainedConfig):
@@ -65,8 +77,9 @@ class DrafterConfig(PretrainedConfig):
         rope_theta: float = 10000.0,
         max_position_embeddings: int = 8192,
         variant: str = "visual_free",
-        fused_layer_ids: Sequence[int] = (3, 17, 30),
+        fused_layer_ids: Sequence[int] = (2, 16, 29),
         max_draft_steps: int = 6,
+        step_bias: bool = False,
         draft_vocab_size: int | None = None,
         target_model_type: str | None = None,
         target_vocab_size: int | None = None,
@@ -79,6 +92,8 @@ class DrafterConfig(PretrainedConfig):
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         if max_draft_steps < 1:
             raise ValueError(f"max_draft_steps must be >= 1, got {max_draft_steps}")
+        if num_hidden_layers < 1:
+            raise ValueError(f"num_hidden_layers must be >= 1, got {num_hidden_layers}")
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size or hidden_size * 8 // 3
         self.num_hidden_layers = num_hidden_layers
@@ -90,6 +105,7 @@ class DrafterConfig(PretrainedConfig):
         self.variant = variant
         self.fused_layer_ids = list(fused_layer_ids)
         self.max_draft_steps = max_draft_steps
+        self.step_bias = bool(step_bias)
         self.draft_vocab_size = draft_vocab_size
         self.target_model_type = target_model_type
         self.target_vocab_size = target_vocab_size
@@ -102,7 +118,7 @@ class DrafterConfig(PretrainedConfig):
     def for_target(
         cls, adapter: TargetAdapter, tokenizer_fingerprint: str | None = None, **overrides
     ) -> DrafterConfig:
-        """A config sized for `adapter`'s target: same width, heads scaled to ~64-dim, fused ids by depth."""
+        """A config sized for `adapter`'s target: its width and heads, EAGLE-3's fused ids."""
         text = adapter.text_config
         heads = getattr(text, "num_attention_heads", max(1, adapter.hidden_size // 64))
         values = dict(
@@ -138,6 +154,46 @@ class DrafterConfig(PretrainedConfig):
         return cfg
 
 
+class Eagle3FirstLayer(LlamaDecoderLayer):
+    """Llama decoder layer whose q/k/v read [input_layernorm(embedding); hidden_norm(feature)].
+
+    The attention residual is the un-normed feature (EAGLE-3's `norm_before_residual=False`),
+    so at step 1 the layer refines the target's projected state rather than the embedding."""
+
+    def __init__(self, config: LlamaConfig, layer_idx: int = 0) -> None:
+        super().__init__(config, layer_idx)
+        d, attn = config.hidden_size, self.self_attn
+        bias = config.attention_bias
+        self.hidden_norm = LlamaRMSNorm(d, eps=config.rms_norm_eps)
+        attn.q_proj = nn.Linear(2 * d, attn.q_proj.out_features, bias=bias)
+        attn.k_proj = nn.Linear(2 * d, attn.k_proj.out_features, bias=bias)
+        attn.v_proj = nn.Linear(2 * d, attn.v_proj.out_features, bias=bias)
+
+    def forward(  # type: ignore[override]
+        self,
+        inputs_embeds: torch.Tensor,  # (B, S, D)
+        features: torch.Tensor,  # (B, S, D)
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache=None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        x = torch.cat([self.input_layernorm(inputs_embeds), self.hidden_norm(features)], -1)
+        attn, _ = self.self_attn(
+            hidden_states=x,  # (B, S, 2D)
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            position_embeddings=position_embeddings,
+        )
+        h = features + attn  # (B, S, D)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DrafterWeightsError(ValueError):
+    """A drafter folder whose weights do not match its config (missing, unexpected, old layout)."""
+
+
 class Drafter(PreTrainedModel):
     config_class = DrafterConfig
     base_model_prefix = "drafter"
@@ -152,21 +208,42 @@ class Drafter(PreTrainedModel):
             self.fc = nn.Linear(
                 len(config.fused_layer_ids) * config.target_hidden_size, d, bias=False
             )
-        self.embed_norm = LlamaRMSNorm(d, eps=config.rms_norm_eps)
-        self.feature_norm = LlamaRMSNorm(d, eps=config.rms_norm_eps)
-        self.in_proj = nn.Linear(2 * d, d, bias=False)
-        # Step k >= 2 correction of the fed-back feature (row k-2); zero at init = plain EAGLE.
-        self.step_bias = nn.Parameter(torch.zeros(max(config.max_draft_steps - 1, 1), d))
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(lcfg, i) for i in range(config.num_hidden_layers)
+            [Eagle3FirstLayer(lcfg, 0)]
+            + [LlamaDecoderLayer(lcfg, i) for i in range(1, config.num_hidden_layers)]
         )
         self.norm = LlamaRMSNorm(d, eps=config.rms_norm_eps)
         self.rotary = LlamaRotaryEmbedding(lcfg)
+        if config.step_bias:
+            # HiViS: step k >= 2 correction of the fed-back feature (row k-2); zero = plain EAGLE.
+            self.step_bias = nn.Parameter(torch.zeros(max(config.max_draft_steps - 1, 1), d))
         if config.draft_vocab_size:
-            self.lm_head = nn.Linear(d, config.draft_vocab_size, bias=False)
-            self.register_buffer("d2t", torch.arange(config.draft_vocab_size), persistent=True)
+            v = config.draft_vocab_size
+            self.lm_head = nn.Linear(d, v, bias=False)
+            self.register_buffer("d2t", torch.zeros(v, dtype=torch.long), persistent=True)
+            t2d = torch.zeros(config.target_vocab_size or v, dtype=torch.bool)
+            self.register_buffer("t2d", t2d, persistent=True)
         self._target: tuple[nn.Module, nn.Module] | None = None  # (embeddings, lm_head), unsaved
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, path, *args, **kwargs) -> Drafter:
+        """Load a drafter folder (safetensors only); a weight the config does not expect, or one
+        it expects and the folder lacks, is an error naming it, never a random initialisation."""
+        kwargs.setdefault("use_safetensors", True)
+        model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
+        unexpected, missing = sorted(info["unexpected_keys"]), sorted(info["missing_keys"])
+        if "in_proj.weight" in unexpected:
+            raise DrafterWeightsError(
+                f"{path} holds a drafter in the pre-EAGLE-3 layout (in_proj + full decoder "
+                "layer); this version loads EAGLE-3 layout drafters only: retrain it"
+            )
+        if unexpected or missing:
+            raise DrafterWeightsError(
+                f"{path}: weights do not match its config.json "
+                f"(missing: {missing or 'none'}; unexpected: {unexpected or 'none'})"
+            )
+        return model
 
     # -- target binding -----------------------------------------------------------------------
     def check_target(
@@ -218,15 +295,15 @@ class Drafter(PreTrainedModel):
         return self.fc(target_states.to(self.fc.weight.dtype))
 
     def step_feature(self, previous_hidden: torch.Tensor, step: int) -> torch.Tensor:
-        """The feature fed at draft step `step` >= 2: own previous output + bias correction."""
+        """The feature fed at draft step `step` >= 2: the drafter's own previous output (plus the
+        HiViS bias correction when enabled); zeros for the text-only baseline."""
         assert step >= 2, "step 1 feeds on target features"
+        if self.config.variant == "text_only":
+            previous_hidden = torch.zeros_like(previous_hidden)
+        if not self.config.step_bias:
+            return previous_hidden
         row = min(step, self.config.max_draft_steps) - 2
-        feature = (
-            previous_hidden
-            if self.config.variant != "text_only"
-            else torch.zeros_like(previous_hidden)
-        )
-        return feature + self.step_bias[min(row, self.step_bias.shape[0] - 1)]
+        return previous_hidden + self.step_bias[min(row, self.step_bias.shape[0] - 1)]
 
     def head(self) -> nn.Module:
         """The output head: the drafter's own for a pruned draft vocabulary, else the target's."""
@@ -239,15 +316,29 @@ class Drafter(PreTrainedModel):
         return head(h.to(head.weight.dtype))
 
     @torch.no_grad()
-    def set_draft_vocab(self, d2t: torch.Tensor) -> None:
-        """Install a draft-to-target map and start the draft head from the target head's rows."""
-        if d2t.shape != self.d2t.shape:
-            raise ValueError(f"d2t must have shape {tuple(self.d2t.shape)}, got {tuple(d2t.shape)}")
-        self.d2t.copy_(d2t)
-        self.lm_head.weight.copy_(self._bound()[1].weight[d2t.to(self.lm_head.weight.device)])
+    def set_draft_vocab(self, token_ids: torch.Tensor) -> None:
+        """Install a draft vocabulary (ascending target ids, `build_draft_vocab`) as EAGLE-3's
+        d2t offsets + t2d mask, and start the draft head from the target head's rows."""
+        if token_ids.shape != self.d2t.shape:
+            raise ValueError(
+                f"draft vocabulary must have shape {tuple(self.d2t.shape)}, got {tuple(token_ids.shape)}"
+            )
+        token_ids = token_ids.to(self.d2t.device)
+        self.d2t.copy_(token_ids - torch.arange(len(token_ids), device=token_ids.device))
+        self.t2d.zero_().index_fill_(0, token_ids, True)
+        self.lm_head.weight.copy_(self._bound()[1].weight[token_ids.to(self.lm_head.weight.device)])
+
+    def draft_token_ids(self) -> torch.Tensor:
+        """(V_draft,) target id of every draft-vocabulary entry (d2t offsets applied)."""
+        assert self.config.draft_vocab_size, "full-vocabulary drafter has no draft vocabulary"
+        return self.d2t + torch.arange(len(self.d2t), device=self.d2t.device)
+
+    def has_draft_vocab(self) -> bool:
+        """Whether a pruned vocabulary was installed (t2d marks exactly draft_vocab_size ids)."""
+        return bool(self.config.draft_vocab_size) and int(self.t2d.sum()) == len(self.d2t)
 
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
-        return self.d2t[draft_ids] if self.config.draft_vocab_size else draft_ids
+        return draft_ids + self.d2t[draft_ids] if self.config.draft_vocab_size else draft_ids
 
     def forward(
         self,
@@ -258,12 +349,17 @@ class Drafter(PreTrainedModel):
         cache=None,
     ) -> torch.Tensor:
         """Pre-norm hidden states (B, S, D); with `cache`, keys/values are appended to it."""
-        x = torch.cat(
-            [self.embed_norm(inputs_embeds.to(features.dtype)), self.feature_norm(features)], dim=-1
-        )
-        h = self.in_proj(x)  # (B, S, D)
-        pos = self.rotary(h, position_ids)
-        for layer in self.layers:
+        pos = self.rotary(features, position_ids)
+        first, *rest = self.layers
+        h = first(
+            inputs_embeds.to(features.dtype),
+            features,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            position_embeddings=pos,
+        )  # (B, S, D)
+        for layer in rest:
             h = layer(
                 h,
                 attention_mask=attention_mask,

@@ -81,7 +81,7 @@ def test_visual_free_sequence_has_no_visual_positions(micro_target_dir):
 def test_nan_loss_stops_naming_the_step(micro_target_dir):
     module = _module(micro_target_dir)
     with torch.no_grad():
-        module.drafter.in_proj.weight.fill_(float("nan"))
+        module.drafter.fc.weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="global step 0"):
         module.training_step(_batch(micro_target_dir), 0)
 

@@ -23,14 +23,15 @@ def target():
 def _drafter(adapter, **kw):
     torch.manual_seed(1)
     d = Drafter(DrafterConfig.for_target(adapter, **kw)).attach_target(adapter).eval()
-    with torch.no_grad():
-        d.step_bias.normal_()  # non-zero, so the test sees the bias path
+    if d.config.step_bias:
+        with torch.no_grad():
+            d.step_bias.normal_()  # non-zero, so the test sees the bias path
     return d
 
 
 def test_default_layer_ids_cover_depth():
-    assert default_fused_layer_ids(32) == [3, 17, 30]
-    assert default_fused_layer_ids(8) == [3, 5, 6]
+    assert default_fused_layer_ids(32) == [2, 16, 29]  # EAGLE-3's (2, L//2, L-3)
+    assert default_fused_layer_ids(8) == [2, 4, 5]
     for n in range(1, 40):
         ids = default_fused_layer_ids(n)
         assert ids == sorted(set(ids)) and all(1 <= i <= n for i in ids)
@@ -55,10 +56,12 @@ def _sequential(d, embeds, feats, t, k):
     return h[:, 0]
 
 
-@pytest.mark.parametrize("variant", ["visual_free", "text_only"])
-def test_unroll_equals_sequential_drafting(target, variant):
+@pytest.mark.parametrize(
+    "variant,step_bias", [("visual_free", False), ("visual_free", True), ("text_only", False)]
+)
+def test_unroll_equals_sequential_drafting(target, variant, step_bias):
     adapter, _ = target
-    d = _drafter(adapter, variant=variant, max_draft_steps=4)
+    d = _drafter(adapter, variant=variant, max_draft_steps=4, step_bias=step_bias)
     s, dim = 7, adapter.hidden_size
     g = torch.Generator().manual_seed(0)
     embeds = torch.randn(1, s, dim, generator=g)
@@ -136,16 +139,19 @@ def test_draft_vocab(target, tmp_path):
     adapter, _ = target
     counts = torch.zeros(adapter.vocab_size)
     counts[[5, 9, 2, 40]] = torch.tensor([10.0, 3.0, 7.0, 1.0])
-    d2t = build_draft_vocab(counts, 3)
-    assert d2t.tolist() == [2, 5, 9]
+    ids = build_draft_vocab(counts, 3)
+    assert ids.tolist() == [2, 5, 9]
     d = _drafter(adapter, draft_vocab_size=3)
-    d.set_draft_vocab(d2t)
-    torch.testing.assert_close(d.lm_head.weight, adapter.lm_head().weight[d2t])
+    assert not d.has_draft_vocab()
+    d.set_draft_vocab(ids)
+    assert d.has_draft_vocab()
+    torch.testing.assert_close(d.lm_head.weight, adapter.lm_head().weight[ids])
     d.save_pretrained(tmp_path)
     loaded = Drafter.from_pretrained(tmp_path).attach_target(adapter)
-    assert loaded.d2t.tolist() == [2, 5, 9] and loaded.to_target_ids(
-        torch.tensor([0, 2])
-    ).tolist() == [2, 9]
+    # EAGLE-3 storage: d2t holds offsets (target = draft + d2t[draft]), t2d the membership mask
+    assert loaded.d2t.tolist() == [2, 4, 7]
+    assert loaded.t2d.nonzero()[:, 0].tolist() == [2, 5, 9]
+    assert loaded.to_target_ids(torch.tensor([0, 2])).tolist() == [2, 9]
     with pytest.raises(ValueError, match="draft vocab size"):
         build_draft_vocab(counts, 0)
 
@@ -153,3 +159,41 @@ def test_draft_vocab(target, tmp_path):
 def test_bad_config_refused():
     with pytest.raises(ValueError, match="variant"):
         DrafterConfig(variant="half_visual")
+
+
+def test_old_layout_and_mismatched_weights_refused(target, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from covspec.modeling.drafter import DrafterWeightsError
+
+    adapter, _ = target
+    _drafter(adapter).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    dim = adapter.hidden_size
+    save_file({**weights, "in_proj.weight": torch.zeros(dim, 2 * dim)}, tmp_path / "model.safetensors")
+    with pytest.raises(DrafterWeightsError, match="pre-EAGLE-3 layout"):
+        Drafter.from_pretrained(tmp_path)
+    weights.pop("layers.0.hidden_norm.weight")
+    save_file(weights, tmp_path / "model.safetensors")
+    with pytest.raises(DrafterWeightsError, match="missing: \\['layers.0.hidden_norm.weight'\\]"):
+        Drafter.from_pretrained(tmp_path)
+
+
+def test_eagle3_first_layer_reads_embedding_and_feature(target):
+    """q/k/v take [input_layernorm(embedding); hidden_norm(feature)]; the residual is the feature."""
+    adapter, _ = target
+    d = _drafter(adapter)
+    first = d.layers[0]
+    dim = adapter.hidden_size
+    assert first.self_attn.q_proj.in_features == 2 * dim
+    assert first.self_attn.k_proj.in_features == 2 * dim
+    assert d.fc.in_features == len(d.config.fused_layer_ids) * dim
+    e, f = torch.randn(1, 4, dim), torch.randn(1, 4, dim)
+    pos = torch.arange(4)[None]
+    with torch.no_grad():
+        cos_sin = d.rotary(f, pos)
+        x = torch.cat([first.input_layernorm(e), first.hidden_norm(f)], -1)
+        attn, _ = first.self_attn(hidden_states=x, position_embeddings=cos_sin, attention_mask=None)
+        h = f + attn
+        want = h + first.mlp(first.post_attention_layernorm(h))
+        torch.testing.assert_close(d(e, f, pos), want)

@@ -28,6 +28,7 @@ def _causal(n: int, past: int) -> torch.Tensor:
         {},  # the shipped shape: one layer, heads as the target
         {"num_hidden_layers": 2, "num_key_value_heads": 1},  # deeper, grouped-query attention
         {"draft_vocab_size": 40},  # pruned draft vocabulary with its own head
+        {"step_bias": True},  # HiViS extra
     ],
 )
 def test_kernel_equals_module_with_cache(adapter, overrides):
@@ -77,8 +78,8 @@ def test_kernel_cache_overflow_is_refused(adapter):
 @pytest.mark.parametrize("variant", ["visual_free", "full_visual", "text_only"])
 def test_kernel_inputs_equal_the_drafter_pieces(adapter, variant):
     torch.manual_seed(2)
-    d = Drafter(DrafterConfig.for_target(adapter, variant=variant, max_draft_steps=4))
-    d = d.attach_target(adapter).eval()
+    config = DrafterConfig.for_target(adapter, variant=variant, max_draft_steps=4, step_bias=True)
+    d = Drafter(config).attach_target(adapter).eval()
     with torch.no_grad():
         d.step_bias.add_(torch.randn_like(d.step_bias))
     kernel = DrafterKernel(d)

@@ -49,6 +49,7 @@ class DrafterDistillation(L.LightningModule):
         feature_loss_weight: float = 0.1,
         fused_layer_ids: list[int] | None = None,
         drafter_layers: int = 1,
+        step_bias: bool = False,
         draft_vocab_size: int | None = None,
         draft_vocab_batches: int = 200,
         lr: float = 5e-4,
@@ -90,6 +91,7 @@ class DrafterDistillation(L.LightningModule):
             "variant": hp.variant,
             "max_draft_steps": hp.unroll_steps,
             "num_hidden_layers": hp.drafter_layers,
+            "step_bias": hp.step_bias,
         }
         if hp.fused_layer_ids:
             overrides["fused_layer_ids"] = list(hp.fused_layer_ids)
@@ -104,9 +106,7 @@ class DrafterDistillation(L.LightningModule):
     def on_fit_start(self) -> None:
         """Build the pruned draft vocabulary from answer-token counts (summed over ranks)."""
         d = self.drafter
-        if not d.config.draft_vocab_size or not torch.equal(
-            d.d2t, torch.arange(len(d.d2t), device=d.d2t.device)
-        ):
+        if not d.config.draft_vocab_size or d.has_draft_vocab():
             return  # full vocabulary, or a map restored from a checkpoint
         counts = torch.zeros(self.adapter.vocab_size, device=self.device)
         for i, batch in enumerate(self.trainer.datamodule.train_dataloader()):
@@ -158,7 +158,7 @@ class DrafterDistillation(L.LightningModule):
         next_embeds = embeds[:, 1:]  # (B, S-1, D)
         valid = t["valid"][:, 1:]
         feats = self.drafter.project_features(
-            t["features"][:, :-1], like=next_embeds.to(self.drafter.in_proj.weight.dtype)
+            t["features"][:, :-1], like=next_embeds.to(self.drafter.dtype)
         )
         return ttt_unroll(self.drafter, next_embeds, feats, valid, self.hparams.unroll_steps), valid
 
@@ -180,7 +180,7 @@ class DrafterDistillation(L.LightningModule):
             logits = self.drafter.logits(h[sel]).float()  # (N, V_draft)
             full = teacher_logits[sel].float()  # (N, V)
             # A pruned vocabulary renormalises the teacher over the draft tokens (EAGLE-3).
-            p_teacher = (full[:, self.drafter.d2t] if pruned else full).softmax(-1)
+            p_teacher = (full[:, self.drafter.draft_token_ids()] if pruned else full).softmax(-1)
             ce = -(p_teacher * logits.log_softmax(-1)).sum(-1).mean()
             feat = F.smooth_l1_loss(self.drafter.norm(h[sel]).float(), teacher_hidden[sel].float())
             w = self.hparams.step_decay ** (k - 1)

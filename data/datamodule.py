@@ -15,10 +15,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-from covspec.data.chat import encode_conversation, pad_batch
-from covspec.data.readers import read_conversations_jsonl, toy_dataset
 from torch.utils.data import DataLoader
 from transformers import AutoProcessor
+
+from covspec.data.chat import encode_conversation, pad_batch
+from covspec.data.readers import read_conversations_jsonl, toy_dataset
 
 
 def load_conversations(spec: str, image_root: str | None = None, default_seed: int = 0):

@@ -20,11 +20,12 @@ import json
 import shutil
 from pathlib import Path
 
-from covspec.data.chat import ConversationError, validate_messages
-from covspec.data.toy_world import DEFAULT_IMAGE_SIZE, make_sample
 from datasets import Dataset, Features, Image, List, Value
 from PIL import Image as PILImage
 from tqdm.auto import tqdm
+
+from covspec.data.chat import ConversationError, validate_messages
+from covspec.data.toy_world import DEFAULT_IMAGE_SIZE, make_sample
 
 MESSAGE = {"role": Value("string"), "content": Value("string")}
 OBJECT = {

@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
 from covspec.inference.runner import SpecRunner, build_prompt, suppressed_tokens
 from covspec.inference.tree import DraftSettings
 from covspec.modeling.adapters import adapter_for
 from covspec.modeling.drafter import Drafter
-from tqdm.auto import tqdm
-from transformers import AutoModelForImageTextToText, AutoProcessor
 
 TAU_DEFINITION = "tau = tokens emitted per target forward in the decode loop, the bonus token included (ceiling: depth + 1)"
 

@@ -15,6 +15,7 @@ positions with the target's real features, exactly as the training-time-test unr
 from __future__ import annotations
 
 import torch
+
 from covspec.inference.kernel import DrafterKernel
 from covspec.inference.tree import DraftTree, additive_mask
 

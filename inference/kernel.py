@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from covspec.modeling.drafter import Drafter
 
 

@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
 from covspec.inference.drafting import DrafterSide, keep_cache_positions
 from covspec.inference.kernel import DrafterKernel
 from covspec.inference.tree import (
@@ -36,7 +38,6 @@ from covspec.inference.tree import (
 from covspec.modeling.adapters import TargetAdapter, TargetMismatchError, adapter_for
 from covspec.modeling.drafter import Drafter
 from covspec.modeling.tokens import fingerprint_vocab
-from transformers import AutoModelForImageTextToText, AutoProcessor
 
 
 @dataclass

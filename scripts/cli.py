@@ -41,8 +41,9 @@ def _toy_target(args: argparse.Namespace) -> None:
 
 
 def _toy_eval(args: argparse.Namespace) -> None:
-    from covspec.training.toy_target import EVAL_SEED, object_accuracy
     from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from covspec.training.toy_target import EVAL_SEED, object_accuracy
 
     processor = AutoProcessor.from_pretrained(args.target)
     model = AutoModelForImageTextToText.from_pretrained(args.target).eval()

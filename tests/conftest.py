@@ -12,7 +12,6 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def micro_target_dir(tmp_path_factory):
     """A seconds-long toy target (tiny sizes, a few dozen steps): a real HF folder."""
     from covspec.training.toy_target import build_toy_target
-
     from tests.test_toy_target import MICRO
 
     out = tmp_path_factory.mktemp("targets") / "micro"

@@ -1,7 +1,7 @@
 import pytest
 import torch
-from covspec.modeling.adapters import TargetMismatchError, adapter_for
 
+from covspec.modeling.adapters import TargetMismatchError, adapter_for
 from tests.tiny_vlms import FAMILIES
 
 

@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+
 from covspec.data.readers import DataFileError, read_prompts_jsonl, toy_prompts
 from covspec.inference.bench import run_bench, write_report
 from covspec.inference.tree import DraftSettings

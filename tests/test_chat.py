@@ -1,4 +1,5 @@
 import pytest
+
 from covspec.data.chat import ConversationError, encode_conversation, pad_batch
 from covspec.data.toy_world import corpus_text, make_sample
 from covspec.modeling.toy_vlm import ToyVLMSpec, build_processor, train_tokenizer

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from covspec.data.datamodule import ConversationDataModule
 from covspec.training.cli import CovspecCLI, make_cli
 from covspec.training.distill import DrafterDistillation, compact

@@ -1,5 +1,7 @@
 import pytest
 import torch
+from transformers import AutoConfig, AutoModel, DynamicCache
+
 from covspec.modeling.adapters import TargetMismatchError, adapter_for
 from covspec.modeling.drafter import (
     Drafter,
@@ -8,8 +10,6 @@ from covspec.modeling.drafter import (
     default_fused_layer_ids,
     ttt_unroll,
 )
-from transformers import AutoConfig, AutoModel, DynamicCache
-
 from tests.tiny_vlms import llava
 
 
@@ -170,7 +170,9 @@ def test_old_layout_and_mismatched_weights_refused(target, tmp_path):
     _drafter(adapter).save_pretrained(tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
     dim = adapter.hidden_size
-    save_file({**weights, "in_proj.weight": torch.zeros(dim, 2 * dim)}, tmp_path / "model.safetensors")
+    save_file(
+        {**weights, "in_proj.weight": torch.zeros(dim, 2 * dim)}, tmp_path / "model.safetensors"
+    )
     with pytest.raises(DrafterWeightsError, match="pre-EAGLE-3 layout"):
         Drafter.from_pretrained(tmp_path)
     weights.pop("layers.0.hidden_norm.weight")

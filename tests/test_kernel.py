@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from transformers import DynamicCache
+
 from covspec.inference.kernel import DrafterKernel
 from covspec.inference.tree import additive_mask
 from covspec.modeling.adapters import adapter_for
 from covspec.modeling.drafter import Drafter, DrafterConfig
-from transformers import DynamicCache
-
 from tests.tiny_vlms import llava
 
 

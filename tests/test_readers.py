@@ -1,6 +1,8 @@
 import json
 
 import pytest
+from datasets import Image
+
 from covspec.data.readers import (
     CONVERSATION_FEATURES,
     DataFileError,
@@ -8,7 +10,6 @@ from covspec.data.readers import (
     toy_dataset,
     write_toy_jsonl,
 )
-from datasets import Image
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,8 @@ import random
 
 import pytest
 import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
 from covspec.data.toy_world import make_sample
 from covspec.inference.drafting import keep_cache_positions
 from covspec.inference.runner import SpecRunner, build_prompt
@@ -15,8 +17,6 @@ from covspec.inference.tree import (
 )
 from covspec.modeling.adapters import TargetMismatchError
 from covspec.modeling.drafter import Drafter, DrafterConfig
-from transformers import AutoModelForImageTextToText, AutoProcessor
-
 from tests.tiny_vlms import FAMILIES
 
 MAX_NEW = 40

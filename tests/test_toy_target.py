@@ -4,10 +4,11 @@ import json
 
 import pytest
 import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
 from covspec.data.toy_world import make_sample
 from covspec.modeling.toy_vlm import ToyVLMSpec
 from covspec.training.toy_target import REPORT_NAME, ToyTargetSettings, build_toy_target
-from transformers import AutoModelForImageTextToText, AutoProcessor
 
 MICRO = ToyTargetSettings(
     spec=ToyVLMSpec(

@@ -3,6 +3,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+
 from covspec.data.toy_world import (
     COLOURS,
     POSITIONS,

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import lightning as L
 import yaml
-from covspec.training.metrics import implied_tau
 from lightning.pytorch.utilities import rank_zero_only
+
+from covspec.training.metrics import implied_tau
 
 TAU_DEFINITION = (
     "tau = mean number of tokens emitted per target forward in the decode loop, the bonus token "

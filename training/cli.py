@@ -15,10 +15,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from covspec.data.datamodule import ConversationDataModule
-from covspec.training.distill import DrafterDistillation
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
+
+from covspec.data.datamodule import ConversationDataModule
+from covspec.training.distill import DrafterDistillation
 
 
 def _format(value: Any, names: dict[str, str]) -> Any:

@@ -17,11 +17,12 @@ import math
 import lightning as L
 import torch
 import torch.nn.functional as F
+from transformers import AutoModelForImageTextToText
+
 from covspec.modeling.adapters import adapter_for
 from covspec.modeling.drafter import VARIANTS, Drafter, DrafterConfig, build_draft_vocab, ttt_unroll
 from covspec.modeling.tokens import tokenizer_fingerprint
 from covspec.training.metrics import DepthAgreement, implied_tau
-from transformers import AutoModelForImageTextToText
 
 
 def compact(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,6 +27,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import LlavaForConditionalGeneration
+
 from covspec.data.chat import encode_conversation, pad_batch
 from covspec.data.toy_world import (
     COLOURS,
@@ -37,8 +40,6 @@ from covspec.data.toy_world import (
     parse_description,
 )
 from covspec.modeling.toy_vlm import ToyVLMSpec, build_config, build_processor, train_tokenizer
-from tqdm.auto import tqdm
-from transformers import LlavaForConditionalGeneration
 
 REPORT_NAME = "covspec_toy_target.json"
 EVAL_SEED = 987_654  # unseen by training (which uses `seed` and seed + 1)

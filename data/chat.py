@@ -116,6 +116,26 @@ def encode_conversation(
     return dict(out)
 
 
+def truncate_encoding(
+    enc: dict[str, torch.Tensor], max_length: int, visual_ids: list[int]
+) -> dict[str, torch.Tensor] | None:
+    """Cut a single-sample encoding to `max_length` tokens, or None when that is impossible
+    without losing visual placeholders (the model would refuse the image) or every answer token.
+    Per-token tensors, shaped (1, T) like input_ids, are cut alongside; vision tensors are kept."""
+    ids = enc["input_ids"][0]
+    t = ids.shape[0]
+    if t <= max_length:
+        return enc
+    visual = torch.isin(ids, torch.tensor(visual_ids, dtype=ids.dtype)).nonzero()
+    if len(visual) and int(visual[-1]) >= max_length:
+        return None
+    if not enc["loss_mask"][0, :max_length].any():
+        return None
+    return {
+        k: v[:, :max_length] if v.dim() == 2 and v.shape == (1, t) else v for k, v in enc.items()
+    }
+
+
 def pad_batch(encodings: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a list of single-sample encodings into a batch; vision tensors are concatenated."""
     length = max(e["input_ids"].shape[1] for e in encodings)

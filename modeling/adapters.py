@@ -94,6 +94,12 @@ class TargetAdapter:
     def lm_head(self) -> nn.Module:
         return self.model.get_output_embeddings()
 
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., D) final normed states (layer id L) -> (..., V), exactly the model's logits.
+        Lets a caller compute logits at a few positions instead of the whole sequence."""
+        head = self.lm_head()
+        return head(hidden.to(head.weight.dtype))
+
     def visual_token_ids(self) -> list[int]:
         fields = [self.image_token_field, self.video_token_field]
         return [

@@ -82,6 +82,7 @@ class DrafterConfig(PretrainedConfig):
         step_bias: bool = False,
         draft_vocab_size: int | None = None,
         target_model_type: str | None = None,
+        target_name_or_path: str | None = None,
         target_vocab_size: int | None = None,
         target_hidden_size: int | None = None,
         target_num_layers: int | None = None,
@@ -108,6 +109,7 @@ class DrafterConfig(PretrainedConfig):
         self.step_bias = bool(step_bias)
         self.draft_vocab_size = draft_vocab_size
         self.target_model_type = target_model_type
+        self.target_name_or_path = target_name_or_path  # Hub id or folder it was trained against
         self.target_vocab_size = target_vocab_size
         self.target_hidden_size = target_hidden_size or hidden_size
         self.target_num_layers = target_num_layers
@@ -130,6 +132,7 @@ class DrafterConfig(PretrainedConfig):
             max_position_embeddings=getattr(text, "max_position_embeddings", 8192),
             fused_layer_ids=default_fused_layer_ids(adapter.num_layers),
             target_model_type=adapter.config.model_type,
+            target_name_or_path=getattr(adapter.model, "name_or_path", None) or None,
             target_vocab_size=adapter.vocab_size,
             target_hidden_size=adapter.hidden_size,
             target_num_layers=adapter.num_layers,

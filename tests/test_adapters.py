@@ -94,3 +94,15 @@ def test_unknown_family_refused():
     )
     with pytest.raises(TargetMismatchError, match="llama"):
         adapter_for(model)
+
+
+@torch.no_grad()
+def test_logits_from_hidden_equal_the_models_logits(family):
+    """Training computes teacher logits at answer positions only, from the final normed state."""
+    name, model, inputs = family
+    adapter = adapter_for(model)
+    out = adapter.forward(inputs, layer_ids=[adapter.num_layers])
+    got = adapter.logits_from_hidden(out.hidden_states[adapter.num_layers][:, 2:5])
+    torch.testing.assert_close(got, out.logits[:, 2:5], rtol=1e-6, atol=1e-6, msg=name)
+    kept = adapter.forward(inputs, layer_ids=[adapter.num_layers], logits_to_keep=1)
+    assert kept.logits.shape[1] == 1  # the family honours logits_to_keep

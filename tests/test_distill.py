@@ -211,3 +211,26 @@ def test_resume_from_last_checkpoint_without_target_weights(micro_target_dir, tm
     assert saved["state_dict"] and not any(k.startswith("target.") for k in saved["state_dict"])
     trainer, resumed, batches = fit(3, ckpt_path=str(tmp_path / "last.ckpt"))
     assert trainer.global_step == 3 and batches == 1  # continued, not restarted
+
+
+def test_teacher_computes_logits_at_answer_positions_only(micro_target_dir, monkeypatch):
+    module = _module(micro_target_dir)
+    batch = _batch(micro_target_dir)
+    seen, rows = {}, []
+    forward, from_hidden = module.adapter.forward, module.adapter.logits_from_hidden
+
+    def spy_forward(inputs, layer_ids, **kw):
+        seen.update(kw)
+        out = forward(inputs, layer_ids, **kw)
+        seen["logits_shape"] = tuple(out.logits.shape)
+        return out
+
+    monkeypatch.setattr(module.adapter, "forward", spy_forward)
+    monkeypatch.setattr(
+        module.adapter, "logits_from_hidden", lambda h: rows.append(h.shape[0]) or from_hidden(h)
+    )
+    module.losses(batch, module.train_agreement)
+    assert seen["logits_to_keep"] == 1 and seen["logits_shape"][1] == 1
+    # one head call over the answer tokens that have a drafter prediction, not every position
+    answer_tokens = int(batch["loss_mask"].sum())
+    assert rows and 0 < rows[0] <= answer_tokens < batch["attention_mask"].sum()

@@ -17,12 +17,16 @@ import math
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from transformers import AutoModelForImageTextToText
 
 from covspec.modeling.adapters import adapter_for
 from covspec.modeling.drafter import VARIANTS, Drafter, DrafterConfig, build_draft_vocab, ttt_unroll
 from covspec.modeling.tokens import tokenizer_fingerprint
 from covspec.training.metrics import DepthAgreement, implied_tau
+
+# batch entries that are bookkeeping, not model inputs
+NON_MODEL_KEYS = ("loss_mask", "overlong")
 
 
 def compact(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,8 +137,10 @@ class DrafterDistillation(L.LightningModule):
         layer_ids = sorted(
             set(cfg.fused_layer_ids) | {n_layers} | ({0} if cfg.variant == "full_visual" else set())
         )
-        inputs = {k: v for k, v in batch.items() if k != "loss_mask"}
-        out = self.adapter.forward(inputs, layer_ids)
+        inputs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
+        # logits only where the loss reads them (answer positions, `losses`): at a 150k
+        # vocabulary, full-sequence logits would dwarf every other activation of the step
+        out = self.adapter.forward(inputs, layer_ids, logits_to_keep=1)
         keep = batch["attention_mask"].bool()
         if cfg.variant != "full_visual":
             keep &= ~out.visual_mask
@@ -148,8 +154,7 @@ class DrafterDistillation(L.LightningModule):
             "valid": valid,  # (B, S)
             "features": feats,  # (B, S, n*Ht) at position i
             "embeds": embeds,  # (B, S, D) merged embeddings (full_visual) or None
-            "teacher_logits": _gather(out.logits, idx),  # (B, S, V): row i predicts token i+1
-            "teacher_hidden": _gather(out.hidden_states[n_layers], idx),  # (B, S, Ht)
+            "teacher_hidden": _gather(out.hidden_states[n_layers], idx),  # (B, S, Ht) final normed
             "loss_mask": loss_mask,  # (B, S): token i is an answer token
         }
 
@@ -169,8 +174,9 @@ class DrafterDistillation(L.LightningModule):
         s = hidden[0].shape[1]  # S-1 drafter positions; position i predicts token i+2
         target_mask = torch.zeros_like(t["loss_mask"][:, 1:])
         target_mask[:, : s - 1] = t["loss_mask"][:, 2:]
-        teacher_logits = t["teacher_logits"][:, 1:]  # row i: distribution of token i+2
-        teacher_hidden = t["teacher_hidden"][:, 1:]
+        teacher_hidden = t["teacher_hidden"][:, 1:]  # row i: the state that predicts token i+2
+        with torch.no_grad():  # (N, V) teacher logits at answer positions only
+            teacher_logits = self.adapter.logits_from_hidden(teacher_hidden[target_mask]).float()
         pruned = bool(self.drafter.config.draft_vocab_size)
         total, weights = 0.0, 0.0
         positions = torch.arange(s, device=target_mask.device)
@@ -178,8 +184,8 @@ class DrafterDistillation(L.LightningModule):
             sel = target_mask & (positions >= k - 1)[None]  # depth k needs k-1 earlier positions
             if not sel.any():
                 continue
-            logits = self.drafter.logits(h[sel]).float()  # (N, V_draft)
-            full = teacher_logits[sel].float()  # (N, V)
+            logits = self.drafter.logits(h[sel]).float()  # (N_k, V_draft)
+            full = teacher_logits[sel[target_mask]]  # (N_k, V); sel is a subset of target_mask
             # A pruned vocabulary renormalises the teacher over the draft tokens (EAGLE-3).
             p_teacher = (full[:, self.drafter.draft_token_ids()] if pruned else full).softmax(-1)
             ce = -(p_teacher * logits.log_softmax(-1)).sum(-1).mean()
@@ -193,6 +199,7 @@ class DrafterDistillation(L.LightningModule):
         return total / weights
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self._count_overlong(batch)
         loss = self.losses(batch, self.train_agreement)
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -200,6 +207,21 @@ class DrafterDistillation(L.LightningModule):
             )
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
+
+    def _count_overlong(self, batch: dict) -> None:
+        """Log how many conversations the collator cut or skipped for length (running totals)."""
+        counts = batch.get("overlong")
+        if counts is None:
+            return
+        self._overlong = getattr(self, "_overlong", torch.zeros(2)) + counts.detach().cpu().float()
+        if counts.sum() > 0 and not getattr(self, "_warned_overlong", False):
+            self._warned_overlong = True
+            rank_zero_warn(
+                "some conversations exceed data.max_length: cut after their last visual token "
+                "or skipped; running totals are logged as data/truncated and data/skipped"
+            )
+        self.log("data/truncated", self._overlong[0], reduce_fx="max")
+        self.log("data/skipped", self._overlong[1], reduce_fx="max")
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:

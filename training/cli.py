@@ -5,14 +5,17 @@
     covspec train --config recipes/toy/drafter.yaml --resume none      # ignore last.ckpt
 
 The data module's `target` is linked to the model's, so a recipe names its target once. Strings
-in the trainer section may hold `{variant}` and `{variant_suffix}` ("" for visual_free, else
-"-full-visual" / "-text-only"), so checkpoints, exports and run names follow `--model.variant`
-and a baseline never resumes from another variant's checkpoint. By default training resumes from
+in the trainer section may hold `{variant}`, `{variant_suffix}` ("" for visual_free, else
+"-full-visual" / "-text-only") and `{recipe}` (the folder of the recipe given last with
+--config, e.g. "llava-1.5-7b"), so checkpoints, exports and run names follow `--model.variant`
+and the target, and a baseline never resumes from another variant's checkpoint. A recipe may
+start with `config: ../_shared/BASE.yaml` to inherit a shared base (jsonargparse nesting). By default training resumes from
 the `last.ckpt` of the recipe's ModelCheckpoint when there is one.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
@@ -49,7 +52,10 @@ class CovspecCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         variant = self.config.model.variant
         suffix = "" if variant == "visual_free" else "-" + variant.replace("_", "-")
-        _format(self.config.trainer, {"variant": variant, "variant_suffix": suffix})
+        configs = self.config.get("config") or []
+        recipe = Path(str(configs[-1])).resolve().parent.name if configs else "run"
+        names = {"variant": variant, "variant_suffix": suffix, "recipe": recipe}
+        _format(self.config.trainer, names)
 
 
 def make_cli(

@@ -5,6 +5,8 @@
     covspec toy-eval   --target checkpoints/toy-target --num 200
     covspec train      --config recipes/toy/drafter.yaml [--model.variant text_only ...]
     covspec bench      --target DIR --drafter DIR [--drafter DIR ...] [--data F.jsonl | --toy N] --out F.json
+    covspec export     DRAFTER_DIR --target DIR --format speculators|eagle3 --out DIR [--dtype bfloat16]
+    covspec publish    DIR --repo-id ORG/NAME [--base-model ID] [--private] [--exist-ok] [--dry-run]
 
 Subcommands import their heavy modules lazily so `covspec --help` stays instant.
 """
@@ -72,6 +74,57 @@ def _bench(args: argparse.Namespace) -> None:
     print(f"wrote {path}, {path.with_suffix('.md')}, {path.with_suffix('.png')}")
 
 
+def _publish(args: argparse.Namespace) -> None:
+    from covspec.scripts.publish import publish
+
+    result = publish(
+        args.dir, args.repo_id, private=args.private, dry_run=args.dry_run,
+        dry_run_dir=args.dry_run_dir, exist_ok=args.exist_ok, base_model=args.base_model,
+        license=args.license, token=args.token, commit_message=args.commit_message,
+    )  # fmt: skip
+    print(result.summary())
+
+
+def _export(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from transformers import AutoModelForImageTextToText
+
+    from covspec.modeling.adapters import adapter_for
+    from covspec.modeling.drafter import Drafter
+    from covspec.modeling.export import check_out_dir, export_drafter
+
+    check_out_dir(Path(args.out), args.overwrite)  # before loading anything
+    for name, folder in (("drafter", args.drafter), ("target", args.target)):
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"{name} folder {folder} does not exist")
+    target = AutoModelForImageTextToText.from_pretrained(args.target).eval()
+    drafter = Drafter.from_pretrained(args.drafter).eval().attach_target(adapter_for(target))
+    path = export_drafter(
+        drafter,
+        args.out,
+        args.format,
+        dtype=args.dtype,
+        target_architectures=target.config.architectures,
+        target_name_or_path=drafter.config.target_name_or_path or args.target,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {args.format} EAGLE-3 checkpoint to {path}")
+
+
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a drafter as an EAGLE-3 checkpoint (vLLM, SGLang)")
+    p.add_argument("drafter", metavar="DRAFTER_DIR", help="drafter folder (save_pretrained)")
+    p.add_argument("--target", required=True, help="the target VLM folder it was trained for")
+    p.add_argument("--format", required=True, choices=["speculators", "eagle3"])
+    p.add_argument("--out", required=True, help="output folder (refused if non-empty)")
+    p.add_argument(
+        "--dtype", choices=["bfloat16", "float16", "float32"], help="default: the drafter's"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="covspec", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -132,6 +185,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=200)
     p.add_argument("--seed", type=int, help="scene stream (default: the held-out evaluation seed)")
     p.set_defaults(func=_toy_eval)
+
+    p = sub.add_parser("publish", help="push an exported drafter folder to the Hugging Face Hub")
+    p.add_argument("dir", help="exported folder (config.json + model.safetensors + metrics.json)")
+    p.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--exist-ok", action="store_true", help="add a commit to an existing repo")
+    p.add_argument("--dry-run", action="store_true", help="write what would be uploaded, no upload")
+    p.add_argument("--dry-run-dir", help="default: DIR/../NAME.publish-dry-run")
+    p.add_argument("--base-model", help="Hub id of the target (default: from config.json)")
+    p.add_argument("--license", help="e.g. apache-2.0 (default: none in the card)")
+    p.add_argument("--token", help="default: HF_TOKEN or the saved `hf auth login`")
+    p.add_argument("--commit-message")
+    p.set_defaults(func=_publish)
+    _add_export_parser(sub)
     return parser
 
 

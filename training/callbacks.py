@@ -18,11 +18,7 @@ import yaml
 from lightning.pytorch.utilities import rank_zero_only
 
 from covspec.training.metrics import implied_tau
-
-TAU_DEFINITION = (
-    "tau = mean number of tokens emitted per target forward in the decode loop, the bonus token "
-    "included (ceiling: draft depth + 1)."
-)
+from covspec.training.model_card import TAU_DEFINITION
 
 
 def _metrics(trainer: L.Trainer, steps: int) -> dict:

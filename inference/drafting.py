@@ -1,15 +1,18 @@
 """The drafter side of the runner: its own KV cache over text positions, tree expansion, catch-up.
 
-    >>> side = DrafterSide.prefill(runner, inputs, target_out, bonus, capacity)  # after target prefill
+    >>> side = DrafterSide(kernel, vocab_size, capacity)
+    >>> side.prefill(token_ids, features, bonus)  # the prompt's positions, from the edge
     >>> side.root_logits()                  # (V,) distribution of the token after the bonus
     >>> side.expand(tree, frontier)         # (F, V) for new tree nodes, one forward per level
-    >>> side.commit(verify_out, rows, emitted)  # keep the accepted path, feed real target features
+    >>> side.commit(features, emitted)      # keep the accepted path, feed real target features
 
-The drafter runs through the runner's `DrafterKernel` (inference/kernel.py) with a preallocated
-cache. The visual-token-free drafter's cache holds text positions only: at prefill the visual positions
-are dropped from the target's states (the `full_visual` baseline keeps them). Tree nodes are run
-with a tree mask and dropped from the cache after each round; `commit` re-runs the accepted
-positions with the target's real features, exactly as the training-time-test unroll assumes.
+The device's drafter runs through `DrafterKernel` (inference/kernel.py) with a preallocated
+cache. It never sees the target: the edge sends the projected features of the positions it
+needs (inference/features.py). The visual-token-free drafter's cache holds text positions only
+(the edge drops visual positions before sending; the `full_visual` baseline keeps them, with
+their visual embeddings). Tree nodes are run with a tree mask and dropped from the cache after
+each round; `commit` re-runs the accepted positions with the target's real features, exactly
+as the training-time-test unroll assumes.
 """
 
 from __future__ import annotations
@@ -51,41 +54,33 @@ class DrafterSide:
         self.hidden: dict[int, torch.Tensor] = {}  # tree node -> drafter output (D,)
         self.tree_nodes: list[int] = []  # tree nodes in the cache after `length`, in order
         cfg = self.drafter.config
-        self.fused = cfg.fused_layer_ids
         self.d2t = self.drafter.draft_token_ids() if cfg.draft_vocab_size else None
         self.dtype = kernel.dtype
 
-    @classmethod
-    def prefill(cls, runner, inputs: dict, target_out, bonus: int, capacity: int) -> DrafterSide:
-        """`capacity`: drafter cache entries the request may need (text + new tokens + a tree)."""
-        side = cls(runner.kernel(), runner.adapter.vocab_size, capacity)
-        d = side.drafter
-        ids = inputs["input_ids"][0]
-        keep = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))[0].bool()
-        if d.config.variant != "full_visual":
-            keep &= ~target_out.visual_mask[0]
-        positions = keep.nonzero()[:, 0]
-        feats = side._fused(target_out, positions)
-        k = side.kernel
-        if d.config.variant == "full_visual":
-            bonus_embed = k.embed(torch.tensor([bonus]))
-            next_embeds = torch.cat([target_out.hidden_states[0][0, positions[1:]], bonus_embed])
-        else:
-            next_embeds = k.embed(torch.cat([ids[positions[1:]], torch.tensor([bonus])]))
-        side._run_committed(feats, next_embeds)  # (n, D) each
-        return side
+    def prefill(
+        self,
+        token_ids: torch.Tensor,  # (n,) the prompt positions the drafter runs on
+        features: torch.Tensor,  # (n, D) their projected target features
+        bonus: int,  # the target's first token
+        visual_embeds: torch.Tensor | None = None,  # (v, D) embeddings of the visual rows
+        visual_rows: torch.Tensor | None = None,  # (n,) bool, which rows are visual
+    ) -> None:
+        """Run the prompt: row i pairs feature i with the embedding of the token after it."""
+        next_ids = torch.cat([token_ids[1:], torch.tensor([bonus])])
+        next_embeds = self.kernel.embed(next_ids)
+        if visual_embeds is not None:  # full_visual: placeholders carry the visual embeddings
+            embeds = self.kernel.embed(token_ids).clone()  # (n, D)
+            embeds[visual_rows] = visual_embeds.to(embeds.dtype)
+            next_embeds = torch.cat([embeds[1:], next_embeds[-1:]])
+        self._run_committed(features, next_embeds)
 
-    def _fused(self, target_out, index: torch.Tensor) -> torch.Tensor:
-        """The fused target layers at sequence positions `index`: (len(index), n * Ht)."""
-        return torch.cat([target_out.hidden_states[i][0, index] for i in self.fused], dim=-1)
-
-    def _run_committed(self, target_feats: torch.Tensor, next_embeds: torch.Tensor) -> None:
+    def _run_committed(self, feats: torch.Tensor, next_embeds: torch.Tensor) -> None:
         """Append committed positions (real target features) and reset the tree to its root."""
         n = next_embeds.shape[0]
         self.cache.truncate(self.length)  # drop last round's drafted nodes
         self.tree_nodes = []
         next_embeds = next_embeds.to(self.dtype)
-        feats = self.kernel.project_features(target_feats, like=next_embeds)
+        feats = feats.to(self.dtype)
         pos = torch.arange(self.length, self.length + n)
         mask = _causal(n, self.length, self.dtype)
         h = self.kernel.run(self.cache, next_embeds, feats, pos, mask)  # (n, D)
@@ -128,9 +123,7 @@ class DrafterSide:
             self.hidden[n] = h[i]
         return self._full_logits(h)
 
-    def commit(self, verify_out, rows: list[int], emitted: list[int]) -> None:
-        """Keep the accepted path: rows index the verify forward (root first); emitted = the
-        accepted drafted tokens then the bonus, i.e. the token after each row."""
-        self._run_committed(
-            self._fused(verify_out, torch.tensor(rows)), self.kernel.embed(torch.tensor(emitted))
-        )
+    def commit(self, features: torch.Tensor, emitted: list[int]) -> None:
+        """Keep the accepted path: features (m, D) of the root and the accepted nodes; emitted =
+        the accepted drafted tokens then the bonus, i.e. the token after each of those rows."""
+        self._run_committed(features, self.kernel.embed(torch.tensor(emitted)))

@@ -112,7 +112,6 @@ class DrafterKernel:
         self.embedding = embedding.weight if type(embedding) is torch.nn.Embedding else None
         self.embedding_module = embedding
         self.text_only = cfg.variant == "text_only"
-        self.fc = None if self.text_only else (drafter.fc.weight, drafter.fc.bias)
         self.step_bias = drafter.step_bias.detach() if cfg.step_bias else None
         self.max_draft_steps = cfg.max_draft_steps
         self.dtype = weight.dtype
@@ -127,12 +126,6 @@ class DrafterKernel:
         if self.embedding is None:
             return self.embedding_module(ids)
         return F.embedding(ids, self.embedding)
-
-    def project_features(self, target_states: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """(..., n * Ht) fused target states -> (..., D), as `Drafter.project_features`."""
-        if self.fc is None:
-            return torch.zeros_like(like)
-        return F.linear(target_states.to(self.fc[0].dtype), *self.fc)
 
     def step_feature(self, previous_hidden: torch.Tensor, step: int) -> torch.Tensor:
         """The feature at draft step `step` >= 2, as `Drafter.step_feature`."""

@@ -11,57 +11,27 @@ caches and the target's own next token is emitted as the bonus. Greedy verificat
 the tokens of `generate(do_sample=False)`; sampling verification is lossless in distribution.
 The target sees the image once, at prefill; the visual-token-free drafter never sees it.
 
-Batch size is 1: a tree per sequence and per-sequence cache pruning are what make the round
-lossless and cheap. Larger batches would pad every tree to the longest accepted path.
+`generate` is the `sync` protocol of inference/protocols.py over an in-process link: the same
+edge and device roles and typed messages that `covspec simulate` prices over a simulated
+wireless link, with no link cost. Batch size is 1: a tree per sequence and per-sequence cache
+pruning are what make the round lossless and cheap.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from covspec.inference.drafting import DrafterSide, keep_cache_positions
+from covspec.inference.features import FeatureEncoder
 from covspec.inference.kernel import DrafterKernel
-from covspec.inference.tree import (
-    DraftSettings,
-    DraftTree,
-    grow,
-    tree_attention_mask,
-    verify_greedy,
-    verify_sampling,
-)
+from covspec.inference.protocols import GenerationResult, Timeline, run_protocol
+from covspec.inference.roles import Request
+from covspec.inference.tree import DraftSettings
 from covspec.modeling.adapters import TargetAdapter, TargetMismatchError, adapter_for
 from covspec.modeling.drafter import Drafter
 from covspec.modeling.tokens import fingerprint_vocab
 
-
-@dataclass
-class GenerationResult:
-    tokens: list[int]
-    text: str
-    rounds: int = 0  # target forwards in the decode loop (prefill excluded)
-    drafted: int = 0  # draft tokens verified, summed over rounds
-    attempts_per_depth: list[int] = field(default_factory=list)
-    accepted_per_depth: list[int] = field(default_factory=list)
-    # wall seconds per phase: encode, prefill (target), drafter_prefill, draft, verify, commit
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def tau(self) -> float:
-        """Tokens emitted per target forward in the decode loop, the bonus token included."""
-        return (len(self.tokens) - 1) / self.rounds if self.rounds else float("nan")
-
-    @property
-    def acceptance_per_depth(self) -> list[float]:
-        return [
-            a / n if n else float("nan")
-            for a, n in zip(self.accepted_per_depth, self.attempts_per_depth, strict=True)
-        ]
+__all__ = ["GenerationResult", "SpecRunner", "build_prompt", "eos_ids", "suppressed_tokens"]
 
 
 def build_prompt(processor, prompt: str, has_image: bool = True) -> str:
@@ -87,24 +57,6 @@ def suppressed_tokens(model, adapter: TargetAdapter) -> list[int]:
     return sorted(set(configured) | set(adapter.visual_token_ids()))
 
 
-class PhaseClock:
-    """Accumulates wall time per phase; synchronises CUDA so a phase owns its kernels' time."""
-
-    def __init__(self, seconds: dict[str, float], device: torch.device) -> None:
-        self.seconds = seconds
-        self.cuda = device.type == "cuda"
-
-    @contextmanager
-    def __call__(self, phase: str) -> Iterator[None]:
-        if self.cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        yield
-        if self.cuda:
-            torch.cuda.synchronize()
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
-
-
 class SpecRunner:
     def __init__(self, model, processor, drafter: Drafter | None) -> None:
         self.model = model.eval()
@@ -124,6 +76,7 @@ class SpecRunner:
         self.eos = eos_ids(model)
         self.suppress_tokens = suppressed_tokens(model, self.adapter)
         self._suppress_ids = torch.tensor(self.suppress_tokens, dtype=torch.long)
+        self.visual_ids = torch.tensor(self.adapter.visual_token_ids(), dtype=torch.long)
 
     @classmethod
     def from_folders(
@@ -158,94 +111,23 @@ class SpecRunner:
         top_p: float = 1.0,
         seed: int = 0,
         source_factory=None,
+        observers=(),
     ) -> GenerationResult:
-        """Speculative decoding of one prompt. `source_factory(runner, inputs, target_out, bonus, capacity)`
-        replaces the drafter (tests script one)."""
-        if self.drafter is None and source_factory is None:
-            raise ValueError("this runner has no drafter; load one or pass source_factory")
-        settings = settings or DraftSettings()
-        result = GenerationResult(
-            [], "", attempts_per_depth=[0] * settings.depth, accepted_per_depth=[0] * settings.depth
+        """Speculative decoding of one prompt (the `sync` protocol, in process).
+        `source_factory(runner, downlink, capacity)` replaces the drafter (tests script one);
+        `observers` receive one RoundRecord per target forward."""
+        req = Request(image, prompt, max_new_tokens, temperature, top_p, seed)
+        return run_protocol(
+            "sync",
+            self,
+            req,
+            Timeline(None, vocab_size=self.adapter.vocab_size),
+            settings or DraftSettings(),
+            observers,
+            source_factory,
         )
-        clock = PhaseClock(result.seconds, self.model.device)
-        with clock("encode"):
-            inputs = self.encode(image, prompt)
-        if inputs["input_ids"].shape[0] != 1:
-            raise ValueError(f"batch size must be 1, got {inputs['input_ids'].shape[0]}")
-        self.check_length(inputs["input_ids"].shape[1], max_new_tokens)
-        if max_new_tokens <= 0:
-            return result
-        gen = torch.Generator().manual_seed(seed)
-        with clock("prefill"):
-            out = self.adapter.forward(inputs, self.layers, use_cache=True, logits_to_keep=1)
-            bonus = self._pick(self._suppress(out.logits[0, -1:]), temperature, top_p, gen)
-        past = inputs["input_ids"].shape[1]
-        # drafter cache: the prompt, every new token, and the nodes one round's tree can add
-        capacity = past + max_new_tokens + settings.depth * settings.beam + 1
-        with clock("drafter_prefill"):
-            source = (source_factory or DrafterSide.prefill)(self, inputs, out, bonus, capacity)
-        tokens = [bonus]
-        while len(tokens) < max_new_tokens and tokens[-1] not in self.eos:
-            emitted = self._round(
-                tokens[-1],
-                source,
-                out.cache,
-                past,
-                settings,
-                temperature,
-                top_p,
-                gen,
-                result,
-                clock,
-            )
-            past += len(emitted)
-            tokens += emitted
-            stop = next((i for i, t in enumerate(tokens) if t in self.eos), None)
-            if stop is not None:
-                tokens = tokens[: stop + 1]
-        result.tokens = tokens[:max_new_tokens]
-        result.text = self.processor.tokenizer.decode(result.tokens, skip_special_tokens=True)
-        return result
 
-    def _round(
-        self, root, source, cache, past, settings, temperature, top_p, gen, result, clock
-    ) -> list[int]:
-        """Draft, verify in one target forward, keep the accepted path. Returns the new tokens
-        (accepted drafts, then the target's bonus token)."""
-        sampling = temperature > 0
-        with clock("draft"):
-            tree = DraftTree(root_token=root)
-            grow(tree, source, settings, temperature, gen if sampling else None)
-            order = tree.select(
-                None if sampling else settings.max_nodes, keep_sibling_prefix=sampling
-            )
-            ids = torch.tensor([[tree.tokens[n] for n in order]])
-            pos = torch.tensor([[past + tree.depths[n] for n in order]])
-            mask = tree_attention_mask(tree, order, past, self.model.dtype)
-        with clock("verify"):
-            out = self.adapter.text_forward(
-                ids,
-                self.layers,
-                cache=cache,
-                position_ids=pos,
-                attention_mask=mask,
-                use_cache=True,
-            )
-            logits = self._suppress(out.logits[0])  # (n, V)
-            if sampling:
-                probs = self._probs(logits, temperature, top_p)
-                path, bonus = verify_sampling(tree, order, probs, gen)
-            else:
-                path, bonus = verify_greedy(tree, order, logits)
-        self._count(result, tree, order, path)
-        with clock("commit"):
-            rows = [0] + [order.index(n) for n in path]
-            keep_cache_positions(cache, past, rows)
-            emitted = [tree.tokens[n] for n in path] + [bonus]
-            source.commit(out, rows, emitted)
-        return emitted
-
-    # -- helpers ------------------------------------------------------------------------------
+    # -- what the roles use -----------------------------------------------------------------
     def kernel(self) -> DrafterKernel:
         """The drafter's fused decode path, built once per runner (weights are frozen here)."""
         if self._kernel is None:
@@ -254,6 +136,21 @@ class SpecRunner:
             self._kernel = DrafterKernel(self.drafter)
         return self._kernel
 
+    def feature_encoder(self, wire: bool = False) -> FeatureEncoder | None:
+        """The edge half of the drafter's feature path; over a real link rows travel as
+        float16 (`wire`), in process at the drafter's dtype."""
+        if self.drafter is None:
+            return None
+        return FeatureEncoder(self.drafter, torch.float16 if wire else None)
+
+    @property
+    def full_visual(self) -> bool:
+        return self.drafter is not None and self.drafter.config.variant == "full_visual"
+
+    @property
+    def fused_ids(self) -> list[int]:
+        return self.drafter.config.fused_layer_ids
+
     def _layers(self) -> list[int]:
         """Target layers to capture: the drafter's fused ids (+ embeddings for full_visual)."""
         if self.drafter is None:
@@ -261,42 +158,5 @@ class SpecRunner:
         cfg = self.drafter.config
         return sorted(set(cfg.fused_layer_ids) | ({0} if cfg.variant == "full_visual" else set()))
 
-    def _suppress(self, logits: torch.Tensor) -> torch.Tensor:
+    def suppress(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.index_fill(-1, self._suppress_ids.to(logits.device), float("-inf"))
-
-    @staticmethod
-    def _probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-        probs = (logits.float() / temperature).softmax(-1)
-        if top_p < 1.0:
-            sorted_p, idx = probs.sort(-1, descending=True)
-            drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest set reaching top_p
-            sorted_p = sorted_p.masked_fill(drop, 0)
-            probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
-            probs = probs / probs.sum(-1, keepdim=True)
-        return probs
-
-    def _pick(
-        self, logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator
-    ) -> int:
-        if temperature <= 0:
-            return int(logits[-1].argmax())
-        return int(
-            torch.multinomial(self._probs(logits[-1:], temperature, top_p)[0], 1, generator=gen)
-        )
-
-    @staticmethod
-    def _count(
-        result: GenerationResult, tree: DraftTree, order: list[int], path: list[int]
-    ) -> None:
-        """Depth d counts as attempted when the node accepted at depth d-1 had a verified child."""
-        result.rounds += 1
-        result.drafted += len(order) - 1
-        kept, node = set(order), 0
-        for d in range(1, len(result.attempts_per_depth) + 1):
-            if not any(c in kept for c in tree.children.get(node, [])):
-                break
-            result.attempts_per_depth[d - 1] += 1
-            if len(path) < d:
-                break
-            result.accepted_per_depth[d - 1] += 1
-            node = path[d - 1]

@@ -80,6 +80,7 @@ class DrafterConfig(PretrainedConfig):
         fused_layer_ids: Sequence[int] = (2, 16, 29),
         max_draft_steps: int = 6,
         step_bias: bool = False,
+        feature_codec_rank: int | None = None,
         draft_vocab_size: int | None = None,
         target_model_type: str | None = None,
         target_name_or_path: str | None = None,
@@ -95,6 +96,8 @@ class DrafterConfig(PretrainedConfig):
             raise ValueError(f"max_draft_steps must be >= 1, got {max_draft_steps}")
         if num_hidden_layers < 1:
             raise ValueError(f"num_hidden_layers must be >= 1, got {num_hidden_layers}")
+        if feature_codec_rank is not None and feature_codec_rank < 1:
+            raise ValueError(f"feature_codec_rank must be >= 1 or None, got {feature_codec_rank}")
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size or hidden_size * 8 // 3
         self.num_hidden_layers = num_hidden_layers
@@ -107,6 +110,7 @@ class DrafterConfig(PretrainedConfig):
         self.fused_layer_ids = list(fused_layer_ids)
         self.max_draft_steps = max_draft_steps
         self.step_bias = bool(step_bias)
+        self.feature_codec_rank = feature_codec_rank
         self.draft_vocab_size = draft_vocab_size
         self.target_model_type = target_model_type
         self.target_name_or_path = target_name_or_path  # Hub id or folder it was trained against
@@ -207,10 +211,14 @@ class Drafter(PreTrainedModel):
         super().__init__(config)
         d = config.hidden_size
         lcfg = config.llama_config()
-        if config.variant != "text_only":
-            self.fc = nn.Linear(
-                len(config.fused_layer_ids) * config.target_hidden_size, d, bias=False
-            )
+        fused = len(config.fused_layer_ids) * config.target_hidden_size
+        if config.variant != "text_only" and config.feature_codec_rank:
+            # the device-edge feature codec: the edge runs fc_down and sends int8 codes, the
+            # device runs fc_up; fc_up @ fc_down is EAGLE-3's fc (folded at export)
+            self.fc_down = nn.Linear(fused, config.feature_codec_rank, bias=False)
+            self.fc_up = nn.Linear(config.feature_codec_rank, d, bias=False)
+        elif config.variant != "text_only":
+            self.fc = nn.Linear(fused, d, bias=False)
         self.layers = nn.ModuleList(
             [Eagle3FirstLayer(lcfg, 0)]
             + [LlamaDecoderLayer(lcfg, i) for i in range(1, config.num_hidden_layers)]
@@ -292,10 +300,31 @@ class Drafter(PreTrainedModel):
     def project_features(
         self, target_states: torch.Tensor | None, like: torch.Tensor
     ) -> torch.Tensor:
-        """Fused target states (B, S, n*Ht) -> (B, S, D); zeros for the text-only baseline."""
+        """Fused target states (B, S, n*Ht) -> (B, S, D); zeros for the text-only baseline.
+        With the feature codec, the low-rank code passes through int8 fake quantisation
+        (straight-through), exactly what crosses the link at inference."""
         if self.config.variant == "text_only" or target_states is None:
             return torch.zeros_like(like)
+        if self.config.feature_codec_rank:
+            code = self.fc_down(target_states.to(self.fc_down.weight.dtype))  # (..., r)
+            return self.fc_up(code + (dequantize(*quantize_int8(code)) - code).detach())
         return self.fc(target_states.to(self.fc.weight.dtype))
+
+    def feature_projection(self) -> torch.Tensor:
+        """EAGLE-3's `fc` weight (D, n*Ht); the codec's two halves folded into one matrix."""
+        if self.config.feature_codec_rank:
+            return self.fc_up.weight @ self.fc_down.weight
+        return self.fc.weight
+
+    @torch.no_grad()
+    def init_codec_from(self, fc_weight: torch.Tensor) -> None:
+        """Start the codec at the best rank-r approximation of a trained `fc` (truncated SVD),
+        split evenly between the edge and device halves."""
+        u, s, vh = torch.linalg.svd(fc_weight.float(), full_matrices=False)
+        r = self.config.feature_codec_rank
+        root = s[:r].sqrt()
+        self.fc_down.weight.copy_(root[:, None] * vh[:r])
+        self.fc_up.weight.copy_(u[:, :r] * root[None])
 
     def step_feature(self, previous_hidden: torch.Tensor, step: int) -> torch.Tensor:
         """The feature fed at draft step `step` >= 2: the drafter's own previous output (plus the
@@ -372,6 +401,16 @@ class Drafter(PreTrainedModel):
             )
             h = h[0] if isinstance(h, tuple) else h
         return h
+
+
+def quantize_int8(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: (..., r) -> codes (..., r) int8 and scales (..., 1)."""
+    scale = code.detach().abs().amax(-1, keepdim=True).clamp_min(1e-8) / 127.0
+    return (code / scale).round().clamp(-127, 127).to(torch.int8), scale
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return codes.to(scale.dtype) * scale
 
 
 def build_draft_vocab(counts: torch.Tensor, size: int) -> torch.Tensor:

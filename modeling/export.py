@@ -117,7 +117,7 @@ def _out_dtype(drafter: Drafter, dtype: torch.dtype | str | None) -> torch.dtype
         if dtype not in DTYPES:
             raise ExportError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         return DTYPES[dtype]
-    return dtype or drafter.fc.weight.dtype
+    return dtype or drafter.dtype
 
 
 @torch.no_grad()
@@ -130,7 +130,9 @@ def _target_embeddings(drafter: Drafter) -> torch.Tensor:
 
 def _tensors(drafter: Drafter, dtype: torch.dtype, layer_prefix: Callable[[int], str]) -> dict:
     """Drafter weights under EAGLE-3 names; `layer_prefix(i)` names decoder layer i."""
-    out = {"fc.weight": drafter.fc.weight, "norm.weight": drafter.norm.weight}
+    # a feature codec's two halves fold into one fc (its int8 wire quantisation has no place
+    # in an engine that runs target and drafter on one machine)
+    out = {"fc.weight": drafter.feature_projection(), "norm.weight": drafter.norm.weight}
     for i, layer in enumerate(drafter.layers):
         for name, t in layer.state_dict().items():
             out[f"{layer_prefix(i)}.{name}"] = t

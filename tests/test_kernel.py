@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from covspec.inference.features import FeatureDecoder, FeatureEncoder
 from covspec.inference.kernel import DrafterKernel
 from covspec.inference.tree import additive_mask
 from covspec.modeling.adapters import adapter_for
@@ -89,10 +90,31 @@ def test_kernel_inputs_equal_the_drafter_pieces(adapter, variant):
     with torch.inference_mode():
         torch.testing.assert_close(kernel.embed(ids), d.embed(ids[None])[0])
         like = kernel.embed(ids)
+        # the feature path split over the link: edge encoder, device decoder
+        sent = FeatureEncoder(d)(states)
         torch.testing.assert_close(
-            kernel.project_features(states, like), d.project_features(states[None], like[None])[0]
+            FeatureDecoder(d)(sent, 5), d.project_features(states[None], like[None])[0]
         )
         for step in (2, 3, 4, 7):  # past max_draft_steps the last bias row is reused
             torch.testing.assert_close(
                 kernel.step_feature(previous, step), d.step_feature(previous, step)
             )
+
+
+@pytest.mark.parametrize("rank", [None, 8])
+def test_feature_path_over_the_wire(adapter, rank):
+    """float16 rows, or the codec's int8 codes + float16 scales, decode to the drafter's
+    projection within the wire rounding; the codec sends far fewer bytes."""
+    torch.manual_seed(3)
+    d = Drafter(DrafterConfig.for_target(adapter, feature_codec_rank=rank)).attach_target(adapter)
+    states = torch.randn(7, len(d.config.fused_layer_ids) * d.config.target_hidden_size)
+    sent = FeatureEncoder(d, wire_dtype=torch.float16)(states)
+    with torch.no_grad():
+        want = d.eval().project_features(states, like=states[:, : d.config.hidden_size])
+    got = FeatureDecoder(d)(sent, 7)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    assert len(sent.serialise()) == sent.nbytes()
+    if rank:
+        assert sent.nbytes() == 7 * (rank + 2)  # int8 codes + one float16 scale per row
+    else:
+        assert sent.nbytes() == 7 * d.config.hidden_size * 2

@@ -63,7 +63,7 @@ class Scripted:
     def expand(self, tree, nodes):
         return torch.stack([self._logits(self.committed + tree.depths[n]) for n in nodes])
 
-    def commit(self, out, rows, emitted):
+    def commit(self, features, emitted):
         self.committed += len(emitted)
 
 

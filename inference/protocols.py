@@ -1,0 +1,615 @@
+"""Device-edge protocols over virtual clocks: edge_only, sync, decoupled, progressive.
+
+    >>> timeline = Timeline(Link(PRESETS["bad"], seed=0), PROFILES["a40-orin-7b"], vocab_size)
+    >>> result = run_protocol("sync", runner, Request(image, prompt, 96), timeline,
+    ...                       DraftSettings(mode="tree", depth=6))
+    >>> result.tokens, result.tau, result.end_s, timeline.bytes      # tokens are real, times simulated
+
+Every protocol runs real decoding with the two roles of inference/roles.py (so its tokens are
+the model's, and the lossless ones equal `generate`) and prices what happened on a `Timeline`:
+each role has a clock, a model call occupies its role for the time the compute model gives
+(measured here, or a roofline profile), and a message leaves when its sender is done and
+arrives when the link says. With no link and measured compute this is the plain in-process
+runner.
+
+- `edge_only`: the device uploads image + prompt; the edge decodes token by token and streams
+  each token down. What a user runs without speculative decoding.
+- `sync` (CoVSpec's basic loop): draft, upload, verify, download the verdict with the features
+  of the accepted positions (real downlink traffic for a feature-fed drafter), commit, repeat.
+- `decoupled` (CoVSpec's decoupled verification-correction): the device keeps drafting its
+  chain in chunks of `depth` tokens and uploads each chunk as soon as it is drafted, assuming
+  the previous ones are accepted; the edge verifies chunks in order (a chunk's first token must
+  equal the bonus of the chunk before) and sends a correction at the first rejection, after
+  which the device rolls back. At most `max_chunks` chunks are in flight.
+- `progressive` (ProSemComVLM's progressive upload, greedy only): the device drafts a tree but
+  uploads only its top-1 chain plus the first tokens of its alternative branches; after a
+  mismatch whose wanted token heads a drafted branch, the edge asks for that branch's subtree
+  and verifies it as the next round, without a drafting step.
+
+Each target forward emits a `RoundRecord` to the observers (tallies, trajectory recorders).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from covspec.inference.compute import MEASURED, Op
+from covspec.inference.link import Link
+from covspec.inference.messages import (
+    Correction,
+    DraftUpload,
+    MismatchNack,
+    ProgressiveUpload,
+    PromptUpload,
+    VerifyResult,
+)
+from covspec.inference.roles import DeviceRole, EdgeRole, Request, tree_from_upload, upload_for
+from covspec.inference.tree import DraftSettings, DraftTree
+
+PROTOCOLS = ("edge_only", "sync", "decoupled", "progressive")
+
+
+@dataclass
+class RoundRecord:
+    """One target forward of the decode loop and what it cost."""
+
+    index: int
+    phase: str  # "round", "chunk" (decoupled, after the first) or "subtree" (progressive)
+    drafted: int  # draft tokens verified
+    accepted: int  # of them accepted
+    emitted: int  # tokens emitted (accepted + the bonus, when there is one)
+    attempts_per_depth: list[int]
+    accepted_per_depth: list[int]
+    uplink_bytes: int
+    downlink_bytes: int
+    device_s: float  # priced by the timeline's compute model
+    edge_s: float
+    end_s: float  # when the device holds this forward's verdict (simulated clock)
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]
+    text: str = ""
+    rounds: int = 0  # target forwards in the decode loop (prefill excluded)
+    drafted: int = 0  # draft tokens verified, summed over rounds
+    attempts_per_depth: list[int] = field(default_factory=list)
+    accepted_per_depth: list[int] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # measured wall time per phase
+    records: list[RoundRecord] = field(default_factory=list)
+    first_token_s: float = 0.0  # simulated: the device holds the first token
+    end_s: float = 0.0  # simulated: the device holds the whole answer
+    edge_s: float = 0.0  # simulated edge compute, prefill included
+    device_s: float = 0.0
+    uplink_bytes: int = 0
+    downlink_bytes: int = 0
+
+    @property
+    def tau(self) -> float:
+        """Tokens emitted per target forward in the decode loop, the bonus token included."""
+        return (len(self.tokens) - 1) / self.rounds if self.rounds else float("nan")
+
+    @property
+    def acceptance_per_depth(self) -> list[float]:
+        return [
+            a / n if n else float("nan")
+            for a, n in zip(self.accepted_per_depth, self.attempts_per_depth, strict=True)
+        ]
+
+
+class Timeline:
+    """Virtual clocks of the device and the edge over a link (None: an in-process, free link)."""
+
+    def __init__(self, link: Link | None = None, compute=MEASURED, vocab_size: int = 1) -> None:
+        self.link, self.compute_model, self.vocab_size = link, compute, vocab_size
+        self.free = {"device": 0.0, "edge": 0.0}
+        self.busy = {"device": 0.0, "edge": 0.0}
+        self.bytes = {"up": 0, "down": 0}
+        self.messages: list[
+            tuple[str, str, int, float, float]
+        ] = []  # dir, kind, bytes, sent, arrived
+
+    def run(self, ops: Op | list[Op], after: float = 0.0) -> float:
+        """Occupy the ops' role from max(its clock, `after`); returns when it is done."""
+        ops = [ops] if isinstance(ops, Op) else ops
+        role = ops[0].role
+        seconds = sum(self.compute_model.seconds(op) for op in ops)
+        self.free[role] = max(self.free[role], after) + seconds
+        self.busy[role] += seconds
+        return self.free[role]
+
+    def send(self, direction: str, message, ready: float) -> float:
+        """Hand `message` to the link at `ready`; returns its arrival time."""
+        nbytes = message.nbytes(self.vocab_size)
+        self.bytes[direction] += nbytes
+        arrival = ready if self.link is None else self.link.send(direction, nbytes, ready)
+        self.messages.append((direction, type(message).__name__, nbytes, ready, arrival))
+        return arrival
+
+    def now(self, role: str = "device") -> float:
+        return self.free[role]
+
+
+class FixedDepth:
+    """The same draft settings every round."""
+
+    def __init__(self, settings: DraftSettings) -> None:
+        self.base = settings
+
+    def settings(self, req: Request, timeline: Timeline) -> DraftSettings:
+        return self.base
+
+    def observe(self, record: RoundRecord, draft_levels: int) -> None:
+        pass
+
+
+def _elapsed(start: float) -> float:
+    return time.perf_counter() - start
+
+
+class _Run:
+    """Shared bookkeeping of one protocol run: the roles, the clocks, the result."""
+
+    def __init__(self, runner, req: Request, timeline: Timeline, observers, source_factory):
+        self.runner, self.req, self.t = runner, req, timeline
+        self.observers = list(observers)
+        self.edge = EdgeRole(runner, runner.feature_encoder(timeline.link is not None))
+        self.device = DeviceRole(runner, source_factory)
+        self.result = GenerationResult([])
+        self.device_ready = 0.0  # when the device may start its next draft
+
+    def depth_lists(self, depth: int) -> None:
+        self.result.attempts_per_depth = [0] * depth
+        self.result.accepted_per_depth = [0] * depth
+
+    def prefill(self, settings: DraftSettings | None, extra_depth: int = 0) -> None:
+        """Prompt upload, target prefill and (with `settings`) the drafter's prefill."""
+        req, t = self.req, self.t
+        arrival = t.send("up", PromptUpload(image_size(req.image), req.prompt), 0.0)
+        start = time.perf_counter()
+        down = self.edge.prefill(req)
+        measured = _elapsed(start)
+        if req.max_new_tokens <= 0:
+            return
+        end = t.run(
+            [
+                Op("edge", "vision", req.visual_tokens),
+                Op("edge", "prefill", req.prompt_tokens, measured_s=measured),
+            ],
+            arrival,
+        )
+        if settings is not None:
+            self.result.first_token_s = t.send("down", down, end)
+            start = time.perf_counter()
+            self.device.prefill(req, down, _capacity(req, settings, extra_depth))
+            self.device_ready = t.run(
+                Op("device", "drafter_prefill", len(down.token_ids), measured_s=_elapsed(start)),
+                self.result.first_token_s,
+            )
+        else:
+            req.tokens = [down.first_token]
+        self.prefill_end = end
+
+    def emit(self, record: RoundRecord) -> None:
+        r = self.result
+        r.records.append(record)
+        r.rounds += 1
+        r.drafted += record.drafted
+        for i, (a, n) in enumerate(
+            zip(record.accepted_per_depth, record.attempts_per_depth, strict=True)
+        ):
+            if i < len(r.attempts_per_depth):
+                r.attempts_per_depth[i] += n
+                r.accepted_per_depth[i] += a
+        for observer in self.observers:
+            observer(record)
+
+    def finished(self) -> bool:
+        eos, req = self.runner.eos, self.req
+        stop = next((i for i, tok in enumerate(req.tokens) if tok in eos), None)
+        if stop is not None:
+            req.tokens = req.tokens[: stop + 1]
+        return stop is not None or len(req.tokens) >= req.max_new_tokens
+
+    def finish(self) -> GenerationResult:
+        r, req, t = self.result, self.req, self.t
+        r.tokens = req.tokens[: req.max_new_tokens]
+        r.text = self.runner.processor.tokenizer.decode(r.tokens, skip_special_tokens=True)
+        r.seconds = dict(req.seconds)
+        r.edge_s, r.device_s = t.busy["edge"], t.busy["device"]
+        r.uplink_bytes, r.downlink_bytes = t.bytes["up"], t.bytes["down"]
+        return r
+
+
+def image_size(image) -> int:
+    """Bytes of the image as the device would upload it (PNG, lossless)."""
+    if image is None:
+        return 0
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.tell()
+
+
+def count_depths(
+    tree: DraftTree, order: list[int], path: list[int], depth: int
+) -> tuple[list[int], list[int]]:
+    """Depth d counts as attempted when the node accepted at depth d-1 had a verified child."""
+    attempts, accepted = [0] * depth, [0] * depth
+    kept, node = set(order), 0
+    for d in range(1, depth + 1):
+        if not any(c in kept for c in tree.children.get(node, [])):
+            break
+        attempts[d - 1] += 1
+        if len(path) < d:
+            break
+        accepted[d - 1] += 1
+        node = path[d - 1]
+    return attempts, accepted
+
+
+def emitted_tokens(up: DraftUpload, result: VerifyResult) -> list[int]:
+    """The tokens a verdict emits: the accepted uploaded nodes, then the bonus."""
+    return [int(up.tokens[i]) for i in result.accepted.tolist()] + [result.bonus]
+
+
+def _capacity(req: Request, settings: DraftSettings, extra_depth: int = 0) -> int:
+    # drafter cache: the prompt, every new token, and the nodes one round's tree can add
+    depth = settings.depth + extra_depth
+    return req.prompt_tokens + req.max_new_tokens + depth * settings.beam + 1
+
+
+# -- protocols ------------------------------------------------------------------------------------
+def run_edge_only(run: _Run, policy=None) -> GenerationResult:
+    req, t = run.req, run.t
+    run.prefill(None)
+    if req.max_new_tokens <= 0:
+        return run.finish()
+    from covspec.inference.messages import TokenStream
+
+    run.result.first_token_s = arrival = t.send("down", TokenStream(req.tokens[0]), run.prefill_end)
+    edge_end = run.prefill_end
+    while not run.finished():
+        start = time.perf_counter()
+        token = run.edge.step(req).token
+        edge_end = t.run(Op("edge", "step", 1, context=req.past, measured_s=_elapsed(start)))
+        arrival = t.send("down", TokenStream(token), edge_end)
+        req.tokens.append(token)
+        run.result.rounds += 1
+    run.result.end_s = arrival
+    return run.finish()
+
+
+def _verify_round(
+    run: _Run, up: DraftUpload, ready: float, message=None
+) -> tuple[VerifyResult, list[int], float]:
+    """Send `message` (default: `up`) at `ready`, verify `up` on the edge, download the
+    verdict. Returns (result, emitted tokens, when the device has the verdict)."""
+    req, t = run.req, run.t
+    arrival = t.send("up", message if message is not None else up, ready)
+    context = req.past
+    start = time.perf_counter()
+    result = run.edge.verify(req, up)
+    measured = _elapsed(start)
+    rows = len(result.accepted) + 1
+    edge_end = t.run(
+        [
+            Op("edge", "verify", len(up.tokens) + 1, context=context, measured_s=measured),
+            Op("edge", "project", rows),
+        ],
+        arrival,
+    )
+    back = t.send("down", result, edge_end)
+    emitted = emitted_tokens(up, result)
+    req.tokens += emitted
+    return result, emitted, back
+
+
+def _tree_record(
+    run: _Run, phase: str, up: DraftUpload, result: VerifyResult, offset: int, marks, end: float
+) -> RoundRecord:
+    """Record one verify forward from the edge's view (the upload and its verdict); `offset`
+    is the depth of the upload's root within the round."""
+    t = run.t
+    tree, order = tree_from_upload(0, up)
+    path = [i + 1 for i in result.accepted.tolist()]
+    size = len(run.result.attempts_per_depth)
+    attempts, accepted = [0] * size, [0] * size
+    sub_attempts, sub_accepted = count_depths(tree, order, path, max(size - offset, 0))
+    attempts[offset:], accepted[offset:] = sub_attempts, sub_accepted
+    record = RoundRecord(
+        index=run.result.rounds,
+        phase=phase,
+        drafted=len(up.tokens),
+        accepted=len(path),
+        emitted=len(path) + 1,
+        attempts_per_depth=attempts,
+        accepted_per_depth=accepted,
+        uplink_bytes=t.bytes["up"] - marks[0][0],
+        downlink_bytes=t.bytes["down"] - marks[0][1],
+        device_s=t.busy["device"] - marks[1][0],
+        edge_s=t.busy["edge"] - marks[1][1],
+        end_s=end,
+    )
+    run.emit(record)
+    return record
+
+
+def _marks(t: Timeline) -> tuple[tuple[int, int], tuple[float, float]]:
+    return (t.bytes["up"], t.bytes["down"]), (t.busy["device"], t.busy["edge"])
+
+
+def _draft(run: _Run, settings: DraftSettings) -> tuple[DraftUpload, float]:
+    """Grow this round's tree on the device; returns the upload and when drafting ended."""
+    req = run.req
+    start = time.perf_counter()
+    up = run.device.draft(req, settings)
+    levels = max(req.tree.depths) if len(req.tree) > 1 else 0
+    end = run.t.run(
+        Op(
+            "device",
+            "draft",
+            len(up.tokens),
+            forwards=max(levels, 1),
+            context=len(req.tokens) + req.prompt_tokens,
+            measured_s=_elapsed(start),
+        ),
+        run.device_ready,
+    )
+    return up, end
+
+
+def _commit(run: _Run, results: list[VerifyResult], emitted: list[int], arrival: float) -> None:
+    req = run.req
+    start = time.perf_counter()
+    run.device.commit(req, [(r.features, len(r.accepted) + 1) for r in results], emitted)
+    run.device_ready = run.t.run(
+        Op(
+            "device",
+            "commit",
+            len(emitted),
+            context=len(req.tokens) + req.prompt_tokens,
+            measured_s=_elapsed(start),
+        ),
+        arrival,
+    )
+
+
+def run_sync(run: _Run, policy) -> GenerationResult:
+    req = run.req
+    cap = getattr(policy, "max_depth", policy.base.depth)
+    run.depth_lists(cap)
+    run.prefill(policy.base, extra_depth=cap - policy.base.depth)
+    if req.max_new_tokens <= 0:
+        return run.finish()
+    while not run.finished():
+        settings = policy.settings(req, run.t)
+        marks = _marks(run.t)
+        up, ready = _draft(run, settings)
+        tree = req.tree
+        result, emitted, back = _verify_round(run, up, ready)
+        record = _tree_record(run, "round", up, result, 0, marks, back)
+        policy.observe(record, max(tree.depths) if len(tree) > 1 else 0)
+        run.result.end_s = back
+        if run.finished():
+            break
+        _commit(run, [result], emitted, back)
+    return run.finish()
+
+
+def run_decoupled(run: _Run, policy) -> GenerationResult:
+    """Chunks of `depth` tokens drafted back to back on the device's own optimistic path; the
+    edge verifies them in order; at the first rejection the device, once the verdict arrives,
+    commits what was accepted (its roll-back) and starts a new round."""
+    req, t = run.req, run.t
+    if req.sampling:
+        raise ValueError("the decoupled protocol verifies greedily; use sync for sampling")
+    base = replace(policy.base, mode="chain")
+    c, chunks = base.depth, run.max_chunks
+    run.depth_lists(c * chunks)
+    run.prefill(base, extra_depth=c * chunks)
+    if req.max_new_tokens <= 0:
+        return run.finish()
+    while not run.finished():
+        results, emitted, back = [], [], run.device_ready
+        for k in range(chunks):
+            marks = _marks(t)
+            start = time.perf_counter()
+            if k == 0:
+                chunk = run.device.draft(req, base).tokens
+            else:
+                new = run.device.extend_chain(req, c)
+                chunk = torch.tensor([req.tree.tokens[n] for n in new])
+            n = len(chunk)
+            ready = t.run(
+                Op("device", "draft", n, n, len(req.tokens) + req.prompt_tokens, _elapsed(start)),
+                run.device_ready if k == 0 else 0.0,  # later chunks follow the device's clock
+            )
+            message = DraftUpload(tokens=chunk, parents=torch.arange(-1, n - 1), chain=True)
+            if k > 0 and int(chunk[0]) != req.tokens[-1]:
+                # built on a guessed bonus the target did not emit: drop it, send a correction
+                arrival = t.send("up", message, ready)
+                correction = Correction(torch.zeros(0, dtype=torch.long), req.tokens[-1], type(results[-1].features)(), chain=True, chunk=k)  # fmt: skip
+                back = t.send("down", correction, max(arrival, t.free["edge"]))
+                run.result.attempts_per_depth[k * c] += 1
+                break
+            # a later chunk's first token is the previous bonus: verify the rest under it
+            verify_up = (
+                message if k == 0 else DraftUpload(chunk[1:], torch.arange(-1, n - 2), chain=True)
+            )
+            result, out, back = _verify_round(run, verify_up, ready, message)
+            results.append(result)
+            emitted += out
+            first = k * c + 1
+            if k > 0:  # the boundary token matched the bonus: attempted and accepted
+                run.result.attempts_per_depth[first - 1] += 1
+                run.result.accepted_per_depth[first - 1] += 1
+            _tree_record(run, "round" if k == 0 else "chunk", verify_up, result, first - (k == 0), marks, back)  # fmt: skip
+            run.result.end_s = back
+            if run.finished() or len(result.accepted) < len(verify_up.tokens):
+                break
+        if run.finished():
+            break
+        _commit(run, results, emitted, back)
+    return run.finish()
+
+
+def run_progressive(run: _Run, policy) -> GenerationResult:
+    """Upload the top-1 chain and the heads of the other branches; after a mismatch whose
+    wanted token heads a drafted branch, the edge asks for that subtree and verifies it next."""
+    req, t = run.req, run.t
+    if req.sampling:
+        raise ValueError("the progressive protocol verifies greedily; use sync for sampling")
+    settings = replace(policy.base, mode="tree")
+    run.depth_lists(settings.depth)
+    run.prefill(settings)
+    if req.max_new_tokens <= 0:
+        return run.finish()
+    while not run.finished():
+        marks = _marks(t)
+        up, ready = _draft(run, settings)
+        tree, order = req.tree, req.order
+        kept, chain = set(order), _top_path(tree, order)
+        heads = {  # other branches that carry drafted descendants, by (depth, token)
+            (tree.depths[b], tree.tokens[b]): b
+            for node in [0, *chain[:-1]]
+            for b in tree.children.get(node, [])
+            if b in kept and b not in chain and any(c in kept for c in tree.children.get(b, []))
+        }
+        message = ProgressiveUpload(torch.tensor([tree.tokens[n] for n in chain]), list(heads))
+        chain_up = upload_for(tree, [0, *chain], chain=True)
+        result, emitted, back = _verify_round(run, chain_up, ready, message)
+        _tree_record(run, "round", chain_up, result, 0, marks, back)
+        run.result.end_s = back
+        if run.finished():
+            break
+        depth = len(result.accepted) + 1
+        head = heads.get((depth, result.bonus))
+        if head is not None:  # the edge asks for the branch the target chose
+            asked = t.send("down", MismatchNack(depth, result.bonus), t.free["edge"])
+            marks = _marks(t)
+            sub_up = upload_for(tree, _subtree(tree, order, head), chain=False)
+        _commit(run, [result], emitted, back)
+        if head is None:
+            continue
+        result, emitted, back = _verify_round(run, sub_up, asked)
+        _tree_record(run, "subtree", sub_up, result, depth, marks, back)
+        run.result.end_s = back
+        if run.finished():
+            break
+        _commit(run, [result], emitted, back)
+    return run.finish()
+
+
+def _subtree(tree: DraftTree, order: list[int], head: int) -> list[int]:
+    """`head` then its kept descendants, in `order`'s depth-first order."""
+    return [head] + [n for n in order if n != head and head in tree.ancestors(n)]
+
+
+def _top_path(tree: DraftTree, order: list[int]) -> list[int]:
+    """The drafter's top-1 chain among the kept nodes (first kept child at every level)."""
+    kept, path, node = set(order), [], 0
+    while True:
+        child = next((c for c in tree.children.get(node, []) if c in kept), None)
+        if child is None:
+            return path
+        path.append(child)
+        node = child
+
+
+class LinkAwareDepth:
+    """CoVSpec adaptive draft length under the link: each round, the depth (1..max_depth) that
+    maximises expected tokens per second of a round,
+
+        E(d) = (1 - a^(d+1)) / (1 - a)        tokens per round (chain, acceptance a per depth)
+        T(d) = d * step + verify + RTT + bytes_up(d) / rate_up + E(d) * bytes_per_token / rate_down
+
+    with `a` a moving average of the measured acceptance per attempted depth, `step` and
+    `verify` moving averages of the priced compute of past rounds, and RTT and rates the
+    link's current state (CSI). A long RTT favours long drafts, a fast link and a weak drafter
+    short ones. Inside the chosen depth, CoVSpec's margin rules (`stop_margin`,
+    `branch_margin` of the base settings) still cut unsure nodes and branch where unsure;
+    `max_nodes` scales with the depth."""
+
+    def __init__(self, base: DraftSettings, max_depth: int = 12, smoothing: float = 0.3) -> None:
+        if not 1 <= base.depth <= max_depth:
+            raise ValueError(f"need 1 <= base depth <= max_depth, got {base.depth}, {max_depth}")
+        self.base, self.max_depth, self.smoothing = base, max_depth, smoothing
+        self.alpha = 0.8  # prior acceptance per depth until the first round is seen
+        self.step_s = self.verify_s = None
+        self.up_bytes_per_node, self.down_bytes_per_token = 4.0, 0.0
+        self.chosen: list[int] = []
+
+    def _avg(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
+
+    def observe(self, record: RoundRecord, levels: int) -> None:
+        tried = sum(record.attempts_per_depth)
+        if tried:
+            self.alpha = self._avg(self.alpha, sum(record.accepted_per_depth) / tried)
+        self.alpha = min(self.alpha, 0.995)
+        if levels:
+            self.step_s = self._avg(self.step_s, record.device_s / levels)
+        self.verify_s = self._avg(self.verify_s, record.edge_s)
+        if record.drafted:
+            self.up_bytes_per_node = self._avg(
+                self.up_bytes_per_node, record.uplink_bytes / record.drafted
+            )
+        self.down_bytes_per_token = self._avg(
+            self.down_bytes_per_token, record.downlink_bytes / record.emitted
+        )
+
+    def settings(self, req: Request, timeline: Timeline) -> DraftSettings:
+        if self.step_s is None:  # nothing measured yet: the base depth
+            depth = self.base.depth
+        else:
+            depth = max(range(1, self.max_depth + 1), key=lambda d: self._rate(d, timeline))
+        self.chosen.append(depth)
+        extra = self.base.max_nodes - self.base.depth
+        return replace(self.base, depth=depth, max_nodes=depth + max(extra, 0))
+
+    def _rate(self, depth: int, timeline: Timeline) -> float:
+        a = self.alpha
+        tokens = (1 - a ** (depth + 1)) / (1 - a)
+        seconds = depth * self.step_s + self.verify_s
+        if timeline.link is not None:
+            state = timeline.link.state(timeline.now("device"))
+            seconds += state.rtt_ms / 1e3
+            seconds += 8 * self.up_bytes_per_node * depth / state.uplink_bps
+            seconds += 8 * self.down_bytes_per_token * tokens / state.downlink_bps
+        return tokens / seconds
+
+
+def run_protocol(
+    name: str,
+    runner,
+    req: Request,
+    timeline: Timeline | None = None,
+    policy: FixedDepth | LinkAwareDepth | DraftSettings | None = None,
+    observers=(),
+    source_factory=None,
+    max_chunks: int = 4,
+) -> GenerationResult:
+    """Decode `req` with protocol `name` (one of PROTOCOLS) and price it on `timeline`."""
+    if name not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {name!r}; known: {list(PROTOCOLS)}")
+    if name != "edge_only" and runner.drafter is None and source_factory is None:
+        raise ValueError("this runner has no drafter; load one or pass source_factory")
+    if max_chunks < 1:
+        raise ValueError(f"max_chunks must be >= 1, got {max_chunks}")
+    timeline = timeline or Timeline(None, MEASURED, runner.adapter.vocab_size)
+    if isinstance(policy, DraftSettings) or policy is None:
+        policy = FixedDepth(policy or DraftSettings())
+    run = _Run(runner, req, timeline, observers, source_factory)
+    run.max_chunks = max_chunks
+    fn = {
+        "edge_only": run_edge_only,
+        "sync": run_sync,
+        "decoupled": run_decoupled,
+        "progressive": run_progressive,
+    }[name]
+    return fn(run, policy)

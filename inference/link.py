@@ -12,7 +12,8 @@ small-scale fading redrawn every coherence block (block fading). The rate in a b
 bound is discounted for coding, MAC and control overhead. A message of b bytes (plus
 `overhead_bytes` of transport headers) is serialised after the previous message in the same
 direction (FIFO), integrating the rate block by block, then takes a one-way delay of RTT/2 plus
-an exponential queueing jitter of mean `rtt_jitter_ms / 2`. Everything is drawn from a seeded
+an exponential queueing jitter of mean `rtt_jitter_ms / 2`; each direction is one ordered
+stream, so a message is never delivered before the one sent ahead of it. Everything is drawn from a seeded
 generator in time order, so a run is reproducible.
 
 Trace mode replaces the model with a CSV `time_s,snr_db,rtt_ms[,uplink_mbps,downlink_mbps]`
@@ -247,6 +248,7 @@ class Link:
     channel: LinkConfig | TraceChannel
     seed: int = 0
     _free: dict[str, float] = field(default_factory=lambda: {"up": 0.0, "down": 0.0})
+    _last: dict[str, float] = field(default_factory=lambda: {"up": 0.0, "down": 0.0})
 
     def __post_init__(self) -> None:
         root = np.random.SeedSequence(self.seed)
@@ -291,7 +293,9 @@ class Link:
         jitter = self.config.rtt_jitter_ms / 2e3
         if jitter > 0 and isinstance(self.channel, LinkConfig):
             one_way += float(self._jitter.exponential(jitter))
-        return done + one_way
+        # one ordered stream per direction: a message never overtakes the one before it
+        self._last[direction] = max(done + one_way, self._last[direction])
+        return self._last[direction]
 
     def state(self, t: float) -> LinkState:
         """The channel state information a protocol may act on at time t."""

@@ -160,6 +160,7 @@ class _Run:
         self.device = DeviceRole(runner, source_factory)
         self.result = GenerationResult([])
         self.device_ready = 0.0  # when the device may start its next draft
+        self.marks = _marks(timeline)  # traffic and busy time not yet in a record
 
     def depth_lists(self, depth: int) -> None:
         self.result.attempts_per_depth = [0] * depth
@@ -192,8 +193,11 @@ class _Run:
         else:
             req.tokens = [down.first_token]
         self.prefill_end = end
+        self.prefill_bytes = dict(t.bytes)
+        self.marks = _marks(t)
 
     def emit(self, record: RoundRecord) -> None:
+        self.marks = _marks(self.t)
         r = self.result
         r.records.append(record)
         r.rounds += 1
@@ -279,7 +283,7 @@ def run_edge_only(run: _Run, policy=None) -> GenerationResult:
         edge_end = t.run(Op("edge", "step", 1, context=req.past, measured_s=_elapsed(start)))
         arrival = t.send("down", TokenStream(token), edge_end)
         req.tokens.append(token)
-        run.result.rounds += 1
+        run.emit(_step_record(run, arrival))
     run.result.end_s = arrival
     return run.finish()
 
@@ -310,11 +314,12 @@ def _verify_round(
 
 
 def _tree_record(
-    run: _Run, phase: str, up: DraftUpload, result: VerifyResult, offset: int, marks, end: float
+    run: _Run, phase: str, up: DraftUpload, result: VerifyResult, offset: int, end: float
 ) -> RoundRecord:
     """Record one verify forward from the edge's view (the upload and its verdict); `offset`
-    is the depth of the upload's root within the round."""
-    t = run.t
+    is the depth of the upload's root within the round. Traffic and compute since the last
+    record are its own."""
+    t, marks = run.t, run.marks
     tree, order = tree_from_upload(0, up)
     path = [i + 1 for i in result.accepted.tolist()]
     size = len(run.result.attempts_per_depth)
@@ -337,6 +342,16 @@ def _tree_record(
     )
     run.emit(record)
     return record
+
+
+def _step_record(run: _Run, end: float) -> RoundRecord:
+    """A plain decoding step (edge_only): one forward, one token, nothing drafted."""
+    t, marks = run.t, run.marks
+    return RoundRecord(
+        run.result.rounds, "step", 0, 0, 1, [], [],
+        t.bytes["up"] - marks[0][0], t.bytes["down"] - marks[0][1],
+        t.busy["device"] - marks[1][0], t.busy["edge"] - marks[1][1], end,
+    )  # fmt: skip
 
 
 def _marks(t: Timeline) -> tuple[tuple[int, int], tuple[float, float]]:
@@ -388,11 +403,10 @@ def run_sync(run: _Run, policy) -> GenerationResult:
         return run.finish()
     while not run.finished():
         settings = policy.settings(req, run.t)
-        marks = _marks(run.t)
         up, ready = _draft(run, settings)
         tree = req.tree
         result, emitted, back = _verify_round(run, up, ready)
-        record = _tree_record(run, "round", up, result, 0, marks, back)
+        record = _tree_record(run, "round", up, result, 0, back)
         policy.observe(record, max(tree.depths) if len(tree) > 1 else 0)
         run.result.end_s = back
         if run.finished():
@@ -417,7 +431,6 @@ def run_decoupled(run: _Run, policy) -> GenerationResult:
     while not run.finished():
         results, emitted, back = [], [], run.device_ready
         for k in range(chunks):
-            marks = _marks(t)
             start = time.perf_counter()
             if k == 0:
                 chunk = run.device.draft(req, base).tokens
@@ -448,7 +461,7 @@ def run_decoupled(run: _Run, policy) -> GenerationResult:
             if k > 0:  # the boundary token matched the bonus: attempted and accepted
                 run.result.attempts_per_depth[first - 1] += 1
                 run.result.accepted_per_depth[first - 1] += 1
-            _tree_record(run, "round" if k == 0 else "chunk", verify_up, result, first - (k == 0), marks, back)  # fmt: skip
+            _tree_record(run, "round" if k == 0 else "chunk", verify_up, result, first - (k == 0), back)  # fmt: skip
             run.result.end_s = back
             if run.finished() or len(result.accepted) < len(verify_up.tokens):
                 break
@@ -470,7 +483,6 @@ def run_progressive(run: _Run, policy) -> GenerationResult:
     if req.max_new_tokens <= 0:
         return run.finish()
     while not run.finished():
-        marks = _marks(t)
         up, ready = _draft(run, settings)
         tree, order = req.tree, req.order
         kept, chain = set(order), _top_path(tree, order)
@@ -483,7 +495,7 @@ def run_progressive(run: _Run, policy) -> GenerationResult:
         message = ProgressiveUpload(torch.tensor([tree.tokens[n] for n in chain]), list(heads))
         chain_up = upload_for(tree, [0, *chain], chain=True)
         result, emitted, back = _verify_round(run, chain_up, ready, message)
-        _tree_record(run, "round", chain_up, result, 0, marks, back)
+        _tree_record(run, "round", chain_up, result, 0, back)
         run.result.end_s = back
         if run.finished():
             break
@@ -491,13 +503,12 @@ def run_progressive(run: _Run, policy) -> GenerationResult:
         head = heads.get((depth, result.bonus))
         if head is not None:  # the edge asks for the branch the target chose
             asked = t.send("down", MismatchNack(depth, result.bonus), t.free["edge"])
-            marks = _marks(t)
             sub_up = upload_for(tree, _subtree(tree, order, head), chain=False)
         _commit(run, [result], emitted, back)
         if head is None:
             continue
         result, emitted, back = _verify_round(run, sub_up, asked)
-        _tree_record(run, "subtree", sub_up, result, depth, marks, back)
+        _tree_record(run, "subtree", sub_up, result, depth, back)
         run.result.end_s = back
         if run.finished():
             break

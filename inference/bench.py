@@ -13,7 +13,6 @@ method is timed from raw prompt to tokens (processor included) and its text comp
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from covspec.inference.roles import now
 from covspec.inference.runner import SpecRunner, build_prompt, suppressed_tokens
 from covspec.inference.tree import DraftSettings
 from covspec.modeling.adapters import adapter_for
@@ -49,7 +49,7 @@ def _hf_method(model, processor, extra: dict):
     def run(image, prompt, max_new_tokens):
         inputs = processor(
             images=[image], text=build_prompt(processor, prompt), return_tensors="pt"
-        )
+        ).to(model.device)
         if max_new_tokens <= 0:
             return [], None
         out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, **extra)
@@ -78,7 +78,7 @@ def build_methods(model, processor, drafters: list[str], chain: DraftSettings, t
         ),
     }
     for path in drafters:
-        runner = SpecRunner(model, processor, Drafter.from_pretrained(path))
+        runner = SpecRunner(model, processor, Drafter.from_pretrained(path).to(model.device))
         name = Path(path).name
         for settings in (chain, tree):
             methods[f"{name}/{settings.mode}"] = (
@@ -103,11 +103,12 @@ def run_bench(
     chain: DraftSettings | None = None,
     tree: DraftSettings | None = None,
     warmup: int = 1,
+    device: str = "cpu",
 ) -> dict:
     """samples: [{"id", "image": PIL.Image, "prompt"}]. Returns the report dict (see module doc)."""
     chain = chain or DraftSettings(mode="chain", depth=6)
     tree = tree or DraftSettings(mode="tree", depth=6)
-    model = AutoModelForImageTextToText.from_pretrained(target).eval()
+    model = AutoModelForImageTextToText.from_pretrained(target).to(device).eval()
     processor = AutoProcessor.from_pretrained(target)
     methods = build_methods(model, processor, drafters, chain, tree)
     names = list(methods)
@@ -119,9 +120,9 @@ def run_bench(
         outputs = {}
         for name in names[i % len(names) :] + names[: i % len(names)]:  # rotate the order
             tally, run = methods[name]
-            start = time.perf_counter()
+            start = now(model.device)
             tokens, result = run(s["image"], s["prompt"], max_new_tokens)
-            tally.seconds += time.perf_counter() - start
+            tally.seconds += now(model.device) - start
             tally.tokens += len(tokens)
             outputs[name] = processor.tokenizer.decode(tokens, skip_special_tokens=True)
             if result is not None:
@@ -139,7 +140,9 @@ def run_bench(
         for name in names:
             methods[name][0].identical += outputs[name] == outputs["hf_greedy"]
         rows.append({"id": s["id"], "outputs": outputs})
-    return _report(target, samples, max_new_tokens, methods, rows)
+    report = _report(target, samples, max_new_tokens, methods, rows)
+    report["device"] = str(model.device)
+    return report
 
 
 def _report(target, samples, max_new_tokens, methods, rows) -> dict:

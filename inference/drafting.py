@@ -56,6 +56,7 @@ class DrafterSide:
         cfg = self.drafter.config
         self.d2t = self.drafter.draft_token_ids() if cfg.draft_vocab_size else None
         self.dtype = kernel.dtype
+        self.device = kernel.device
 
     def prefill(
         self,
@@ -66,13 +67,14 @@ class DrafterSide:
         visual_rows: torch.Tensor | None = None,  # (n,) bool, which rows are visual
     ) -> None:
         """Run the prompt: row i pairs feature i with the embedding of the token after it."""
-        next_ids = torch.cat([token_ids[1:], torch.tensor([bonus])])
+        token_ids = token_ids.to(self.device)
+        next_ids = torch.cat([token_ids[1:], torch.tensor([bonus], device=self.device)])
         next_embeds = self.kernel.embed(next_ids)
         if visual_embeds is not None:  # full_visual: placeholders carry the visual embeddings
             embeds = self.kernel.embed(token_ids).clone()  # (n, D)
-            embeds[visual_rows] = visual_embeds.to(embeds.dtype)
+            embeds[visual_rows.to(self.device)] = visual_embeds.to(embeds)
             next_embeds = torch.cat([embeds[1:], next_embeds[-1:]])
-        self._run_committed(features, next_embeds)
+        self._run_committed(features.to(self.device), next_embeds)
 
     def _run_committed(self, feats: torch.Tensor, next_embeds: torch.Tensor) -> None:
         """Append committed positions (real target features) and reset the tree to its root."""
@@ -80,9 +82,9 @@ class DrafterSide:
         self.cache.truncate(self.length)  # drop last round's drafted nodes
         self.tree_nodes = []
         next_embeds = next_embeds.to(self.dtype)
-        feats = feats.to(self.dtype)
-        pos = torch.arange(self.length, self.length + n)
-        mask = _causal(n, self.length, self.dtype)
+        feats = feats.to(self.device, self.dtype)
+        pos = torch.arange(self.length, self.length + n, device=self.device)
+        mask = _causal(n, self.length, self.dtype, self.device)
         h = self.kernel.run(self.cache, next_embeds, feats, pos, mask)  # (n, D)
         self.length += n
         self.hidden = {0: h[-1]}
@@ -103,8 +105,10 @@ class DrafterSide:
         assert all(tree.depths[n] == depth for n in nodes), "expand one tree level at a time"
         previous = torch.stack([self.hidden[tree.parents[n]] for n in nodes])  # (F, D)
         feats = self.kernel.step_feature(previous, depth + 1)
-        embeds = self.kernel.embed(torch.tensor([tree.tokens[n] for n in nodes]))
-        pos = torch.full((len(nodes),), self.length - 1 + depth)
+        embeds = self.kernel.embed(
+            torch.tensor([tree.tokens[n] for n in nodes], device=self.device)
+        )
+        pos = torch.full((len(nodes),), self.length - 1 + depth, device=self.device)
         # Keys after the committed context: this round's earlier nodes (in `tree_nodes` order),
         # then the new nodes themselves.
         slot = {node: i for i, node in enumerate(self.tree_nodes + nodes)}
@@ -115,7 +119,7 @@ class DrafterSide:
                 cols.append(self.length + slot[n])
                 n = tree.parents[n]
         mask = additive_mask(
-            len(nodes), self.length + len(slot), self.length, rows, cols, self.dtype
+            len(nodes), self.length + len(slot), self.length, rows, cols, self.dtype, self.device
         )
         h = self.kernel.run(self.cache, embeds.to(self.dtype), feats, pos, mask[0, 0])  # (F, D)
         self.tree_nodes += nodes
@@ -126,4 +130,4 @@ class DrafterSide:
     def commit(self, features: torch.Tensor, emitted: list[int]) -> None:
         """Keep the accepted path: features (m, D) of the root and the accepted nodes; emitted =
         the accepted drafted tokens then the bonus, i.e. the token after each of those rows."""
-        self._run_committed(features, self.kernel.embed(torch.tensor(emitted)))
+        self._run_committed(features, self.kernel.embed(torch.tensor(emitted, device=self.device)))

@@ -55,13 +55,14 @@ class FeatureDecoder:
     def __init__(self, drafter: Drafter) -> None:
         cfg = drafter.config
         self.dim = cfg.hidden_size
-        self.dtype = drafter.dtype
+        self.dtype, self.device = drafter.dtype, drafter.device
         self.up = drafter.fc_up.weight.detach() if getattr(drafter, "fc_up", None) else None
 
     def __call__(self, payload: FeaturePayload, rows: int) -> torch.Tensor:
         if payload.values is not None:
-            return payload.values.to(self.dtype)
+            return payload.values.to(self.device, self.dtype)
         if payload.codes is not None:
-            code = dequantize(payload.codes, payload.scales[:, None].to(self.dtype))
+            scales = payload.scales[:, None].to(self.device, self.dtype)
+            code = dequantize(payload.codes.to(self.device), scales)
             return F.linear(code, self.up)
-        return torch.zeros(rows, self.dim, dtype=self.dtype)  # text-only: no features
+        return torch.zeros(rows, self.dim, dtype=self.dtype, device=self.device)  # text-only

@@ -114,7 +114,7 @@ class DrafterKernel:
         self.text_only = cfg.variant == "text_only"
         self.step_bias = drafter.step_bias.detach() if cfg.step_bias else None
         self.max_draft_steps = cfg.max_draft_steps
-        self.dtype = weight.dtype
+        self.dtype, self.device = weight.dtype, weight.device
 
     def new_cache(self, capacity: int) -> KVBuffer:
         first = self.layers[0]

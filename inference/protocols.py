@@ -31,7 +31,6 @@ Each target forward emits a `RoundRecord` to the observers (tallies, trajectory 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -46,7 +45,7 @@ from covspec.inference.messages import (
     PromptUpload,
     VerifyResult,
 )
-from covspec.inference.roles import DeviceRole, EdgeRole, Request, tree_from_upload, upload_for
+from covspec.inference.roles import DeviceRole, EdgeRole, Request, now, tree_from_upload, upload_for
 from covspec.inference.tree import DraftSettings, DraftTree
 
 PROTOCOLS = ("edge_only", "sync", "decoupled", "progressive")
@@ -108,17 +107,21 @@ class Timeline:
         self.free = {"device": 0.0, "edge": 0.0}
         self.busy = {"device": 0.0, "edge": 0.0}
         self.bytes = {"up": 0, "down": 0}
-        self.messages: list[
-            tuple[str, str, int, float, float]
-        ] = []  # dir, kind, bytes, sent, arrived
+        # event log for figures (kept only with a link): messages (dir, kind, bytes, sent,
+        # arrived) and compute intervals (role, kind, start, end)
+        self.messages: list[tuple[str, str, int, float, float]] = []
+        self.intervals: list[tuple[str, str, float, float]] = []
 
     def run(self, ops: Op | list[Op], after: float = 0.0) -> float:
         """Occupy the ops' role from max(its clock, `after`); returns when it is done."""
         ops = [ops] if isinstance(ops, Op) else ops
         role = ops[0].role
         seconds = sum(self.compute_model.seconds(op) for op in ops)
-        self.free[role] = max(self.free[role], after) + seconds
+        start = max(self.free[role], after)
+        self.free[role] = start + seconds
         self.busy[role] += seconds
+        if self.link is not None:  # the in-process runner keeps no event log
+            self.intervals.append((role, ops[-1].kind, start, self.free[role]))
         return self.free[role]
 
     def send(self, direction: str, message, ready: float) -> float:
@@ -126,7 +129,8 @@ class Timeline:
         nbytes = message.nbytes(self.vocab_size)
         self.bytes[direction] += nbytes
         arrival = ready if self.link is None else self.link.send(direction, nbytes, ready)
-        self.messages.append((direction, type(message).__name__, nbytes, ready, arrival))
+        if self.link is not None:
+            self.messages.append((direction, type(message).__name__, nbytes, ready, arrival))
         return arrival
 
     def now(self, role: str = "device") -> float:
@@ -146,8 +150,8 @@ class FixedDepth:
         pass
 
 
-def _elapsed(start: float) -> float:
-    return time.perf_counter() - start
+def _elapsed(start: float, device=None) -> float:
+    return now(device) - start
 
 
 class _Run:
@@ -161,6 +165,7 @@ class _Run:
         self.result = GenerationResult([])
         self.device_ready = 0.0  # when the device may start its next draft
         self.marks = _marks(timeline)  # traffic and busy time not yet in a record
+        req.device = runner.device
 
     def depth_lists(self, depth: int) -> None:
         self.result.attempts_per_depth = [0] * depth
@@ -170,9 +175,9 @@ class _Run:
         """Prompt upload, target prefill and (with `settings`) the drafter's prefill."""
         req, t = self.req, self.t
         arrival = t.send("up", PromptUpload(image_size(req.image), req.prompt), 0.0)
-        start = time.perf_counter()
+        start = now(req.device)
         down = self.edge.prefill(req)
-        measured = _elapsed(start)
+        measured = _elapsed(start, req.device)
         if req.max_new_tokens <= 0:
             return
         end = t.run(
@@ -184,10 +189,15 @@ class _Run:
         )
         if settings is not None:
             self.result.first_token_s = t.send("down", down, end)
-            start = time.perf_counter()
+            start = now(req.device)
             self.device.prefill(req, down, _capacity(req, settings, extra_depth))
             self.device_ready = t.run(
-                Op("device", "drafter_prefill", len(down.token_ids), measured_s=_elapsed(start)),
+                Op(
+                    "device",
+                    "drafter_prefill",
+                    len(down.token_ids),
+                    measured_s=_elapsed(start, req.device),
+                ),
                 self.result.first_token_s,
             )
         else:
@@ -278,9 +288,11 @@ def run_edge_only(run: _Run, policy=None) -> GenerationResult:
     run.result.first_token_s = arrival = t.send("down", TokenStream(req.tokens[0]), run.prefill_end)
     edge_end = run.prefill_end
     while not run.finished():
-        start = time.perf_counter()
+        start = now(req.device)
         token = run.edge.step(req).token
-        edge_end = t.run(Op("edge", "step", 1, context=req.past, measured_s=_elapsed(start)))
+        edge_end = t.run(
+            Op("edge", "step", 1, context=req.past, measured_s=_elapsed(start, req.device))
+        )
         arrival = t.send("down", TokenStream(token), edge_end)
         req.tokens.append(token)
         run.emit(_step_record(run, arrival))
@@ -296,9 +308,9 @@ def _verify_round(
     req, t = run.req, run.t
     arrival = t.send("up", message if message is not None else up, ready)
     context = req.past
-    start = time.perf_counter()
+    start = now(req.device)
     result = run.edge.verify(req, up)
-    measured = _elapsed(start)
+    measured = _elapsed(start, req.device)
     rows = len(result.accepted) + 1
     edge_end = t.run(
         [
@@ -361,7 +373,7 @@ def _marks(t: Timeline) -> tuple[tuple[int, int], tuple[float, float]]:
 def _draft(run: _Run, settings: DraftSettings) -> tuple[DraftUpload, float]:
     """Grow this round's tree on the device; returns the upload and when drafting ended."""
     req = run.req
-    start = time.perf_counter()
+    start = now(req.device)
     up = run.device.draft(req, settings)
     levels = max(req.tree.depths) if len(req.tree) > 1 else 0
     end = run.t.run(
@@ -371,7 +383,7 @@ def _draft(run: _Run, settings: DraftSettings) -> tuple[DraftUpload, float]:
             len(up.tokens),
             forwards=max(levels, 1),
             context=len(req.tokens) + req.prompt_tokens,
-            measured_s=_elapsed(start),
+            measured_s=_elapsed(start, req.device),
         ),
         run.device_ready,
     )
@@ -380,7 +392,7 @@ def _draft(run: _Run, settings: DraftSettings) -> tuple[DraftUpload, float]:
 
 def _commit(run: _Run, results: list[VerifyResult], emitted: list[int], arrival: float) -> None:
     req = run.req
-    start = time.perf_counter()
+    start = now(req.device)
     run.device.commit(req, [(r.features, len(r.accepted) + 1) for r in results], emitted)
     run.device_ready = run.t.run(
         Op(
@@ -388,7 +400,7 @@ def _commit(run: _Run, results: list[VerifyResult], emitted: list[int], arrival:
             "commit",
             len(emitted),
             context=len(req.tokens) + req.prompt_tokens,
-            measured_s=_elapsed(start),
+            measured_s=_elapsed(start, req.device),
         ),
         arrival,
     )
@@ -431,7 +443,7 @@ def run_decoupled(run: _Run, policy) -> GenerationResult:
     while not run.finished():
         results, emitted, back = [], [], run.device_ready
         for k in range(chunks):
-            start = time.perf_counter()
+            start = now(req.device)
             if k == 0:
                 chunk = run.device.draft(req, base).tokens
             else:
@@ -439,7 +451,14 @@ def run_decoupled(run: _Run, policy) -> GenerationResult:
                 chunk = torch.tensor([req.tree.tokens[n] for n in new])
             n = len(chunk)
             ready = t.run(
-                Op("device", "draft", n, n, len(req.tokens) + req.prompt_tokens, _elapsed(start)),
+                Op(
+                    "device",
+                    "draft",
+                    n,
+                    n,
+                    len(req.tokens) + req.prompt_tokens,
+                    _elapsed(start, req.device),
+                ),
                 run.device_ready if k == 0 else 0.0,  # later chunks follow the device's clock
             )
             message = DraftUpload(tokens=chunk, parents=torch.arange(-1, n - 1), chain=True)

@@ -42,6 +42,13 @@ from covspec.inference.tree import (
 )
 
 
+def now(device: torch.device | None = None) -> float:
+    """perf_counter, after the device's queued kernels finished (CUDA runs asynchronously)."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 @dataclass
 class Request:
     """One request's state, shared by the protocol and both roles (in a real deployment each
@@ -65,6 +72,7 @@ class Request:
     order: list[int] | None = None
     generator: torch.Generator | None = None
     seconds: dict[str, float] = field(default_factory=dict)  # measured wall time per phase
+    device: torch.device | None = None  # where the models run (timing synchronises CUDA)
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator().manual_seed(self.seed)
@@ -79,7 +87,7 @@ class Request:
 
     def timed(self, phase: str, start: float) -> float:
         """Add the wall time since `start` to `phase`; returns it."""
-        elapsed = time.perf_counter() - start
+        elapsed = now(self.device) - start
         self.seconds[phase] = self.seconds.get(phase, 0.0) + elapsed
         return elapsed
 
@@ -115,12 +123,12 @@ class SamplingRule:
 
     def first_token(self, logits: torch.Tensor, req: Request) -> int:
         probs = target_probs(logits[None], req.temperature, req.top_p)[0]
-        return int(torch.multinomial(probs, 1, generator=req.generator))
+        return int(torch.multinomial(probs.cpu(), 1, generator=req.generator))
 
     def __call__(self, tree, order, logits, out, req):
-        return verify_sampling(
-            tree, order, target_probs(logits, req.temperature, req.top_p), req.generator
-        )
+        # the request's generator lives on the CPU: so do the (n, V) probabilities it draws from
+        probs = target_probs(logits, req.temperature, req.top_p).cpu()
+        return verify_sampling(tree, order, probs, req.generator)
 
 
 def target_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -163,14 +171,14 @@ class EdgeRole:
     @torch.inference_mode()
     def prefill(self, req: Request) -> FeatureDownlink:
         r = self.runner
-        start = time.perf_counter()
+        start = now(req.device)
         inputs = r.encode(req.image, req.prompt)
         req.timed("encode", start)
         if inputs["input_ids"].shape[0] != 1:
             raise ValueError(f"batch size must be 1, got {inputs['input_ids'].shape[0]}")
         req.prompt_tokens = inputs["input_ids"].shape[1]
         r.check_length(req.prompt_tokens, req.max_new_tokens)
-        start = time.perf_counter()
+        start = now(req.device)
         out = r.adapter.forward(inputs, r.layers, use_cache=True, logits_to_keep=1)
         first = self._rule(req).first_token(r.suppress(out.logits[0, -1]), req)
         req.cache, req.past = out.cache, req.prompt_tokens
@@ -202,11 +210,12 @@ class EdgeRole:
     def verify(self, req: Request, up: DraftUpload) -> VerifyResult:
         """One target forward over the root and the uploaded nodes; keep the accepted path."""
         r = self.runner
-        start = time.perf_counter()
+        start = now(req.device)
         tree, order = tree_from_upload(req.tokens[-1], up)
-        ids = torch.tensor([tree.tokens])
-        pos = torch.tensor([[req.past + d for d in tree.depths]])
-        mask = tree_attention_mask(tree, order, req.past, r.model.dtype)
+        dev = r.device
+        ids = torch.tensor([tree.tokens], device=dev)
+        pos = torch.tensor([[req.past + d for d in tree.depths]], device=dev)
+        mask = tree_attention_mask(tree, order, req.past, r.model.dtype, dev)
         out = r.adapter.text_forward(
             ids, r.layers, cache=req.cache, position_ids=pos, attention_mask=mask, use_cache=True
         )
@@ -218,7 +227,7 @@ class EdgeRole:
         result = VerifyResult(
             accepted=torch.tensor([n - 1 for n in path], dtype=torch.long),
             bonus=bonus,
-            features=self._features(out, torch.tensor(rows)),
+            features=self._features(out, torch.tensor(rows, device=dev)),
             chain=up.chain,
             drafted=len(up.tokens),
         )
@@ -229,11 +238,10 @@ class EdgeRole:
     def step(self, req: Request) -> TokenStream:
         """`edge_only`: one plain decoding step (the device only receives the token)."""
         r = self.runner
-        start = time.perf_counter()
-        ids = torch.tensor([[req.tokens[-1]]])
-        out = r.adapter.text_forward(
-            ids, (), cache=req.cache, position_ids=torch.tensor([[req.past]]), use_cache=True
-        )
+        start = now(req.device)
+        ids = torch.tensor([[req.tokens[-1]]], device=r.device)
+        pos = torch.tensor([[req.past]], device=r.device)
+        out = r.adapter.text_forward(ids, (), cache=req.cache, position_ids=pos, use_cache=True)
         req.past += 1
         token = self._rule(req).first_token(r.suppress(out.logits[0, -1]), req)
         req.timed("verify", start)
@@ -249,7 +257,7 @@ class DeviceRole:
         self.decoder = FeatureDecoder(runner.drafter) if runner.drafter is not None else None
 
     def prefill(self, req: Request, down: FeatureDownlink, capacity: int) -> None:
-        start = time.perf_counter()
+        start = now(req.device)
         if self.source_factory is not None:
             req.source = self.source_factory(self.runner, down, capacity)
         else:
@@ -257,7 +265,9 @@ class DeviceRole:
             n = len(down.token_ids)
             visual_rows = None
             if down.visual.rows:
-                visual_rows = torch.isin(down.token_ids, self.runner.visual_ids)
+                visual_rows = torch.isin(
+                    down.token_ids, self.runner.visual_ids.to(down.token_ids.device)
+                )
             side.prefill(
                 down.token_ids,
                 self.decoder(down.features, n),
@@ -271,7 +281,7 @@ class DeviceRole:
 
     def draft(self, req: Request, settings: DraftSettings, keep_tree: bool = False) -> DraftUpload:
         """Grow this round's tree under the last token; upload the nodes to verify."""
-        start = time.perf_counter()
+        start = now(req.device)
         sampling = req.sampling
         tree = DraftTree(root_token=req.tokens[-1])
         grow(tree, req.source, settings, req.temperature, req.generator if sampling else None)
@@ -287,7 +297,7 @@ class DeviceRole:
         """Feed the accepted positions back with the target's features: `features` holds the
         payloads of the root and accepted rows (with their row counts), `emitted` the tokens
         after each row (the accepted drafts, then the bonus)."""
-        start = time.perf_counter()
+        start = now(req.device)
         feats = None
         if self.decoder is not None:
             feats = torch.cat([self.decoder(p, n) for p, n in features])
@@ -297,7 +307,7 @@ class DeviceRole:
     def extend_chain(self, req: Request, levels: int) -> list[int]:
         """Keep drafting the round's chain `levels` tokens deeper (the decoupled device drafts
         on its own outputs while the edge verifies); returns the new nodes."""
-        start = time.perf_counter()
+        start = now(req.device)
         tree, source = req.tree, req.source
         node = len(tree) - 1
         new = []

@@ -69,6 +69,10 @@ class SpecRunner:
             )
         self.drafter = drafter
         if drafter is not None:
+            if drafter.device != model.device:
+                raise ValueError(
+                    f"drafter is on {drafter.device}, target on {model.device}: load both on one device"
+                )
             drafter.attach_target(self.adapter, fingerprint_vocab(processor.tokenizer.get_vocab()))
             drafter.eval()
         self._kernel: DrafterKernel | None = None
@@ -80,18 +84,30 @@ class SpecRunner:
 
     @classmethod
     def from_folders(
-        cls, target: str, drafter: str | None = None, dtype: torch.dtype = torch.float32
+        cls,
+        target: str,
+        drafter: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
     ) -> SpecRunner:
-        model = AutoModelForImageTextToText.from_pretrained(target, dtype=dtype)
+        """Load exported folders onto `device` (the drafter in the target's dtype)."""
+        model = AutoModelForImageTextToText.from_pretrained(target, dtype=dtype).to(device)
         processor = AutoProcessor.from_pretrained(target)
-        return cls(model, processor, Drafter.from_pretrained(drafter) if drafter else None)
+        loaded = Drafter.from_pretrained(drafter).to(device, dtype) if drafter else None
+        return cls(model, processor, loaded)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
 
     def encode(self, image, prompt: str) -> dict:
-        return self.processor(
+        """Processor inputs for one prompt, on the model's device."""
+        inputs = self.processor(
             images=[image] if image is not None else None,
             text=build_prompt(self.processor, prompt, image is not None),
             return_tensors="pt",
         )
+        return inputs.to(self.device)
 
     def check_length(self, prompt_len: int, max_new_tokens: int) -> None:
         limit = getattr(self.adapter.text_config, "max_position_embeddings", None)

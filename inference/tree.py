@@ -114,8 +114,9 @@ class DraftSource(Protocol):
 
 def _gumbel_topk(logp: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
     """k draws without replacement from exp(logp), per row (Gumbel top-k). (F, V) -> (F, k)."""
+    # the generator is a CPU one (reproducible across devices): draw there, then move
     u = torch.rand(logp.shape, generator=generator, dtype=logp.dtype).clamp_min(1e-20)
-    return (logp - torch.log(-torch.log(u))).topk(k, dim=-1).indices
+    return (logp - torch.log(-torch.log(u)).to(logp.device)).topk(k, dim=-1).indices
 
 
 def grow(
@@ -149,7 +150,7 @@ def grow(
             # CoVSpec parallel branching: extra candidates only where the drafter is unsure
             width = k if s.branch_margin is None or margins[row] < s.branch_margin else 1
             if sample:
-                tree.draft_probs[node] = logp[row].exp()
+                tree.draft_probs[node] = logp[row].exp().cpu()
             for tok, lp in zip(ids[row][:width], lps[row][:width], strict=True):
                 new.append(tree.add(node, tok, tree.scores[node] + lp))
         frontier = sorted(new, key=lambda n: -tree.scores[n])[

@@ -5,6 +5,7 @@
     covspec toy-eval   --target checkpoints/toy-target --num 200
     covspec train      --config recipes/toy/drafter.yaml [--model.variant text_only ...]
     covspec bench      --target DIR --drafter DIR [--drafter DIR ...] [--data F.jsonl | --toy N] --out F.json
+    covspec simulate   --target DIR --drafter DIR [--channel good|medium|bad|PRESET@rttMS|TRACE.csv ...] --out F.json
     covspec export     DRAFTER_DIR --target DIR --format speculators|eagle3 --out DIR [--dtype bfloat16]
     covspec publish    DIR --repo-id ORG/NAME [--base-model ID] [--private] [--exist-ok] [--dry-run]
 
@@ -62,16 +63,93 @@ def _bench(args: argparse.Namespace) -> None:
 
     samples = read_prompts_jsonl(args.data) if args.data else toy_prompts(args.toy)
     chain = DraftSettings(mode="chain", depth=args.depth, stop_margin=args.stop_margin)
-    tree = DraftSettings(
-        mode="tree", depth=args.depth, top_k=args.top_k, beam=args.beam, max_nodes=args.max_nodes,
-        stop_margin=args.stop_margin, branch_margin=None if args.branch_margin < 0 else args.branch_margin,
-    )  # fmt: skip
+    tree = _draft_settings(args)
     report = run_bench(
-        args.target, args.drafter, samples, args.max_new_tokens, chain, tree, warmup=args.warmup
-    )
+        args.target, args.drafter, samples, args.max_new_tokens, chain, tree,
+        warmup=args.warmup, device=args.device,
+    )  # fmt: skip
     path = write_report(report, args.out)
     print(markdown_table(report))
     print(f"wrote {path}, {path.with_suffix('.md')}, {path.with_suffix('.png')}")
+
+
+def _draft_settings(args: argparse.Namespace, mode: str = "tree"):
+    from covspec.inference.tree import DraftSettings
+
+    return DraftSettings(
+        mode=mode, depth=args.depth, top_k=args.top_k, beam=args.beam, max_nodes=args.max_nodes,
+        stop_margin=args.stop_margin, branch_margin=None if args.branch_margin < 0 else args.branch_margin,
+    )  # fmt: skip
+
+
+def _simulate(args: argparse.Namespace) -> None:
+    from covspec.data.readers import read_prompts_jsonl, toy_prompts
+    from covspec.inference.simulate import METHODS, SimulationPlan, simulate
+    from covspec.inference.simulate_report import markdown, write_report
+
+    sweep = [float(x) for x in args.rtt_sweep.split(",") if x.strip()] if args.rtt_sweep else []
+    plan = SimulationPlan(
+        drafters=args.drafter,
+        methods=args.protocol or list(METHODS),
+        channels=args.channel or ["good", "medium", "bad"],
+        computes=args.compute or ["measured", "a40-orin-7b"],
+        rtt_sweep_ms=sweep,
+        sweep_channel=args.sweep_channel,
+        sweep_compute=args.sweep_compute,
+        settings=_draft_settings(args),
+        max_depth=args.max_depth,
+        seed=args.seed,
+    )
+    samples = read_prompts_jsonl(args.data) if args.data else toy_prompts(args.toy)
+    report = simulate(args.target, plan, samples, args.max_new_tokens)
+    path = write_report(report, args.out)
+    print(markdown(report))
+    print(f"wrote {path}, {path.with_suffix('.md')}, {path.with_suffix('.png')}")
+
+
+def _add_draft_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--beam", type=int, default=2)
+    p.add_argument("--max-nodes", type=int, default=10)
+    p.add_argument(
+        "--stop-margin", type=float, default=0.0, help="CoVSpec adaptive length (0: off)"
+    )
+    p.add_argument(
+        "--branch-margin", type=float, default=0.5,
+        help="CoVSpec parallel branching: top-k children only below this margin (negative: always, EAGLE-2)",
+    )  # fmt: skip
+
+
+def _add_simulate_parser(sub) -> None:
+    p = sub.add_parser(
+        "simulate", help="real decoding priced over simulated device-edge links, per protocol"
+    )
+    p.add_argument("--target", default="checkpoints/toy-target")
+    p.add_argument("--drafter", action="append", default=[], help="drafter folder (repeatable)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data", help='jsonl of {"id", "image", "prompt"}')
+    src.add_argument("--toy", type=int, default=20, help="N unseen toy scenes (default)")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument(
+        "--protocol", action="append",
+        help="edge_only, sync, sync_adaptive, decoupled, progressive (repeatable; default all)",
+    )  # fmt: skip
+    p.add_argument(
+        "--channel", action="append",
+        help="good, medium, bad, PRESET@rttMS or a CSV trace time_s,snr_db,rtt_ms[,uplink_mbps,downlink_mbps] (repeatable)",
+    )  # fmt: skip
+    p.add_argument(
+        "--compute", action="append", help="measured or a40-orin-7b (repeatable; default both)"
+    )
+    p.add_argument("--rtt-sweep", default="5,10,20,50,100,200,400", help="ms list; '' skips")
+    p.add_argument("--sweep-channel", default="medium")
+    p.add_argument("--sweep-compute", default="a40-orin-7b")
+    p.add_argument("--max-depth", type=int, default=12, help="cap of the adaptive depth")
+    p.add_argument("--seed", type=int, default=0, help="channel draws (per sample: seed + i)")
+    p.add_argument("--out", default="checkpoints/simulate/toy.json")
+    _add_draft_arguments(p)
+    p.set_defaults(func=_simulate)
 
 
 def _publish(args: argparse.Namespace) -> None:
@@ -164,18 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--toy", type=int, default=20, help="N unseen toy scenes (default)")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--out", default="checkpoints/bench/toy.json")
-    p.add_argument("--depth", type=int, default=6)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--beam", type=int, default=2)
-    p.add_argument("--max-nodes", type=int, default=10)
-    p.add_argument(
-        "--stop-margin", type=float, default=0.0, help="CoVSpec adaptive length (0: off)"
-    )
-    p.add_argument(
-        "--branch-margin", type=float, default=0.5,
-        help="CoVSpec parallel branching: top-k children only below this margin (negative: always, EAGLE-2)",
-    )  # fmt: skip
+    _add_draft_arguments(p)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="torch device of target and drafters")
     p.set_defaults(func=_bench)
 
     p = sub.add_parser(
@@ -199,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--commit-message")
     p.set_defaults(func=_publish)
     _add_export_parser(sub)
+    _add_simulate_parser(sub)
     return parser
 
 

@@ -1,0 +1,274 @@
+"""`covspec simulate`: real decoding priced over simulated device-edge links, per protocol.
+
+    >>> report = simulate("checkpoints/toy-target", ["checkpoints/toy-drafter"], samples, 96)
+    >>> write_report(report, "checkpoints/simulate/toy.json")   # + .md table + .png figures
+
+For every drafter, protocol, channel and compute setting, the samples are decoded for real by
+the device and edge roles (so tau, acceptance, tokens and bytes are measured) and the decode is
+priced on a `Timeline`: the link model gives message arrival times, the compute model gives
+each model call's time (`measured`: this machine's wall time for the toy models; a roofline
+profile: a real-size target and drafter on named hardware, simulated). Rows report per method:
+latency per output token and per answer, time to first token, edge compute per output token (what
+an edge operator pays), bytes per output token each way, rounds per answer, tau, the fraction of
+answers identical to HF `generate`, and the speedup over `edge_only` under the same channel and
+compute. An RTT sweep (one curve per protocol) shows where speculative decoding starts to beat
+`edge_only` instead of picking presets that make it win.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from covspec.inference.compute import resolve_compute
+from covspec.inference.link import PRESET_SOURCES, PRESETS, Link, resolve_channel
+from covspec.inference.protocols import LinkAwareDepth, Timeline, run_protocol
+from covspec.inference.roles import Request
+from covspec.inference.runner import SpecRunner, suppressed_tokens
+from covspec.inference.tree import DraftSettings
+from covspec.modeling.adapters import adapter_for
+from covspec.modeling.drafter import Drafter
+
+TAU_DEFINITION = (
+    "tau = tokens emitted per target forward in the decode loop, the bonus token included"
+)
+# protocol rows: (row name, protocol, adaptive depth?)
+METHODS = {
+    "edge_only": ("edge_only", False),
+    "sync": ("sync", False),
+    "sync_adaptive": ("sync", True),
+    "decoupled": ("decoupled", False),
+    "progressive": ("progressive", False),
+}
+
+
+@dataclass
+class Tally:
+    samples: int = 0
+    tokens: int = 0
+    rounds: int = 0
+    latency_s: float = 0.0
+    first_token_s: float = 0.0
+    edge_s: float = 0.0
+    device_s: float = 0.0
+    up: int = 0
+    down: int = 0
+    identical: int = 0
+    depths: list[int] = field(default_factory=list)
+
+    def add(self, result, same: bool, depths: list[int]) -> None:
+        self.samples += 1
+        self.tokens += len(result.tokens)
+        self.rounds += result.rounds
+        self.latency_s += result.end_s
+        self.first_token_s += result.first_token_s
+        self.edge_s += result.edge_s
+        self.device_s += result.device_s
+        self.up += result.uplink_bytes
+        self.down += result.downlink_bytes
+        self.identical += same
+        self.depths += depths
+
+    def row(self) -> dict:
+        n, tok = max(self.samples, 1), max(self.tokens, 1)
+        decode_tokens = max(self.tokens - self.samples, 1)
+        return {
+            "latency_per_token_ms": 1e3 * self.latency_s / tok,
+            "latency_per_answer_ms": 1e3 * self.latency_s / n,
+            "time_to_first_token_ms": 1e3 * self.first_token_s / n,
+            "edge_compute_per_token_ms": 1e3 * self.edge_s / tok,
+            "device_compute_per_token_ms": 1e3 * self.device_s / tok,
+            "uplink_bytes_per_token": self.up / tok,
+            "downlink_bytes_per_token": self.down / tok,
+            "rounds_per_answer": self.rounds / n,
+            "tau": decode_tokens / self.rounds if self.rounds else None,
+            "tokens_per_answer": self.tokens / n,
+            "identical_fraction": self.identical / n,
+            "mean_draft_depth": sum(self.depths) / len(self.depths) if self.depths else None,
+        }
+
+
+def _policy(adaptive: bool, settings: DraftSettings, max_depth: int):
+    return LinkAwareDepth(settings, max_depth=max_depth) if adaptive else settings
+
+
+def _decode(runner, method, sample, max_new, timeline, settings, max_depth):
+    protocol, adaptive = METHODS[method]
+    policy = _policy(adaptive, settings, max_depth)
+    req = Request(sample["image"], sample["prompt"], max_new)
+    result = run_protocol(protocol, runner, req, timeline, policy)
+    depths = list(policy.chosen) if adaptive else []
+    return result, depths
+
+
+def _reference(model, processor, runner, sample, max_new) -> list[int]:
+    inputs = runner.encode(sample["image"], sample["prompt"])
+    with torch.inference_mode():
+        out = model.generate(
+            **inputs, do_sample=False, max_new_tokens=max_new,
+            suppress_tokens=suppressed_tokens(model, adapter_for(model)),
+        )  # fmt: skip
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+@dataclass
+class SimulationPlan:
+    drafters: list[str]
+    methods: list[str]
+    channels: list[str]
+    computes: list[str]
+    rtt_sweep_ms: list[float]
+    sweep_channel: str = "medium"
+    sweep_compute: str = "a40-orin-7b"
+    settings: DraftSettings = field(default_factory=lambda: DraftSettings(mode="tree", depth=6, top_k=2, beam=2, max_nodes=10, branch_margin=0.5))  # fmt: skip
+    max_depth: int = 12
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown protocol(s) {unknown}; known: {list(METHODS)}")
+        for name in self.computes + [self.sweep_compute]:
+            resolve_compute(name)
+        for spec in self.channels + [self.sweep_channel]:
+            resolve_channel(spec)
+        if any(r <= 0 for r in self.rtt_sweep_ms):
+            raise ValueError(f"RTTs must be > 0 ms, got {self.rtt_sweep_ms}")
+
+
+def _runs(plan: SimulationPlan):
+    """(section, drafter, method, channel spec, compute name) for every decode to run."""
+    for compute in plan.computes:
+        for channel in plan.channels:
+            yield "table", None, "edge_only", channel, compute
+            for drafter in plan.drafters:
+                for method in plan.methods:
+                    if method != "edge_only":
+                        yield "table", drafter, method, channel, compute
+    for rtt in plan.rtt_sweep_ms:
+        channel = f"{plan.sweep_channel}@rtt{rtt:g}"
+        yield "sweep", None, "edge_only", channel, plan.sweep_compute
+        for method in plan.methods:
+            if method != "edge_only":
+                yield "sweep", plan.drafters[0], method, channel, plan.sweep_compute
+
+
+def simulate(target: str, plan: SimulationPlan, samples: list[dict], max_new_tokens: int) -> dict:
+    """Decode every sample for every run of `plan`; returns the report dict."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not plan.drafters:
+        raise ValueError("simulate needs at least one --drafter")
+    model = AutoModelForImageTextToText.from_pretrained(target).eval()
+    processor = AutoProcessor.from_pretrained(target)
+    runners = {None: SpecRunner(model, processor, None)}
+    for path in plan.drafters:
+        runners[path] = SpecRunner(model, processor, Drafter.from_pretrained(path))
+    refs = [_reference(model, processor, runners[None], s, max_new_tokens) for s in samples]
+    runs = list(_runs(plan))
+    rows, timeline_example = [], None
+    for section, drafter, method, channel, compute in tqdm(runs, desc="simulate", unit="run"):
+        tally = Tally()
+        runner = runners[drafter]
+        for i, sample in enumerate(samples):
+            link = Link(resolve_channel(channel), seed=plan.seed + i)
+            timeline = Timeline(link, resolve_compute(compute), runner.adapter.vocab_size)
+            result, depths = _decode(
+                runner, method, sample, max_new_tokens, timeline, plan.settings, plan.max_depth
+            )
+            tally.add(result, result.tokens == refs[i], depths)
+            if i == 0 and section == "table" and channel == plan.channels[-1]:
+                timeline_example = timeline_example or {}
+                timeline_example.setdefault(f"{method}|{compute}", _events(timeline))
+        rows.append(
+            {
+                "section": section,
+                "drafter": Path(drafter).name if drafter else None,
+                "protocol": method,
+                "channel": channel,
+                "compute": compute,
+                **tally.row(),
+            }
+        )
+    _speedups(rows)
+    return {
+        "target": str(target),
+        "num_samples": len(samples),
+        "max_new_tokens": max_new_tokens,
+        "tau_definition": TAU_DEFINITION,
+        "settings": plan.settings.__dict__,
+        "max_adaptive_depth": plan.max_depth,
+        "channels": {name: _describe(name) for name in sorted(set(plan.channels))},
+        "preset_sources": PRESET_SOURCES,
+        "computes": {
+            name: _compute_doc(name) for name in sorted(set(plan.computes + [plan.sweep_compute]))
+        },
+        "rows": rows,
+        "timeline_example": timeline_example,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _speedups(rows: list[dict]) -> None:
+    base = {
+        (r["section"], r["channel"], r["compute"]): r["latency_per_token_ms"]
+        for r in rows
+        if r["protocol"] == "edge_only"
+    }
+    for r in rows:
+        ref = base.get((r["section"], r["channel"], r["compute"]))
+        r["speedup_vs_edge_only"] = ref / r["latency_per_token_ms"] if ref else None
+        r["edge_compute_saving_vs_edge_only"] = None
+    edge = {
+        (r["section"], r["channel"], r["compute"]): r["edge_compute_per_token_ms"]
+        for r in rows
+        if r["protocol"] == "edge_only"
+    }
+    for r in rows:
+        ref = edge.get((r["section"], r["channel"], r["compute"]))
+        if ref and r["edge_compute_per_token_ms"]:
+            r["edge_compute_saving_vs_edge_only"] = ref / r["edge_compute_per_token_ms"]
+
+
+def _events(timeline: Timeline) -> dict:
+    return {"compute": timeline.intervals, "messages": timeline.messages}
+
+
+def _describe(spec: str) -> dict:
+    channel = resolve_channel(spec)
+    if spec.split("@")[0] in PRESETS:
+        return {
+            "description": channel.description,
+            "rtt_ms": channel.rtt_ms,
+            "rtt_jitter_ms": channel.rtt_jitter_ms,
+            "uplink": channel.uplink.__dict__,
+            "downlink": channel.downlink.__dict__,
+            "overhead_bytes": channel.overhead_bytes,
+        }
+    return {"trace": spec, "rows": len(channel.rows)}
+
+
+def _compute_doc(name: str) -> dict:
+    c = resolve_compute(name)
+    if name == "measured":
+        return {
+            "description": "wall time of every model call on this machine (toy models), measured"
+        }
+    return {
+        "description": c.name,
+        "edge": {**c.edge.__dict__},
+        "device": {**c.device.__dict__},
+        "target": {**c.target.__dict__},
+        "drafter": {**c.drafter.__dict__},
+    }
+
+
+def write_json(report: dict, out: Path) -> None:
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2, allow_nan=False))
+    tmp.rename(out)

@@ -113,7 +113,9 @@ def test_every_recipe_parses_through_the_cli(recipe, monkeypatch):
     assert cli.datamodule.hparams.target == cli.model.hparams.target
     callbacks = cli.config_init.trainer.callbacks
     export = [c for c in callbacks if type(c).__name__ == "ExportDrafter"][0]
-    assert export.dirpath.endswith("-text-only"), "variant suffix not resolved"
+    assert "-text-only" in export.dirpath, "variant suffix not resolved"
+    if cli.model.hparams.feature_codec_rank:  # a codec run never overwrites its start drafter
+        assert export.dirpath.endswith(f"-r{cli.model.hparams.feature_codec_rank}")
     if "toy" not in recipe:
         strategy = cli.config_init.trainer.strategy
         assert (
@@ -243,3 +245,28 @@ def test_teacher_computes_logits_at_answer_positions_only(micro_target_dir, monk
     # one head call over the answer tokens that have a drafter prediction, not every position
     answer_tokens = int(batch["loss_mask"].sum())
     assert rows and 0 < rows[0] <= answer_tokens < batch["attention_mask"].sum()
+
+
+def test_codec_fine_tune_starts_from_a_trained_drafter(micro_target_dir, tmp_path):
+    base = _module(micro_target_dir)
+    with torch.no_grad():
+        base.drafter.fc.weight.normal_()
+    base.drafter.save_pretrained(tmp_path)
+    d = base.drafter.config.hidden_size
+    full = min(d, base.drafter.fc.weight.shape[1])
+    codec = _module(micro_target_dir, init_from=str(tmp_path), feature_codec_rank=full)
+    # at full rank the SVD split reproduces fc; every other weight is copied
+    torch.testing.assert_close(
+        codec.drafter.feature_projection(), base.drafter.fc.weight, rtol=1e-4, atol=1e-4
+    )
+    torch.testing.assert_close(codec.drafter.norm.weight, base.drafter.norm.weight)
+    small = _module(micro_target_dir, init_from=str(tmp_path), feature_codec_rank=4)
+    assert small.drafter.fc_down.weight.shape == (4, base.drafter.fc.weight.shape[1])
+    before = {n: p.detach().clone() for n, p in small.drafter.named_parameters()}
+    opt = torch.optim.AdamW(small.drafter.parameters(), lr=1e-2)
+    small.losses(_batch(micro_target_dir), small.train_agreement).backward()
+    opt.step()
+    for name in ("fc_down.weight", "fc_up.weight"):  # gradients pass the int8 fake quantiser
+        assert not torch.equal(dict(small.drafter.named_parameters())[name], before[name])
+    with pytest.raises(ValueError, match="visual_free"):
+        _module(micro_target_dir, init_from=str(tmp_path), variant="text_only")

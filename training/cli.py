@@ -6,7 +6,8 @@
 
 The data module's `target` is linked to the model's, so a recipe names its target once. Strings
 in the trainer section may hold `{variant}`, `{variant_suffix}` ("" for visual_free, else
-"-full-visual" / "-text-only") and `{recipe}` (the folder of the recipe given last with
+"-full-visual" / "-text-only"), `{codec_suffix}` ("" or "-r16" for a feature codec of rank
+16) and `{recipe}` (the folder of the recipe given last with
 --config, e.g. "llava-1.5-7b"), so checkpoints, exports and run names follow `--model.variant`
 and the target, and a baseline never resumes from another variant's checkpoint. A recipe may
 start with `config: ../_shared/BASE.yaml` to inherit a shared base (jsonargparse nesting). By default training resumes from
@@ -54,7 +55,13 @@ class CovspecCLI(LightningCLI):
         suffix = "" if variant == "visual_free" else "-" + variant.replace("_", "-")
         configs = self.config.get("config") or []
         recipe = Path(str(configs[-1])).resolve().parent.name if configs else "run"
-        names = {"variant": variant, "variant_suffix": suffix, "recipe": recipe}
+        rank = self.config.model.get("feature_codec_rank")
+        names = {
+            "variant": variant,
+            "variant_suffix": suffix,
+            "recipe": recipe,
+            "codec_suffix": f"-r{rank}" if rank else "",
+        }
         _format(self.config.trainer, names)
 
 

@@ -55,6 +55,8 @@ class DrafterDistillation(L.LightningModule):
         fused_layer_ids: list[int] | None = None,
         drafter_layers: int = 1,
         step_bias: bool = False,
+        feature_codec_rank: int | None = None,
+        init_from: str | None = None,
         draft_vocab_size: int | None = None,
         draft_vocab_batches: int = 200,
         lr: float = 5e-4,
@@ -102,11 +104,44 @@ class DrafterDistillation(L.LightningModule):
             overrides["fused_layer_ids"] = list(hp.fused_layer_ids)
         if hp.draft_vocab_size:
             overrides["draft_vocab_size"] = hp.draft_vocab_size
+        if hp.feature_codec_rank:
+            overrides["feature_codec_rank"] = hp.feature_codec_rank
+        if hp.init_from:
+            self.drafter = self._fine_tune_start(hp.init_from, fingerprint)
+            return
         config = DrafterConfig.for_target(
             self.adapter, tokenizer_fingerprint=fingerprint, **overrides
         )
         self.adapter.check_layer_ids(config.fused_layer_ids)  # refuse before any training
         self.drafter = Drafter(config).attach_target(self.adapter)
+
+    def _fine_tune_start(self, folder: str, fingerprint: str | None) -> Drafter:
+        """A drafter that starts from a trained one (`init_from`): its architecture and weights,
+        with the feature codec added when `feature_codec_rank` is set (initialised at the best
+        rank-r split of the trained `fc`, by SVD)."""
+        hp = self.hparams
+        source = Drafter.from_pretrained(folder)
+        source.check_target(self.adapter, fingerprint)
+        if source.config.variant != hp.variant:
+            raise ValueError(
+                f"init_from {folder} is a {source.config.variant!r} drafter, this run trains {hp.variant!r}"
+            )
+        config = DrafterConfig.from_dict(
+            {**source.config.to_dict(), "feature_codec_rank": hp.feature_codec_rank,
+             "max_draft_steps": hp.unroll_steps}
+        )  # fmt: skip
+        drafter = Drafter(config).attach_target(self.adapter)
+        state = source.state_dict()
+        codec_start = state.pop("fc.weight", None) if hp.feature_codec_rank else None
+        missing, unexpected = drafter.load_state_dict(state, strict=False)
+        expected_missing = {"fc_down.weight", "fc_up.weight"} if hp.feature_codec_rank else set()
+        if set(missing) != expected_missing or unexpected:
+            raise ValueError(
+                f"cannot start from {folder}: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+            )
+        if codec_start is not None:
+            drafter.init_codec_from(codec_start)
+        return drafter
 
     def on_fit_start(self) -> None:
         """Build the pruned draft vocabulary from answer-token counts (summed over ranks)."""

@@ -31,12 +31,11 @@ Each target forward emits a `RoundRecord` to the observers (tallies, trajectory 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import torch
 
 from covspec.inference.compute import MEASURED, Op
-from covspec.inference.link import Link
 from covspec.inference.messages import (
     Correction,
     DraftUpload,
@@ -45,109 +44,12 @@ from covspec.inference.messages import (
     PromptUpload,
     VerifyResult,
 )
+from covspec.inference.policies import FixedDepth, LinkAwareDepth
 from covspec.inference.roles import DeviceRole, EdgeRole, Request, now, tree_from_upload, upload_for
+from covspec.inference.timeline import GenerationResult, RoundRecord, Timeline
 from covspec.inference.tree import DraftSettings, DraftTree
 
 PROTOCOLS = ("edge_only", "sync", "decoupled", "progressive")
-
-
-@dataclass
-class RoundRecord:
-    """One target forward of the decode loop and what it cost."""
-
-    index: int
-    phase: str  # "round", "chunk" (decoupled, after the first) or "subtree" (progressive)
-    drafted: int  # draft tokens verified
-    accepted: int  # of them accepted
-    emitted: int  # tokens emitted (accepted + the bonus, when there is one)
-    attempts_per_depth: list[int]
-    accepted_per_depth: list[int]
-    uplink_bytes: int
-    downlink_bytes: int
-    device_s: float  # priced by the timeline's compute model
-    edge_s: float
-    end_s: float  # when the device holds this forward's verdict (simulated clock)
-
-
-@dataclass
-class GenerationResult:
-    tokens: list[int]
-    text: str = ""
-    rounds: int = 0  # target forwards in the decode loop (prefill excluded)
-    drafted: int = 0  # draft tokens verified, summed over rounds
-    attempts_per_depth: list[int] = field(default_factory=list)
-    accepted_per_depth: list[int] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=dict)  # measured wall time per phase
-    records: list[RoundRecord] = field(default_factory=list)
-    first_token_s: float = 0.0  # simulated: the device holds the first token
-    end_s: float = 0.0  # simulated: the device holds the whole answer
-    edge_s: float = 0.0  # simulated edge compute, prefill included
-    device_s: float = 0.0
-    uplink_bytes: int = 0
-    downlink_bytes: int = 0
-
-    @property
-    def tau(self) -> float:
-        """Tokens emitted per target forward in the decode loop, the bonus token included."""
-        return (len(self.tokens) - 1) / self.rounds if self.rounds else float("nan")
-
-    @property
-    def acceptance_per_depth(self) -> list[float]:
-        return [
-            a / n if n else float("nan")
-            for a, n in zip(self.accepted_per_depth, self.attempts_per_depth, strict=True)
-        ]
-
-
-class Timeline:
-    """Virtual clocks of the device and the edge over a link (None: an in-process, free link)."""
-
-    def __init__(self, link: Link | None = None, compute=MEASURED, vocab_size: int = 1) -> None:
-        self.link, self.compute_model, self.vocab_size = link, compute, vocab_size
-        self.free = {"device": 0.0, "edge": 0.0}
-        self.busy = {"device": 0.0, "edge": 0.0}
-        self.bytes = {"up": 0, "down": 0}
-        # event log for figures (kept only with a link): messages (dir, kind, bytes, sent,
-        # arrived) and compute intervals (role, kind, start, end)
-        self.messages: list[tuple[str, str, int, float, float]] = []
-        self.intervals: list[tuple[str, str, float, float]] = []
-
-    def run(self, ops: Op | list[Op], after: float = 0.0) -> float:
-        """Occupy the ops' role from max(its clock, `after`); returns when it is done."""
-        ops = [ops] if isinstance(ops, Op) else ops
-        role = ops[0].role
-        seconds = sum(self.compute_model.seconds(op) for op in ops)
-        start = max(self.free[role], after)
-        self.free[role] = start + seconds
-        self.busy[role] += seconds
-        if self.link is not None:  # the in-process runner keeps no event log
-            self.intervals.append((role, ops[-1].kind, start, self.free[role]))
-        return self.free[role]
-
-    def send(self, direction: str, message, ready: float) -> float:
-        """Hand `message` to the link at `ready`; returns its arrival time."""
-        nbytes = message.nbytes(self.vocab_size)
-        self.bytes[direction] += nbytes
-        arrival = ready if self.link is None else self.link.send(direction, nbytes, ready)
-        if self.link is not None:
-            self.messages.append((direction, type(message).__name__, nbytes, ready, arrival))
-        return arrival
-
-    def now(self, role: str = "device") -> float:
-        return self.free[role]
-
-
-class FixedDepth:
-    """The same draft settings every round."""
-
-    def __init__(self, settings: DraftSettings) -> None:
-        self.base = settings
-
-    def settings(self, req: Request, timeline: Timeline) -> DraftSettings:
-        return self.base
-
-    def observe(self, record: RoundRecord, draft_levels: int) -> None:
-        pass
 
 
 def _elapsed(start: float, device=None) -> float:
@@ -549,69 +451,6 @@ def _top_path(tree: DraftTree, order: list[int]) -> list[int]:
             return path
         path.append(child)
         node = child
-
-
-class LinkAwareDepth:
-    """CoVSpec adaptive draft length under the link: each round, the depth (1..max_depth) that
-    maximises expected tokens per second of a round,
-
-        E(d) = (1 - a^(d+1)) / (1 - a)        tokens per round (chain, acceptance a per depth)
-        T(d) = d * step + verify + RTT + bytes_up(d) / rate_up + E(d) * bytes_per_token / rate_down
-
-    with `a` a moving average of the measured acceptance per attempted depth, `step` and
-    `verify` moving averages of the priced compute of past rounds, and RTT and rates the
-    link's current state (CSI). A long RTT favours long drafts, a fast link and a weak drafter
-    short ones. Inside the chosen depth, CoVSpec's margin rules (`stop_margin`,
-    `branch_margin` of the base settings) still cut unsure nodes and branch where unsure;
-    `max_nodes` scales with the depth."""
-
-    def __init__(self, base: DraftSettings, max_depth: int = 12, smoothing: float = 0.3) -> None:
-        if not 1 <= base.depth <= max_depth:
-            raise ValueError(f"need 1 <= base depth <= max_depth, got {base.depth}, {max_depth}")
-        self.base, self.max_depth, self.smoothing = base, max_depth, smoothing
-        self.alpha = 0.8  # prior acceptance per depth until the first round is seen
-        self.step_s = self.verify_s = None
-        self.up_bytes_per_node, self.down_bytes_per_token = 4.0, 0.0
-        self.chosen: list[int] = []
-
-    def _avg(self, old: float | None, new: float) -> float:
-        return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
-
-    def observe(self, record: RoundRecord, levels: int) -> None:
-        tried = sum(record.attempts_per_depth)
-        if tried:
-            self.alpha = self._avg(self.alpha, sum(record.accepted_per_depth) / tried)
-        self.alpha = min(self.alpha, 0.995)
-        if levels:
-            self.step_s = self._avg(self.step_s, record.device_s / levels)
-        self.verify_s = self._avg(self.verify_s, record.edge_s)
-        if record.drafted:
-            self.up_bytes_per_node = self._avg(
-                self.up_bytes_per_node, record.uplink_bytes / record.drafted
-            )
-        self.down_bytes_per_token = self._avg(
-            self.down_bytes_per_token, record.downlink_bytes / record.emitted
-        )
-
-    def settings(self, req: Request, timeline: Timeline) -> DraftSettings:
-        if self.step_s is None:  # nothing measured yet: the base depth
-            depth = self.base.depth
-        else:
-            depth = max(range(1, self.max_depth + 1), key=lambda d: self._rate(d, timeline))
-        self.chosen.append(depth)
-        extra = self.base.max_nodes - self.base.depth
-        return replace(self.base, depth=depth, max_nodes=depth + max(extra, 0))
-
-    def _rate(self, depth: int, timeline: Timeline) -> float:
-        a = self.alpha
-        tokens = (1 - a ** (depth + 1)) / (1 - a)
-        seconds = depth * self.step_s + self.verify_s
-        if timeline.link is not None:
-            state = timeline.link.state(timeline.now("device"))
-            seconds += state.rtt_ms / 1e3
-            seconds += 8 * self.up_bytes_per_node * depth / state.uplink_bps
-            seconds += 8 * self.down_bytes_per_token * tokens / state.downlink_bps
-        return tokens / seconds
 
 
 def run_protocol(

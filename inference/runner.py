@@ -24,8 +24,9 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from covspec.inference.features import FeatureEncoder
 from covspec.inference.kernel import DrafterKernel
-from covspec.inference.protocols import GenerationResult, Timeline, run_protocol
+from covspec.inference.protocols import run_protocol
 from covspec.inference.roles import Request
+from covspec.inference.timeline import GenerationResult, Timeline
 from covspec.inference.tree import DraftSettings
 from covspec.modeling.adapters import TargetAdapter, TargetMismatchError, adapter_for
 from covspec.modeling.drafter import Drafter

@@ -27,9 +27,11 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from covspec.inference.compute import resolve_compute
 from covspec.inference.link import PRESET_SOURCES, PRESETS, Link, resolve_channel
-from covspec.inference.protocols import LinkAwareDepth, Timeline, run_protocol
+from covspec.inference.policies import LinkAwareDepth
+from covspec.inference.protocols import run_protocol
 from covspec.inference.roles import Request
 from covspec.inference.runner import SpecRunner, suppressed_tokens
+from covspec.inference.timeline import Timeline
 from covspec.inference.tree import DraftSettings
 from covspec.modeling.adapters import adapter_for
 from covspec.modeling.drafter import Drafter

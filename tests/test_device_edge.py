@@ -9,9 +9,11 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from covspec.data.toy_world import make_sample
 from covspec.inference.compute import MEASURED, PROFILES, Op
 from covspec.inference.link import PRESETS, Link, RadioConfig, TraceChannel, resolve_channel
-from covspec.inference.protocols import PROTOCOLS, LinkAwareDepth, Timeline, run_protocol
+from covspec.inference.policies import LinkAwareDepth
+from covspec.inference.protocols import PROTOCOLS, run_protocol
 from covspec.inference.roles import Request
 from covspec.inference.runner import SpecRunner
+from covspec.inference.timeline import Timeline
 from covspec.inference.tree import DraftSettings
 from covspec.modeling.drafter import Drafter, DrafterConfig
 

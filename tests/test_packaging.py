@@ -1,0 +1,78 @@
+"""The wheel installs one top-level package, `covspec`, and the `covspec` command lists its jobs."""
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from covspec.scripts.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_DIRS = ("modeling", "training", "data", "inference", "scripts")
+SUBCOMMANDS = (
+    "toy-data",
+    "toy-target",
+    "toy-eval",
+    "train",
+    "bench",
+    "simulate",
+    "export",
+    "publish",
+)
+
+
+def _build_wheel(tmp_path: Path) -> Path:
+    """Build from a copy so that no `build/` or `*.egg-info` lands in the repository."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    for name in PACKAGE_DIRS:
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    dist = tmp_path / "dist"
+    # offline: no index, no build isolation (uses the installed setuptools), no dependencies
+    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation"]
+        + ["-w", str(dist), "-q"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    wheels = list(dist.glob("covspec-*.whl"))
+    assert len(wheels) == 1, wheels
+    return wheels[0]
+
+
+def test_wheel_installs_only_the_covspec_namespace(tmp_path):
+    with zipfile.ZipFile(_build_wheel(tmp_path)) as whl:
+        names = whl.namelist()
+        dist_info = [n for n in {n.split("/")[0] for n in names} if n.endswith(".dist-info")]
+        assert len(dist_info) == 1, dist_info
+        top = {n.split("/")[0] for n in names}
+        assert top == {"covspec", dist_info[0]}, top
+        for generic in (*PACKAGE_DIRS, "tests", "recipes", "checkpoints"):
+            assert generic not in top
+        for sub in PACKAGE_DIRS:
+            assert f"covspec/{sub}/__init__.py" in names, sub
+        assert "covspec/modeling/drafter.py" in names
+        assert "covspec/scripts/cli.py" in names
+        assert "covspec/training/distill.py" in names
+        assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
+        entry_points = whl.read(f"{dist_info[0]}/entry_points.txt").decode()
+    lines = [line.replace(" ", "") for line in entry_points.splitlines()]
+    assert "[console_scripts]" in lines
+    assert "covspec=covspec.scripts.cli:main" in lines
+
+
+def test_help_lists_every_subcommand():
+    text = build_parser().format_help()
+    for name in SUBCOMMANDS:
+        assert name in text, f"`covspec --help` does not mention {name}"
+    parser = build_parser()
+    choices = next(a.choices for a in parser._actions if getattr(a, "choices", None))
+    assert set(SUBCOMMANDS) <= set(choices), sorted(choices)

@@ -58,9 +58,17 @@ vocab {cfg.target_vocab_size}), fusing target layers {cfg.fused_layer_ids}. Vari
         else "all positions including projected visual tokens (MSD-style baseline)"
     }.
 Trained by online-logit distillation with a {steps}-step training-time-test unroll for
-{
-        trainer.global_step
-    } optimizer steps. Embeddings and LM head are the target's and are not stored here.
+{trainer.global_step} optimizer steps{
+        f", starting from `{module.hparams.init_from}`" if module.hparams.init_from else ""
+    }. Layout: EAGLE-3's ([embedding; fused feature] into q/k/v, `fc`, `d2t`/`t2d`){
+        "; HiViS step-bias corrections enabled" if cfg.step_bias else ""
+    }{
+        f"; device-edge feature codec of rank {cfg.feature_codec_rank} (the edge sends "
+        f"{cfg.feature_codec_rank} int8 values + one float16 scale per token)"
+        if cfg.feature_codec_rank
+        else ""
+    }. Embeddings (and a full-vocabulary LM head) are the target's and are not stored here;
+`covspec export --format speculators` writes a self-contained folder for vLLM / speculators.
 
 Load it with the project's code (no `trust_remote_code`):
 

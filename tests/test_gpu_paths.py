@@ -29,12 +29,14 @@ def deepspeed_child(target_dir: str, out_dir: str) -> None:
     """Runs in a subprocess (one gloo rank on CPU): wrap the distillation module in a ZeRO-2
     engine as Lightning's DeepSpeedStrategy does, save one checkpoint with and one without
     `exclude_frozen_parameters`, and write the parameter names to `out_dir/names.json`."""
+    import importlib
+
     import deepspeed
-    import deepspeed.comm.torch as ds_torch_comm
 
     # One rank never uses DeepSpeed's shared-memory CPU all-reduce; skipping it avoids a JIT C++
-    # build of that op (about a minute on a cold ~/.cache/torch_extensions).
-    ds_torch_comm.build_shm_op = lambda: None
+    # build of that op (about a minute on a cold ~/.cache/torch_extensions). importlib, because
+    # the attribute `deepspeed.comm.torch` is the torch package, not DeepSpeed's module.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(0)
     module = DrafterDistillation(target=target_dir, unroll_steps=2)

@@ -94,7 +94,7 @@ PRESETS: dict[str, LinkConfig] = {
         downlink=RadioConfig(bandwidth_hz=10e6, mean_snr_db=5.0, shadowing_sigma_db=6.0),
         rtt_ms=120.0,
         rtt_jitter_ms=40.0,
-        description="LTE cell edge: 5-10 MHz, 0-5 dB SNR, 8 dB shadowing, 120 ms RTT",
+        description="LTE cell edge: 5-10 MHz, 0-5 dB SNR, 6 dB shadowing, 120 ms RTT",
     ),
 }
 PRESET_SOURCES = (

@@ -453,6 +453,7 @@ def _top_path(tree: DraftTree, order: list[int]) -> list[int]:
         node = child
 
 
+@torch.inference_mode()
 def run_protocol(
     name: str,
     runner,

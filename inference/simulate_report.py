@@ -58,7 +58,7 @@ def markdown(report: dict) -> str:
     lines += _sweep_table(report)
     lines += ["### Channels", ""]
     for name, doc in report["channels"].items():
-        lines.append(f"- `{name}`: {doc}")
+        lines.append(f"- `{name}`: {_channel_line(doc)}")
     lines += ["", report["preset_sources"], "", "### Compute settings", ""]
     for name, doc in report["computes"].items():
         lines.append(f"- `{name}`: {doc['description']}")
@@ -66,6 +66,24 @@ def markdown(report: dict) -> str:
             if part in doc:
                 lines.append(f"  - {part}: {doc[part]['name']}: {doc[part]['source']}")
     return "\n".join(lines) + "\n"
+
+
+def _channel_line(doc: dict) -> str:
+    if "trace" in doc:
+        return f"trace {doc['trace']} ({doc['rows']} rows)"
+
+    def radio(r: dict) -> str:
+        return (
+            f"{r['bandwidth_hz'] / 1e6:g} MHz at {r['mean_snr_db']:g} dB mean SNR, "
+            f"{r['shadowing_sigma_db']:g} dB shadowing, {r['fading']} fading per "
+            f"{r['coherence_s'] * 1e3:g} ms block, {r['efficiency']:g} of Shannon"
+        )
+
+    return (
+        f"{doc['description']}. Uplink {radio(doc['uplink'])}; downlink {radio(doc['downlink'])}; "
+        f"RTT {doc['rtt_ms']:g} ms + exponential jitter of mean {doc['rtt_jitter_ms']:g} ms; "
+        f"{doc['overhead_bytes']} header bytes per message."
+    )
 
 
 def _sweep_table(report: dict) -> list[str]:
@@ -98,17 +116,27 @@ def plot(report: dict, path: Path) -> None:
 
     table = [r for r in report["rows"] if r["section"] == "table"]
     computes = list(dict.fromkeys(r["compute"] for r in table))
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
-    for ax, compute in zip(axes[0], computes[:2], strict=False):
-        _by_channel(ax, [r for r in table if r["compute"] == compute], "latency_per_token_ms")
-        ax.set(title=f"latency per output token ({compute})", ylabel="ms", yscale="log")
-    _by_channel(
-        axes[1][0], [r for r in table if r["compute"] == computes[0]], "downlink_bytes_per_token"
-    )
-    axes[1][0].set(title="downlink bytes per output token", ylabel="bytes", yscale="log")
-    _sweep_plot(axes[1][1], report)
+    panels = [(c, "latency_per_token_ms", "latency per output token", "ms") for c in computes]
+    panels += [
+        (c, "edge_compute_per_token_ms", "edge compute per output token", "ms")
+        for c in computes[-1:]
+    ]
+    panels += [
+        (computes[0], "downlink_bytes_per_token", "downlink bytes per output token", "bytes")
+    ]
+    panels += [(computes[0], "uplink_bytes_per_token", "uplink bytes per output token", "bytes")]
+    cols = 3
+    rows = -(-(len(panels) + 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.2 * rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax, (compute, key, title, unit) in zip(flat, panels, strict=False):
+        _by_channel(ax, [r for r in table if r["compute"] == compute], key)
+        ax.set(title=f"{title} ({compute})", ylabel=unit, yscale="log")
+    _sweep_plot(flat[len(panels)], report)
+    for ax in flat[len(panels) + 1 :]:
+        ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     if report.get("timeline_example"):
         _timeline_plot(report["timeline_example"], path.with_name(path.stem + "-timeline.png"))
@@ -144,23 +172,30 @@ def _timeline_plot(examples: dict, path: Path) -> None:
     keys = [k for k in examples if k.split("|")[0] in ("sync", "decoupled")][:4]
     if not keys:
         return
-    fig, axes = plt.subplots(len(keys), 1, figsize=(12, 2.2 * len(keys)), squeeze=False)
-    colours = {"device": "tab:blue", "edge": "tab:orange"}
+    fig, axes = plt.subplots(len(keys), 1, figsize=(12, 2.4 * len(keys)), squeeze=False)
+    colours = {
+        "draft": "tab:blue", "commit": "tab:cyan", "drafter_prefill": "tab:purple",
+        "verify+project": "tab:orange", "vision+prefill": "tab:red", "step": "tab:orange",
+    }  # fmt: skip
     for ax, key in zip(axes[:, 0], keys, strict=True):
-        events = examples[key]
-        for role, _kind, start, end in events["compute"]:
+        events, seen = examples[key], set()
+        for role, kind, start, end in events["compute"]:
             y = 1 if role == "device" else 0
             ax.broken_barh(
-                [(start * 1e3, (end - start) * 1e3)], (y - 0.3, 0.6), color=colours[role]
-            )
+                [(start * 1e3, (end - start) * 1e3)], (y - 0.3, 0.6),
+                color=colours.get(kind, "grey"), edgecolor="white",
+                label=None if kind in seen else kind,
+            )  # fmt: skip
+            seen.add(kind)
         for direction, _kind, _nbytes, sent, arrived in events["messages"]:
             y0, y1 = (1, 0) if direction == "up" else (0, 1)
             ax.annotate("", (arrived * 1e3, y1), (sent * 1e3, y0),
                         arrowprops={"arrowstyle": "->", "lw": 0.5, "color": "grey"})  # fmt: skip
-        ax.set(yticks=[0, 1], yticklabels=["edge", "device"], title=f"round timeline: {key}")
-        ax.set_xlabel("simulated ms")
+        ax.set(yticks=[0, 1], yticklabels=["edge", "device"], ylim=(-0.6, 2.0),
+               xlabel="simulated ms", title=f"one answer, simulated: {key.replace('|', ', ')}")  # fmt: skip
+        ax.legend(fontsize=7, loc="upper left", ncol=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

@@ -88,7 +88,8 @@ class Timeline:
         self.free[role] = start + seconds
         self.busy[role] += seconds
         if self.link is not None:  # the in-process runner keeps no event log
-            self.intervals.append((role, ops[-1].kind, start, self.free[role]))
+            kind = "+".join(op.kind for op in ops)
+            self.intervals.append((role, kind, start, self.free[role]))
         return self.free[role]
 
     def send(self, direction: str, message, ready: float) -> float:

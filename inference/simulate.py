@@ -60,6 +60,8 @@ class Tally:
     device_s: float = 0.0
     up: int = 0
     down: int = 0
+    decode_up: int = 0  # traffic of the decode loop only (after the prompt's exchange)
+    decode_down: int = 0
     identical: int = 0
     depths: list[int] = field(default_factory=list)
 
@@ -73,6 +75,8 @@ class Tally:
         self.device_s += result.device_s
         self.up += result.uplink_bytes
         self.down += result.downlink_bytes
+        self.decode_up += sum(r.uplink_bytes for r in result.records)
+        self.decode_down += sum(r.downlink_bytes for r in result.records)
         self.identical += same
         self.depths += depths
 
@@ -87,6 +91,9 @@ class Tally:
             "device_compute_per_token_ms": 1e3 * self.device_s / tok,
             "uplink_bytes_per_token": self.up / tok,
             "downlink_bytes_per_token": self.down / tok,
+            "decode_uplink_bytes_per_token": self.decode_up / tok,
+            "decode_downlink_bytes_per_token": self.decode_down / tok,
+            "prompt_downlink_bytes_per_answer": (self.down - self.decode_down) / n,
             "rounds_per_answer": self.rounds / n,
             "tau": decode_tokens / self.rounds if self.rounds else None,
             "tokens_per_answer": self.tokens / n,

@@ -16,6 +16,11 @@ COLUMNS = (
     ("edge ms/token", "edge_compute_per_token_ms", "{:.2f}"),
     ("up B/token", "uplink_bytes_per_token", "{:.0f}"),
     ("down B/token", "downlink_bytes_per_token", "{:.0f}"),
+    (
+        "decode up/down B/token",
+        ("decode_uplink_bytes_per_token", "decode_downlink_bytes_per_token"),
+        "{:.0f}",
+    ),
     ("rounds/answer", "rounds_per_answer", "{:.1f}"),
     ("tau", "tau", "{:.2f}"),
     ("identical", "identical_fraction", "{:.0%}"),
@@ -24,7 +29,9 @@ COLUMNS = (
 )
 
 
-def _cell(row: dict, key: str, fmt: str) -> str:
+def _cell(row: dict, key, fmt: str) -> str:
+    if isinstance(key, tuple):
+        return " / ".join(_cell(row, k, fmt) for k in key)
     value = row.get(key)
     return "-" if value is None else fmt.format(value)
 

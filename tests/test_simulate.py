@@ -1,0 +1,75 @@
+"""`covspec simulate`: report schema, files, and refusals (tiny target, a few tokens)."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+from covspec.data.readers import toy_prompts
+from covspec.inference.simulate import SimulationPlan, simulate
+from covspec.inference.simulate_report import write_report
+from covspec.modeling.adapters import adapter_for
+from covspec.modeling.drafter import Drafter, DrafterConfig
+from covspec.scripts.cli import main
+
+FIELDS = {
+    "protocol", "channel", "compute", "latency_per_token_ms", "latency_per_answer_ms",
+    "edge_compute_per_token_ms", "uplink_bytes_per_token", "downlink_bytes_per_token",
+    "rounds_per_answer", "tau", "identical_fraction", "speedup_vs_edge_only",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def drafter_dir(micro_target_dir, tmp_path_factory):
+    target = AutoModelForImageTextToText.from_pretrained(micro_target_dir)
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("drafters") / "d"
+    Drafter(DrafterConfig.for_target(adapter_for(target))).save_pretrained(out)
+    return out
+
+
+def test_report_rows_and_files(micro_target_dir, drafter_dir, tmp_path):
+    plan = SimulationPlan(
+        drafters=[str(drafter_dir)],
+        methods=["edge_only", "sync", "sync_adaptive", "decoupled", "progressive"],
+        channels=["good", "bad"],
+        computes=["measured", "a40-orin-7b"],
+        rtt_sweep_ms=[10, 200],
+    )
+    report = simulate(str(micro_target_dir), plan, toy_prompts(2), 12)
+    table = [r for r in report["rows"] if r["section"] == "table"]
+    sweep = [r for r in report["rows"] if r["section"] == "sweep"]
+    assert len(table) == 2 * 2 * 5 and len(sweep) == 2 * 5
+    for row in report["rows"]:
+        assert set(row) >= FIELDS
+        assert row["identical_fraction"] == 1.0  # every protocol is lossless
+        if row["protocol"] == "edge_only":
+            assert row["speedup_vs_edge_only"] == pytest.approx(1.0) and row["tau"] == 1.0
+    # the link is simulated: the bad channel is slower than the good one for every protocol
+    for method in plan.methods:
+        good, bad = (
+            next(r for r in table if r["protocol"] == method and r["channel"] == c and r["compute"] == "a40-orin-7b")
+            for c in ("good", "bad")
+        )  # fmt: skip
+        assert bad["latency_per_token_ms"] > good["latency_per_token_ms"]
+    path = write_report(report, tmp_path / "sim.json")
+    assert json.loads(path.read_text())["rows"] == report["rows"]
+    assert "| edge_only |" in path.with_suffix(".md").read_text()
+    assert path.with_suffix(".png").stat().st_size > 0
+    assert (tmp_path / "sim-timeline.png").stat().st_size > 0
+
+
+def test_bad_requests_are_refused(micro_target_dir, drafter_dir, capsys):
+    with pytest.raises(ValueError, match="unknown protocol"):
+        SimulationPlan([str(drafter_dir)], ["smoke_signals"], ["good"], ["measured"], [])
+    with pytest.raises(ValueError, match="unknown channel"):
+        SimulationPlan([str(drafter_dir)], ["sync"], ["lunar"], ["measured"], [])
+    with pytest.raises(ValueError, match="unknown compute"):
+        SimulationPlan([str(drafter_dir)], ["sync"], ["good"], ["abacus"], [])
+    plan = SimulationPlan([str(drafter_dir)], ["sync"], ["good"], ["measured"], [])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        simulate(str(micro_target_dir), plan, toy_prompts(1), 0)
+    code = main(["simulate", "--target", str(micro_target_dir), "--drafter", str(drafter_dir),
+                 "--channel", "lunar"])  # fmt: skip
+    assert code == 2 and "unknown channel" in capsys.readouterr().err

@@ -54,7 +54,7 @@ class Request:
     """One request's state, shared by the protocol and both roles (in a real deployment each
     side would keep its own half; the fields say whose they are)."""
 
-    image: object  # PIL image or None
+    image: object  # PIL image, Media (several images, video frames) or None
     prompt: str
     max_new_tokens: int = 128
     temperature: float = 0.0
@@ -64,6 +64,7 @@ class Request:
     # edge: the target's cache and how many positions of it are committed
     cache: object = None
     past: int = 0
+    rope_offset: int = 0  # text position minus sequence index after the prompt (M-RoPE)
     prompt_tokens: int = 0
     visual_tokens: int = 0
     # device: its drafter state and the tree of the round in flight
@@ -73,6 +74,9 @@ class Request:
     generator: torch.Generator | None = None
     seconds: dict[str, float] = field(default_factory=dict)  # measured wall time per phase
     device: torch.device | None = None  # where the models run (timing synchronises CUDA)
+    # what the device uploads besides the tree, for an acceptance head on the edge
+    upload_confidence: bool = False
+    upload_hidden: bool = False
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator().manual_seed(self.seed)
@@ -154,6 +158,9 @@ def tree_from_upload(root: int, up: DraftUpload) -> tuple[DraftTree, list[int]]:
     if up.draft_probs is not None:
         for node, row in zip(up.prob_nodes.tolist(), up.draft_probs, strict=True):
             tree.draft_probs[node] = row.float()
+    if up.confidence is not None:
+        for i, (logq, entropy) in enumerate(up.confidence.float().tolist()):
+            tree.confidence[i + 1] = (logq, entropy)
     return tree, list(range(len(tree)))
 
 
@@ -182,6 +189,7 @@ class EdgeRole:
         out = r.adapter.forward(inputs, r.layers, use_cache=True, logits_to_keep=1)
         first = self._rule(req).first_token(r.suppress(out.logits[0, -1]), req)
         req.cache, req.past = out.cache, req.prompt_tokens
+        req.rope_offset = r.adapter.rope_offset(inputs)
         req.visual_tokens = int(out.visual_mask.sum())
         down = self._prompt_features(inputs, out, first)
         req.timed("prefill", start)
@@ -214,13 +222,19 @@ class EdgeRole:
         tree, order = tree_from_upload(req.tokens[-1], up)
         dev = r.device
         ids = torch.tensor([tree.tokens], device=dev)
-        pos = torch.tensor([[req.past + d for d in tree.depths]], device=dev)
+        depths = torch.tensor([[req.past + d for d in tree.depths]], device=dev)
+        pos = r.adapter.text_position_ids(depths, req.rope_offset)
         mask = tree_attention_mask(tree, order, req.past, r.model.dtype, dev)
+        rule = self._rule(req)
+        layers = r.layers
+        if getattr(rule, "needs_final_state", False):  # an acceptance rule reads layer L
+            rule.target_layer = r.adapter.num_layers
+            layers = sorted({*layers, rule.target_layer})
         out = r.adapter.text_forward(
-            ids, r.layers, cache=req.cache, position_ids=pos, attention_mask=mask, use_cache=True
+            ids, layers, cache=req.cache, position_ids=pos, attention_mask=mask, use_cache=True
         )
         logits = r.suppress(out.logits[0])  # (n, V)
-        path, bonus = self._rule(req)(tree, order, logits, out, req)
+        path, bonus = rule(tree, order, logits, out, req)
         rows = [0, *path]
         keep_cache_positions(req.cache, req.past, rows)
         req.past += len(rows)
@@ -240,7 +254,9 @@ class EdgeRole:
         r = self.runner
         start = now(req.device)
         ids = torch.tensor([[req.tokens[-1]]], device=r.device)
-        pos = torch.tensor([[req.past]], device=r.device)
+        pos = r.adapter.text_position_ids(
+            torch.tensor([[req.past]], device=r.device), req.rope_offset
+        )
         out = r.adapter.text_forward(ids, (), cache=req.cache, position_ids=pos, use_cache=True)
         req.past += 1
         token = self._rule(req).first_token(r.suppress(out.logits[0, -1]), req)
@@ -283,11 +299,13 @@ class DeviceRole:
         """Grow this round's tree under the last token; upload the nodes to verify."""
         start = now(req.device)
         sampling = req.sampling
-        tree = DraftTree(root_token=req.tokens[-1])
+        tree = DraftTree(root_token=req.tokens[-1], track_entropy=req.upload_confidence)
         grow(tree, req.source, settings, req.temperature, req.generator if sampling else None)
         order = tree.select(None if sampling else settings.max_nodes, keep_sibling_prefix=sampling)
         req.tree, req.order = tree, order
         up = upload_for(tree, order, settings.mode == "chain", sampling)
+        if req.upload_confidence:
+            _add_head_inputs(up, tree, order, req.source, req.upload_hidden)
         req.timed("draft", start)
         return up
 
@@ -320,6 +338,24 @@ class DeviceRole:
         req.order = list(range(len(tree)))
         req.timed("draft", start)
         return new
+
+
+def _add_head_inputs(up: DraftUpload, tree: DraftTree, order: list[int], source, hidden: bool):
+    """What an acceptance head on the edge needs from the device: per node the drafter's
+    log-probability of its token and entropy at its parent; with `hidden`, the drafter's states
+    at the nodes that have children (full-hidden upload)."""
+    rows = [
+        (tree.scores[n] - tree.scores[tree.parents[n]], tree.entropies.get(tree.parents[n], 0.0))
+        for n in order[1:]
+    ]
+    up.confidence = torch.tensor(rows, dtype=torch.float16).reshape(-1, 2)
+    if hidden:
+        kept = set(order)
+        parents = [
+            i for i, n in enumerate(order) if any(c in kept for c in tree.children.get(n, []))
+        ]
+        up.hidden_nodes = torch.tensor(parents, dtype=torch.long)
+        up.hidden = torch.stack([source.hidden[order[i]] for i in parents]).to(torch.float16)
 
 
 def upload_for(

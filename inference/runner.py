@@ -9,7 +9,9 @@ One round: the drafter grows a chain or tree under the last bonus token, the tar
 the whole tree in one forward (4D tree mask over its KV cache), the accepted path is kept in both
 caches and the target's own next token is emitted as the bonus. Greedy verification gives exactly
 the tokens of `generate(do_sample=False)`; sampling verification is lossless in distribution.
-The target sees the image once, at prefill; the visual-token-free drafter never sees it.
+The target sees the image once, at prefill; the visual-token-free drafter never sees it. A prompt
+may show several images, or a video's frames (`Media`, inference/media.py): as a video to
+families whose processor takes one, else as a run of images.
 
 `generate` is the `sync` protocol of inference/protocols.py over an in-process link: the same
 edge and device roles and typed messages that `covspec simulate` prices over a simulated
@@ -24,6 +26,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from covspec.inference.features import FeatureEncoder
 from covspec.inference.kernel import DrafterKernel
+from covspec.inference.media import Media, as_media
 from covspec.inference.protocols import run_protocol
 from covspec.inference.roles import Request
 from covspec.inference.timeline import GenerationResult, Timeline
@@ -32,11 +35,22 @@ from covspec.modeling.adapters import TargetAdapter, TargetMismatchError, adapte
 from covspec.modeling.drafter import Drafter
 from covspec.modeling.tokens import fingerprint_vocab
 
-__all__ = ["GenerationResult", "SpecRunner", "build_prompt", "eos_ids", "suppressed_tokens"]
+__all__ = [
+    "GenerationResult",
+    "Media",
+    "SpecRunner",
+    "build_prompt",
+    "eos_ids",
+    "suppressed_tokens",
+]
 
 
-def build_prompt(processor, prompt: str, has_image: bool = True) -> str:
-    content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": prompt}]
+def build_prompt(processor, prompt: str, has_image: bool | int = True, video: bool = False) -> str:
+    """The chat-templated user turn: `has_image` image slots (True: one), a video slot, then
+    the text (visuals first, as lmms-eval places them for non-interleaved prompts)."""
+    content = [{"type": "image"} for _ in range(int(has_image))]
+    content += [{"type": "video"}] if video else []
+    content += [{"type": "text", "text": prompt}]
     return processor.apply_chat_template(
         [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
     )
@@ -101,12 +115,29 @@ class SpecRunner:
     def device(self) -> torch.device:
         return self.model.device
 
+    @property
+    def takes_video(self) -> bool:
+        """Whether video frames reach the processor as a video: the family has video tokens and
+        the processor a video processor. Otherwise frames are shown as a run of images, the way
+        lmms-eval feeds video benchmarks to image-only models."""
+        has_processor = getattr(self.processor, "video_processor", None) is not None
+        return self.adapter.video_token_field is not None and has_processor
+
     def encode(self, image, prompt: str) -> dict:
-        """Processor inputs for one prompt, on the model's device."""
+        """Processor inputs for one prompt, on the model's device. `image`: None, a PIL image,
+        a list of them, or a Media (images and one video's frames)."""
+        media = as_media(image)
+        images = list(media.images) if media else []
+        video = media.video if media else None
+        if video is not None and not self.takes_video:
+            images, video = images + list(video), None
+        visuals = {"images": images} if images else {}
+        if video is not None:
+            visuals["videos"] = [video]
         inputs = self.processor(
-            images=[image] if image is not None else None,
-            text=build_prompt(self.processor, prompt, image is not None),
+            text=build_prompt(self.processor, prompt, len(images), video is not None),
             return_tensors="pt",
+            **visuals,
         )
         return inputs.to(self.device)
 
@@ -133,6 +164,8 @@ class SpecRunner:
         """Speculative decoding of one prompt (the `sync` protocol, in process).
         `source_factory(runner, downlink, capacity)` replaces the drafter (tests script one);
         `observers` receive one RoundRecord per target forward."""
+        if isinstance(image, (list, tuple)):  # the link accounting saves the visual input
+            image = as_media(image)
         req = Request(image, prompt, max_new_tokens, temperature, top_p, seed)
         return run_protocol(
             "sync",

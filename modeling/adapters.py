@@ -183,6 +183,17 @@ class TargetAdapter:
             cache=out.get("cache", out.get("past_key_values")),
         )
 
+    # -- positions of text after the prompt --------------------------------------------------
+    def rope_offset(self, inputs: Mapping[str, Any]) -> int:
+        """How far the rotary position of a text token after this prompt is from its index in
+        the sequence: 0 for 1D RoPE. Computed once per request, at prefill (batch size 1)."""
+        return 0
+
+    def text_position_ids(self, positions: torch.Tensor, offset: int) -> torch.Tensor:
+        """(B, T) sequence indices of text tokens after the prompt (tree nodes: past + depth)
+        -> the `position_ids` the language model takes for them."""
+        return positions + offset
+
     # -- visual features --------------------------------------------------------------------
     def _feature_calls(self, inputs: Mapping[str, Any]) -> list[tuple[str, dict]]:
         calls = []
@@ -233,10 +244,16 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
 
 class Qwen2VLAdapter(TargetAdapter):
-    """Qwen2-VL and Qwen2.5-VL: M-RoPE positions need `mm_token_type_ids`."""
+    """Qwen2-VL and Qwen2.5-VL: M-RoPE positions need `mm_token_type_ids`.
+
+    M-RoPE gives every token a (temporal, height, width) position. Text advances all three
+    together; an image or video block advances them by its grid extent, not by its token count,
+    so after the prompt a text token at sequence index i sits at i + delta on every axis, where
+    delta (<= 0, HF's `rope_deltas`) comes from the prompt's grids. `generate` adds the same
+    delta while decoding; a tree node at depth d gets past + d + delta.
+    """
 
     model_types = ("qwen2_vl", "qwen2_5_vl")
-    tree_decoding_blocker = "M-RoPE needs 3D tree position ids (text position + rope delta)"
     image_token_field = "image_token_id"
     video_token_field = "video_token_id"
 
@@ -249,6 +266,30 @@ class Qwen2VLAdapter(TargetAdapter):
             types[ids == self.config.video_token_id] = 2
             inputs["mm_token_type_ids"] = types
         return inputs
+
+    def rope_offset(self, inputs):
+        inputs = self.model_inputs(inputs)
+        grids = {
+            k: inputs[k]
+            for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+            if inputs.get(k) is not None
+        }
+        if not grids:  # a text-only prompt has plain 1D positions on all three axes
+            return 0
+        ids = inputs["input_ids"]
+        if ids.shape[0] != 1:
+            raise TargetMismatchError(f"rope_offset needs batch size 1, got {ids.shape[0]}")
+        _, deltas = self.model.model.get_rope_index(
+            ids,
+            mm_token_type_ids=inputs["mm_token_type_ids"],
+            attention_mask=inputs.get("attention_mask"),
+            **grids,
+        )  # deltas: (B, 1)
+        return int(deltas.reshape(-1)[0])
+
+    def text_position_ids(self, positions, offset):
+        # (B, T) -> (3, B, T): temporal, height and width advance together for text
+        return (positions + offset).unsqueeze(0).expand(3, -1, -1)
 
     def _feature_calls(self, inputs):
         calls = []

@@ -6,6 +6,7 @@
     covspec train      --config recipes/toy/drafter.yaml [--model.variant text_only ...]
     covspec bench      --target DIR --drafter DIR [--drafter DIR ...] [--data F.jsonl | --toy N] --out F.json
     covspec simulate   --target DIR --drafter DIR [--channel good|medium|bad|PRESET@rttMS|TRACE.csv ...] --out F.json
+    covspec eval       --target DIR --drafter DIR --benchmark llava-bench|mmmu|mmbench|video-mme|mvbench [--data-dir DIR|HUB_ID] [--limit N] --out F.json
     covspec export     DRAFTER_DIR --target DIR --format speculators|eagle3 --out DIR [--dtype bfloat16]
     covspec publish    DIR --repo-id ORG/NAME [--base-model ID] [--private] [--exist-ok] [--dry-run]
 
@@ -18,6 +19,7 @@ import argparse
 import json
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 
 def _toy_data(args: argparse.Namespace) -> None:
@@ -99,6 +101,7 @@ def _simulate(args: argparse.Namespace) -> None:
         settings=_draft_settings(args),
         max_depth=args.max_depth,
         seed=args.seed,
+        accept_head=args.accept_head,
     )
     samples = read_prompts_jsonl(args.data) if args.data else toy_prompts(args.toy)
     report = simulate(args.target, plan, samples, args.max_new_tokens)
@@ -147,9 +150,104 @@ def _add_simulate_parser(sub) -> None:
     p.add_argument("--sweep-compute", default="a40-orin-7b")
     p.add_argument("--max-depth", type=int, default=12, help="cap of the adaptive depth")
     p.add_argument("--seed", type=int, default=0, help="channel draws (per sample: seed + i)")
+    p.add_argument(
+        "--accept-head", help="acceptance head folder: adds lossy rows (full / selective upload)"
+    )
     p.add_argument("--out", default="checkpoints/simulate/toy.json")
     _add_draft_arguments(p)
     p.set_defaults(func=_simulate)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from covspec.data.benchmarks import load_benchmark
+    from covspec.inference.eval_report import markdown
+    from covspec.inference.evaluate import run_eval
+    from covspec.inference.runner import SpecRunner
+
+    bench = load_benchmark(
+        args.benchmark, data_dir=args.data_dir, split=args.split, config=args.config,
+        video_dir=args.video_dir, num_frames=args.num_frames, limit=args.limit,
+        skip_bad=args.skip_bad,
+    )  # fmt: skip
+    runner = SpecRunner.from_folders(args.target, args.drafter, device=args.device)
+    modes = [_draft_settings(args, mode) for mode in args.mode or ["chain", "tree"]]
+    info = {
+        "target": args.target, "drafter": args.drafter, "data": args.data_dir or bench.spec.hub_id,
+        "split": args.split or bench.spec.split, "config": args.config or bench.spec.config,
+        "num_frames": args.num_frames if bench.spec.video else None,
+    }  # fmt: skip
+    report = run_eval(
+        runner, bench, args.out, args.max_new_tokens, modes, args.warmup, args.fresh, info
+    )
+    print(markdown(report))
+    out = Path(args.out)
+    print(
+        f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}, {report['samples_file']}"
+    )
+
+
+def _add_eval_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="acceptance length, speedup and accuracy of a drafter on a real benchmark"
+    )
+    p.add_argument("--target", required=True, help="target VLM folder")
+    p.add_argument("--drafter", required=True, help="drafter folder")
+    p.add_argument(
+        "--benchmark", required=True, help="llava-bench, mmmu, mmbench, video-mme or mvbench"
+    )
+    p.add_argument(
+        "--data-dir", help="local mirror (folder or parquet/json file) or Hub id; default: the benchmark's Hub id"
+    )  # fmt: skip
+    p.add_argument("--split", help="default: the split lmms-eval evaluates")
+    p.add_argument("--config", help="dataset config (MMBench: en; MVBench: one task)")
+    p.add_argument("--video-dir", help="where the clips are (default: --data-dir)")
+    p.add_argument("--num-frames", type=int, default=8, help="frames sampled per clip")
+    p.add_argument("--limit", type=int, help="the first N rows only")
+    p.add_argument("--skip-bad", action="store_true", help="skip and count bad rows, not fail")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument(
+        "--mode", action="append", choices=["chain", "tree"], help="repeatable; default both"
+    )
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--fresh", action="store_true", help="discard an earlier run's samples")
+    p.add_argument("--device", default="cpu", help="torch device of target and drafter")
+    p.add_argument("--out", default="checkpoints/eval/eval.json")
+    _add_draft_arguments(p)
+    p.set_defaults(func=_eval)
+
+
+def _collect_acceptance(args: argparse.Namespace) -> None:
+    from covspec.data.toy_world import make_sample
+    from covspec.inference.runner import SpecRunner
+    from covspec.inference.trajectories import collect
+
+    if args.toy < 1 or args.max_new_tokens < 1 or args.shard_size < 1:
+        raise ValueError("--toy, --max-new-tokens and --shard-size must be >= 1")
+    runner = SpecRunner.from_folders(args.target, args.drafter)
+    samples = [make_sample(args.seed, i) for i in range(args.toy)]
+    summary = collect(
+        runner, samples, args.out, args.max_new_tokens, _draft_settings(args, args.mode),
+        args.shard_size, tuple(args.preset or ("good", "medium", "bad")),
+    )  # fmt: skip
+    print(json.dumps(summary, indent=2))
+
+
+def _add_collect_parser(sub) -> None:
+    p = sub.add_parser(
+        "collect-acceptance",
+        help="mismatch trajectories of lossless decoding, labelled by rollout (acceptance head)",
+    )
+    p.add_argument("--target", default="checkpoints/toy-target")
+    p.add_argument("--drafter", required=True)
+    p.add_argument("--toy", type=int, default=600, help="toy conversations to decode")
+    p.add_argument("--seed", type=int, default=2024, help="toy stream (not an evaluation seed)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--mode", choices=["chain", "tree"], default="chain")
+    p.add_argument("--shard-size", type=int, default=50)
+    p.add_argument("--preset", action="append", help="channel presets to draw CSI from")
+    _add_draft_arguments(p)
+    p.set_defaults(func=_collect_acceptance)
 
 
 def _publish(args: argparse.Namespace) -> None:
@@ -269,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_publish)
     _add_export_parser(sub)
     _add_simulate_parser(sub)
+    _add_eval_parser(sub)
     return parser
 
 

@@ -29,8 +29,9 @@ def test_hidden_states_equal_hf_output_hidden_states(family):
 
 @torch.no_grad()
 def test_text_forward_continues_like_the_full_forward(family):
-    """After an image prefill, a text-only continuation through the language model directly
-    gives the full forward's logits and hidden states (what the runner verifies with)."""
+    """After an image prefill, a text-only continuation through the language model directly,
+    at the adapter's text positions, gives the full forward's logits and hidden states (what
+    the runner verifies with; for M-RoPE families the positions carry the rope delta)."""
     name, model, inputs = family
     adapter = adapter_for(model)
     if adapter.tree_decoding_blocker:
@@ -42,7 +43,11 @@ def test_text_forward_continues_like_the_full_forward(family):
         full["attention_mask"] = torch.ones_like(full["input_ids"])
     ref = adapter.forward(full, layers)
     pre = adapter.forward(inputs, [], use_cache=True)
-    out = adapter.text_forward(new, layers, cache=pre.cache, use_cache=True)
+    past = inputs["input_ids"].shape[1]
+    pos = adapter.text_position_ids(
+        torch.arange(past, past + 3)[None].expand(new.shape[0], 3), adapter.rope_offset(inputs)
+    )
+    out = adapter.text_forward(new, layers, cache=pre.cache, position_ids=pos, use_cache=True)
     torch.testing.assert_close(out.logits, ref.logits[:, -3:], rtol=1e-5, atol=1e-5)
     for i in layers:
         torch.testing.assert_close(

@@ -1,0 +1,152 @@
+"""`covspec eval` end to end on the micro toy target with a random drafter, on local copies of
+the five benchmarks: reports, losslessness, resuming, refusals, bad rows."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+from covspec.data.benchmarks import load_benchmark
+from covspec.inference.eval_report import parse_choice
+from covspec.inference.evaluate import run_eval
+from covspec.inference.runner import SpecRunner
+from covspec.inference.tree import DraftSettings
+from covspec.modeling.adapters import adapter_for
+from covspec.modeling.drafter import Drafter, DrafterConfig
+from covspec.scripts.cli import main
+from tests import bench_fixtures as fx
+from tests.tiny_vlms import qwen_with_processor
+
+CATEGORIES = {
+    "llava-bench": {"conv", "detail", "complex"},
+    "mmmu": {"Art", "Art_Theory", "Math"},
+    "mmbench": {"attribute_recognition", "spatial_relationship"},
+    "video-mme": {"short", "medium", "long"},
+    "mvbench": {"action_count", "object_shuffle"},
+}
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    return fx.write_all(tmp_path_factory.mktemp("benchmarks"))
+
+
+@pytest.fixture(scope="module")
+def drafter_dir(micro_target_dir, tmp_path_factory):
+    model = AutoModelForImageTextToText.from_pretrained(micro_target_dir)
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("drafter")
+    Drafter(DrafterConfig.for_target(adapter_for(model))).save_pretrained(out)
+    return out
+
+
+def _eval(micro_target_dir, drafter_dir, name, data_dir, out, *extra):
+    argv = ["eval", "--target", str(micro_target_dir), "--drafter", str(drafter_dir)]
+    argv += ["--benchmark", name, "--data-dir", str(data_dir), "--out", str(out)]
+    return main(argv + ["--max-new-tokens", "12", "--num-frames", "2", "--depth", "3", *extra])
+
+
+def _lines(path):
+    return path.with_suffix(".samples.jsonl").read_text().splitlines()
+
+
+@pytest.mark.parametrize("name", sorted(CATEGORIES))
+def test_eval_every_benchmark_end_to_end(micro_target_dir, drafter_dir, dirs, tmp_path, name):
+    out = tmp_path / f"{name}.json"
+    assert _eval(micro_target_dir, drafter_dir, name, dirs[name], out) == 0
+    report = json.loads(out.read_text())
+    n = len(load_benchmark(name, data_dir=str(dirs[name])))
+    assert report["num_samples"] == n and report["skipped"]["count"] == 0
+    assert set(report["per_category"]) == CATEGORIES[name]
+    assert "bonus token included" in report["tau_definition"]
+    for mode in ("chain", "tree"):
+        overall = report["overall"][mode]
+        assert overall["identical_fraction"] == 1.0  # lossless: token ids equal generate's
+        assert 1.0 <= overall["tau"] <= 4.0  # depth 3: at most 3 drafts + the bonus
+        assert len(overall["acceptance_per_depth"]) == 3 and overall["speedup"] > 0
+        for stats in report["per_category"].values():
+            assert stats[mode]["identical_fraction"] == 1.0 and stats[mode]["tau"] >= 1.0
+    assert (report["overall"]["accuracy"] is None) == (name == "llava-bench")
+    md = out.with_suffix(".md").read_text()
+    assert "| all |" in md and all(f"| {c} |" in md for c in CATEGORIES[name])
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert len(_lines(out)) == 1 + n
+
+
+def test_resume_skips_finished_samples(micro_target_dir, drafter_dir, dirs, tmp_path):
+    out = tmp_path / "mmbench.json"
+    args = (micro_target_dir, drafter_dir, "mmbench", dirs["mmbench"], out)
+    assert _eval(*args, "--limit", "2") == 0  # as if killed after 2 samples
+    first = _lines(out)
+    assert len(first) == 3 and json.loads(out.read_text())["num_samples"] == 2
+    with out.with_suffix(".samples.jsonl").open("a") as f:
+        f.write('{"id": "1002", "categ')  # killed in the middle of writing a line
+    assert _eval(*args) == 0
+    lines = _lines(out)
+    assert lines[:3] == first  # the finished samples were not redone
+    ids = [json.loads(line)["id"] for line in lines[1:]]
+    assert ids == ["1000", "1001", "1002", "1003"]
+    report = json.loads(out.read_text())
+    assert report["num_samples"] == 4 and report["overall"]["tree"]["identical_fraction"] == 1.0
+    assert _eval(*args) == 0 and _lines(out) == lines  # nothing left to do
+
+
+def test_other_settings_are_refused_unless_fresh(micro_target_dir, drafter_dir, dirs, tmp_path, capsys):  # fmt: skip
+    out = tmp_path / "llava.json"
+    args = (micro_target_dir, drafter_dir, "llava-bench", dirs["llava-bench"], out)
+    assert _eval(*args, "--limit", "1") == 0
+    assert _eval(*args, "--depth", "4") == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "--fresh" in err and "settings" in err
+    assert _eval(*args, "--depth", "4", "--fresh") == 0
+    assert json.loads(out.read_text())["num_samples"] == 3
+
+
+def test_bad_rows_fail_naming_them_or_are_skipped(micro_target_dir, drafter_dir, dirs, tmp_path, capsys):  # fmt: skip
+    root = tmp_path / "vm"
+    shutil.copytree(dirs["video-mme"], root)
+    (root / "data" / "toyvid1.mp4").unlink()
+    out = tmp_path / "vm.json"
+    args = (micro_target_dir, drafter_dir, "video-mme", root, out)
+    assert _eval(*args) == 2
+    assert "video-mme row 001-1: video not found" in capsys.readouterr().err
+    assert _eval(*args, "--skip-bad", "--fresh") == 0
+    report = json.loads(out.read_text())
+    assert report["num_samples"] == 2 and report["skipped"]["count"] == 1
+    assert report["skipped"]["rows"][0]["id"] == "001-1"
+    lines = _lines(out)
+    assert _eval(*args, "--skip-bad") == 0 and _lines(out) == lines  # not retried
+    # 8 frames of 81 visual tokens each exceed the micro target's 512-token context: the row
+    # is refused before any processor or model call fails deep inside transformers
+    assert _eval(*args, "--num-frames", "8", "--fresh", "--out", str(tmp_path / "long.json")) == 2
+    assert "video-mme row 000-1: prompt of" in capsys.readouterr().err
+
+
+def test_qwen_target_eval_is_lossless(dirs, tmp_path):
+    """Several images per prompt (MMMU) and video frames (as images: this processor has no
+    video processor) through an M-RoPE target, runner against generate."""
+    torch.manual_seed(0)
+    model, processor = qwen_with_processor("qwen2_5_vl")
+    drafter = Drafter(DrafterConfig.for_target(adapter_for(model)))
+    runner = SpecRunner(model, processor, drafter)
+    modes = [DraftSettings(mode="chain", depth=3), DraftSettings(mode="tree", depth=3)]
+    for name in ("mmmu", "mvbench"):
+        bench = load_benchmark(name, data_dir=str(dirs[name]), num_frames=2)
+        report = run_eval(runner, bench, tmp_path / f"{name}.json", 10, modes)
+        assert report["num_samples"] == len(bench)
+        for mode in ("chain", "tree"):
+            assert report["overall"][mode]["identical_fraction"] == 1.0
+
+
+def test_parse_choice():
+    choices = {"A": "red circle", "B": "blue square", "C": "green", "D": "four"}
+    assert parse_choice("B", choices) == "B"
+    assert parse_choice("(C) green", choices) == "C"
+    assert parse_choice("D. four", choices) == "D"
+    assert parse_choice("The answer is C.", choices) == "C"
+    assert parse_choice("A bird sits on it", choices) is None  # "A" is an article here
+    assert parse_choice("It is a blue square.", choices) == "B"  # the option's text
+    assert parse_choice("nothing", choices) is None
+    assert parse_choice("B", {}) is None

@@ -207,14 +207,17 @@ def read_prompts_jsonl(path: str | Path, image_root: str | Path | None = None) -
 
 
 def toy_prompts(num: int, seed: int = 31_337) -> list[dict]:
-    """`num` unseen toy scenes with a description prompt: the long-answer case."""
+    """`num` unseen toy scenes with a description prompt: the long-answer case. Each carries
+    its `objects` (ground truth), so task accuracy can be scored (`answer_correct`)."""
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")
+    samples = [make_sample(seed, i) for i in range(num)]
     return [
         {
             "id": f"toy-{seed}-{i}",
-            "image": make_sample(seed, i)["image"],
+            "image": s["image"],
             "prompt": "Describe the image.",
+            "objects": s["objects"],
         }
-        for i in range(num)
+        for i, s in enumerate(samples)
     ]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -163,6 +164,27 @@ def parse_description(text: str) -> list[tuple[str, str, str | None]]:
         for m in _OBJ_RE.finditer(sentence):
             found.append((m.group(1), m.group(2), positions[0] if len(positions) == 1 else None))
     return found
+
+
+def _normalise(text: str) -> str:
+    return re.sub(r"[^a-z0-9 ]", "", text.lower()).strip()
+
+
+def answer_correct(objects: list[dict], question: str, reference: str, answer: str) -> bool:
+    """Task-level correctness of an answer to a toy question (the scene's ground truth decides).
+
+    A description must name exactly the scene's objects as (colour, shape) multisets, and every
+    position it states must be that object's; a short answer must equal the reference up to
+    case and punctuation (the toy world's answers have one canonical form).
+    """
+    if question.replace("<image>", "").strip() in DESCRIBE_PROMPTS:
+        parsed = parse_description(answer)
+        truth = Counter((o["colour"], o["shape"]) for o in objects)
+        if Counter((c, s) for c, s, _ in parsed) != truth:
+            return False
+        places = {(o["colour"], o["shape"], o["position"]) for o in objects}
+        return all(p is None or (c, s, p) in places for c, s, p in parsed)
+    return _normalise(answer) == _normalise(reference)
 
 
 def _unique(objects: list[ToyObject], key: str) -> list[ToyObject]:

@@ -128,16 +128,21 @@ class DraftUpload:
     # edge rejects against exactly the distribution the device drew from
     prob_nodes: torch.Tensor | None = None  # (m,)
     draft_probs: torch.Tensor | None = None  # (m, V)
-    hidden: torch.Tensor | None = None  # (n, D) at the wire dtype
+    # for an acceptance head: per node (drafter log-prob, drafter entropy at its parent) and,
+    # with full-hidden upload, the drafter's states at the nodes that have children
+    confidence: torch.Tensor | None = None  # (n, 2) float16
+    hidden_nodes: torch.Tensor | None = None  # (h,) node ids, 0 = root
+    hidden: torch.Tensor | None = None  # (h, D) at the wire dtype
 
     def nbytes(self, vocab_size: int) -> int:
         n = len(self.tokens)
         size = HEADER_BYTES + n * id_bytes(vocab_size)
         if not self.chain:
             size += n * _index_bytes(n + 1)
-        if self.prob_nodes is not None:
-            size += len(self.prob_nodes) * _index_bytes(n + 1)
-        for extra in (self.draft_probs, self.hidden):
+        for nodes in (self.prob_nodes, self.hidden_nodes):
+            if nodes is not None:
+                size += len(nodes) * _index_bytes(n + 1)
+        for extra in (self.draft_probs, self.confidence, self.hidden):
             if extra is not None:
                 size += extra.numel() * extra.element_size()
         return size
@@ -147,9 +152,10 @@ class DraftUpload:
         body = _ints(self.tokens, id_bytes(vocab_size))
         if not self.chain:
             body += _ints(self.parents, _index_bytes(n + 1), signed_offset=1)
-        if self.prob_nodes is not None:
-            body += _ints(self.prob_nodes, _index_bytes(n + 1))
-        for extra in (self.draft_probs, self.hidden):
+        for nodes in (self.prob_nodes, self.hidden_nodes):
+            if nodes is not None:
+                body += _ints(nodes, _index_bytes(n + 1))
+        for extra in (self.draft_probs, self.confidence, self.hidden):
             if extra is not None:
                 body += _tensor_bytes(extra)
         return _header(body)
@@ -232,6 +238,32 @@ class MismatchNack:
         return _header(
             bytes([self.depth]) + _ints(torch.tensor([self.token]), id_bytes(vocab_size))
         )
+
+
+@dataclass
+class HiddenRequest:
+    """Edge -> device, mismatch-first selective upload: send your state at this node."""
+
+    node: int
+
+    def nbytes(self, vocab_size: int) -> int:
+        return HEADER_BYTES + 1
+
+    def serialise(self, vocab_size: int) -> bytes:
+        return _header(bytes([self.node]))
+
+
+@dataclass
+class HiddenUpload:
+    """Device -> edge: the drafter's state rows the edge asked for."""
+
+    hidden: torch.Tensor  # (h, D) at the wire dtype
+
+    def nbytes(self, vocab_size: int) -> int:
+        return HEADER_BYTES + self.hidden.numel() * self.hidden.element_size()
+
+    def serialise(self, vocab_size: int) -> bytes:
+        return _header(_tensor_bytes(self.hidden))
 
 
 @dataclass

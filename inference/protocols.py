@@ -35,10 +35,13 @@ from dataclasses import replace
 
 import torch
 
+from covspec.inference.acceptance import nominal_state
 from covspec.inference.compute import MEASURED, Op
 from covspec.inference.messages import (
     Correction,
     DraftUpload,
+    HiddenRequest,
+    HiddenUpload,
     MismatchNack,
     ProgressiveUpload,
     PromptUpload,
@@ -59,15 +62,49 @@ def _elapsed(start: float, device=None) -> float:
 class _Run:
     """Shared bookkeeping of one protocol run: the roles, the clocks, the result."""
 
-    def __init__(self, runner, req: Request, timeline: Timeline, observers, source_factory):
+    def __init__(
+        self, runner, req: Request, timeline: Timeline, observers, source_factory, rule=None,
+        upload: str = "full",
+    ) -> None:  # fmt: skip
         self.runner, self.req, self.t = runner, req, timeline
         self.observers = list(observers)
-        self.edge = EdgeRole(runner, runner.feature_encoder(timeline.link is not None))
+        self.edge = EdgeRole(runner, runner.feature_encoder(timeline.link is not None), rule)
         self.device = DeviceRole(runner, source_factory)
+        self.source_factory_used = source_factory is not None
+        self.fetches: list[int] = []  # selective uploads the edge asked for in this verify
+        if rule is not None and getattr(rule, "needs_final_state", False):
+            self._bind_acceptance_rule(rule, upload)
         self.result = GenerationResult([])
         self.device_ready = 0.0  # when the device may start its next draft
         self.marks = _marks(timeline)  # traffic and busy time not yet in a record
         req.device = runner.device
+
+    def _bind_acceptance_rule(self, rule, upload: str) -> None:
+        """Give an acceptance rule the link's CSI and the drafter's states, the latter from the
+        full upload or fetched at a mismatch (selective), as `upload` says."""
+        if upload not in ("full", "selective"):
+            raise ValueError(f"upload must be 'full' or 'selective', got {upload!r}")
+        req, t = self.req, self.t
+        req.upload_confidence = True
+        head = getattr(rule, "head", None)
+        wants_hidden = head is None or head.config.use_drafter_hidden
+        req.upload_hidden = wants_hidden and upload == "full"
+        preset = getattr(rule, "preset", None) or "medium"
+        rule.csi = (
+            (lambda: t.link.state(t.now("edge"))) if t.link else (lambda: nominal_state(preset))
+        )
+        if not wants_hidden or self.source_factory_used:
+            rule.drafter_hidden = None
+            return
+
+        def drafter_state(edge_node: int) -> torch.Tensor:
+            device_node = req.order[edge_node]
+            if upload == "selective":
+                self.fetches.append(edge_node)
+            # what crosses the link: float16 rows
+            return req.source.hidden[device_node].to(torch.float16).float().cpu()
+
+        rule.drafter_hidden = drafter_state
 
     def depth_lists(self, depth: int) -> None:
         self.result.attempts_per_depth = [0] * depth
@@ -221,6 +258,11 @@ def _verify_round(
         ],
         arrival,
     )
+    for node in run.fetches:  # mismatch-first selective upload: one round trip per ask
+        asked = t.send("down", HiddenRequest(node), edge_end)
+        row = req.source.hidden[req.order[node]].to(torch.float16)[None]
+        edge_end = t.run(Op("edge", "head", 1), t.send("up", HiddenUpload(row), asked))
+    run.fetches.clear()
     back = t.send("down", result, edge_end)
     emitted = emitted_tokens(up, result)
     req.tokens += emitted
@@ -463,8 +505,13 @@ def run_protocol(
     observers=(),
     source_factory=None,
     max_chunks: int = 4,
+    rule=None,
+    upload: str = "full",
 ) -> GenerationResult:
-    """Decode `req` with protocol `name` (one of PROTOCOLS) and price it on `timeline`."""
+    """Decode `req` with protocol `name` (one of PROTOCOLS) and price it on `timeline`.
+    `rule` replaces lossless verification (an acceptance head, inference/acceptance.py); its
+    drafter states reach the edge by `upload`: "full" (with every draft) or "selective"
+    (fetched at a mismatch)."""
     if name not in PROTOCOLS:
         raise ValueError(f"unknown protocol {name!r}; known: {list(PROTOCOLS)}")
     if name != "edge_only" and runner.drafter is None and source_factory is None:
@@ -474,7 +521,7 @@ def run_protocol(
     timeline = timeline or Timeline(None, MEASURED, runner.adapter.vocab_size)
     if isinstance(policy, DraftSettings) or policy is None:
         policy = FixedDepth(policy or DraftSettings())
-    run = _Run(runner, req, timeline, observers, source_factory)
+    run = _Run(runner, req, timeline, observers, source_factory, rule, upload)
     run.max_chunks = max_chunks
     fn = {
         "edge_only": run_edge_only,

@@ -25,6 +25,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from covspec.data.toy_world import answer_correct
+from covspec.inference.acceptance import HeadRule
 from covspec.inference.compute import resolve_compute
 from covspec.inference.link import PRESET_SOURCES, PRESETS, Link, resolve_channel
 from covspec.inference.policies import LinkAwareDepth
@@ -33,6 +35,7 @@ from covspec.inference.roles import Request
 from covspec.inference.runner import SpecRunner, suppressed_tokens
 from covspec.inference.timeline import Timeline
 from covspec.inference.tree import DraftSettings
+from covspec.modeling.acceptance_head import AcceptanceHead, drafter_fingerprint
 from covspec.modeling.adapters import adapter_for
 from covspec.modeling.drafter import Drafter
 
@@ -47,6 +50,9 @@ METHODS = {
     "decoupled": ("decoupled", False),
     "progressive": ("progressive", False),
 }
+# lossy rows, with --accept-head: sync verification by the head, drafter states uploaded in full
+# with every draft or fetched at a mismatch (selective)
+HEAD_METHODS = {"sync_head_full": "full", "sync_head_selective": "selective"}
 
 
 @dataclass
@@ -63,9 +69,14 @@ class Tally:
     decode_up: int = 0  # traffic of the decode loop only (after the prompt's exchange)
     decode_down: int = 0
     identical: int = 0
+    correct: int = 0
+    scored: int = 0
     depths: list[int] = field(default_factory=list)
 
-    def add(self, result, same: bool, depths: list[int]) -> None:
+    def add(self, result, same: bool, depths: list[int], correct: bool | None = None) -> None:
+        if correct is not None:
+            self.scored += 1
+            self.correct += correct
         self.samples += 1
         self.tokens += len(result.tokens)
         self.rounds += result.rounds
@@ -98,6 +109,7 @@ class Tally:
             "tau": decode_tokens / self.rounds if self.rounds else None,
             "tokens_per_answer": self.tokens / n,
             "identical_fraction": self.identical / n,
+            "task_accuracy": self.correct / self.scored if self.scored else None,
             "mean_draft_depth": sum(self.depths) / len(self.depths) if self.depths else None,
         }
 
@@ -106,10 +118,16 @@ def _policy(adaptive: bool, settings: DraftSettings, max_depth: int):
     return LinkAwareDepth(settings, max_depth=max_depth) if adaptive else settings
 
 
-def _decode(runner, method, sample, max_new, timeline, settings, max_depth):
+def _decode(runner, method, sample, max_new, timeline, settings, max_depth, head=None, preset=None):
+    req = Request(sample["image"], sample["prompt"], max_new)
+    if method in HEAD_METHODS:
+        rule = HeadRule(head, preset=preset)
+        result = run_protocol(
+            "sync", runner, req, timeline, settings, rule=rule, upload=HEAD_METHODS[method]
+        )
+        return result, []
     protocol, adaptive = METHODS[method]
     policy = _policy(adaptive, settings, max_depth)
-    req = Request(sample["image"], sample["prompt"], max_new)
     result = run_protocol(protocol, runner, req, timeline, policy)
     depths = list(policy.chosen) if adaptive else []
     return result, depths
@@ -137,9 +155,12 @@ class SimulationPlan:
     settings: DraftSettings = field(default_factory=lambda: DraftSettings(mode="tree", depth=6, top_k=2, beam=2, max_nodes=10, branch_margin=0.5))  # fmt: skip
     max_depth: int = 12
     seed: int = 0
+    accept_head: str | None = None
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
+        if self.accept_head:
+            self.methods = list(self.methods) + [m for m in HEAD_METHODS if m not in self.methods]
+        unknown = [m for m in self.methods if m not in METHODS and m not in HEAD_METHODS]
         if unknown:
             raise ValueError(f"unknown protocol(s) {unknown}; known: {list(METHODS)}")
         for name in self.computes + [self.sweep_compute]:
@@ -155,15 +176,15 @@ def _runs(plan: SimulationPlan):
     for compute in plan.computes:
         for channel in plan.channels:
             yield "table", None, "edge_only", channel, compute
-            for drafter in plan.drafters:
+            for k, drafter in enumerate(plan.drafters):
                 for method in plan.methods:
-                    if method != "edge_only":
+                    if method != "edge_only" and (k == 0 or method not in HEAD_METHODS):
                         yield "table", drafter, method, channel, compute
     for rtt in plan.rtt_sweep_ms:
         channel = f"{plan.sweep_channel}@rtt{rtt:g}"
         yield "sweep", None, "edge_only", channel, plan.sweep_compute
         for method in plan.methods:
-            if method != "edge_only":
+            if method != "edge_only" and method not in HEAD_METHODS:
                 yield "sweep", plan.drafters[0], method, channel, plan.sweep_compute
 
 
@@ -179,6 +200,7 @@ def simulate(target: str, plan: SimulationPlan, samples: list[dict], max_new_tok
     for path in plan.drafters:
         runners[path] = SpecRunner(model, processor, Drafter.from_pretrained(path))
     refs = [_reference(model, processor, runners[None], s, max_new_tokens) for s in samples]
+    head = _load_head(plan.accept_head, runners[plan.drafters[0]]) if plan.accept_head else None
     runs = list(_runs(plan))
     rows, timeline_example = [], None
     for section, drafter, method, channel, compute in tqdm(runs, desc="simulate", unit="run"):
@@ -188,9 +210,10 @@ def simulate(target: str, plan: SimulationPlan, samples: list[dict], max_new_tok
             link = Link(resolve_channel(channel), seed=plan.seed + i)
             timeline = Timeline(link, resolve_compute(compute), runner.adapter.vocab_size)
             result, depths = _decode(
-                runner, method, sample, max_new_tokens, timeline, plan.settings, plan.max_depth
-            )
-            tally.add(result, result.tokens == refs[i], depths)
+                runner, method, sample, max_new_tokens, timeline, plan.settings, plan.max_depth,
+                head, channel.split("@")[0],
+            )  # fmt: skip
+            tally.add(result, result.tokens == refs[i], depths, _correct(sample, result.text))
             if i == 0 and section == "table" and channel == plan.channels[-1]:
                 timeline_example = timeline_example or {}
                 timeline_example.setdefault(f"{method}|{compute}", _events(timeline))
@@ -221,6 +244,22 @@ def simulate(target: str, plan: SimulationPlan, samples: list[dict], max_new_tok
         "timeline_example": timeline_example,
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def _correct(sample: dict, text: str) -> bool | None:
+    """Task accuracy where the sample carries ground truth (toy scenes)."""
+    if "objects" not in sample:
+        return None
+    return answer_correct(sample["objects"], sample["prompt"], sample.get("reference", ""), text)
+
+
+def _load_head(folder: str, runner: SpecRunner) -> AcceptanceHead:
+    """The acceptance head, refused by name when trained for another target or drafter."""
+    head = AcceptanceHead.from_pretrained(folder)
+    head.check_pair(
+        runner.adapter, drafter_fingerprint(runner.drafter), runner.drafter.name_or_path
+    )
+    return head.eval()
 
 
 def _speedups(rows: list[dict]) -> None:

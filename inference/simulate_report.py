@@ -24,6 +24,7 @@ COLUMNS = (
     ("rounds/answer", "rounds_per_answer", "{:.1f}"),
     ("tau", "tau", "{:.2f}"),
     ("identical", "identical_fraction", "{:.0%}"),
+    ("task accuracy", "task_accuracy", "{:.1%}"),
     ("speedup vs edge_only", "speedup_vs_edge_only", "{:.2f}x"),
     ("edge compute saving", "edge_compute_saving_vs_edge_only", "{:.2f}x"),
 )

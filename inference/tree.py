@@ -54,6 +54,12 @@ class DraftTree:
     scores: list[float] = field(default_factory=list)  # cumulative drafter log-prob
     draft_probs: dict[int, torch.Tensor] = field(default_factory=dict)  # node -> q over children
     children: dict[int, list[int]] = field(default_factory=dict)  # in drafting order
+    # node -> the drafter's entropy over its children, kept when `track_entropy` is set (an
+    # acceptance head reads it)
+    entropies: dict[int, float] = field(default_factory=dict)
+    track_entropy: bool = False
+    # node -> (drafter log-prob of its token, drafter entropy at its parent), as uploaded
+    confidence: dict[int, tuple[float, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.add(-1, self.root_token, 0.0)
@@ -145,6 +151,11 @@ def grow(
             top_ids = _gumbel_topk(logp, k, generator)
             top_lp = logp.gather(-1, top_ids)
         ids, lps = top_ids.tolist(), top_lp.tolist()
+        if tree.track_entropy:
+            for node, h in zip(
+                frontier, torch.special.entr(logp.exp()).sum(-1).tolist(), strict=True
+            ):
+                tree.entropies[node] = h
         new = []
         for row, node in enumerate(frontier):
             # CoVSpec parallel branching: extra candidates only where the drafter is unsure

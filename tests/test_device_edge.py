@@ -224,3 +224,40 @@ def test_roofline_prices_memory_and_compute_bound_calls():
     draft = profile.seconds(Op("device", "draft", 6, forwards=6, context=600))
     assert draft > 5 * profile.seconds(Op("device", "draft", 1, forwards=1, context=600)) * 0.9
     assert MEASURED.seconds(Op("edge", "verify", 8, measured_s=0.123)) == 0.123
+
+
+def test_lossy_rules_span_exact_to_accept_everything(runner, micro_target_dir, tmp_path):
+    """An always-reject rule is greedy verification exactly; an always-accept rule takes every
+    drafted node down the first-child path (WISV's lossy verifier at its two ends)."""
+    from covspec.inference.acceptance import ConstantRule
+
+    torch.manual_seed(1)
+    Drafter(DrafterConfig.for_target(runner.adapter)).save_pretrained(tmp_path)
+    real = SpecRunner.from_folders(str(micro_target_dir), str(tmp_path))
+    s = make_sample(56, 0)
+    ref = _reference(real, s["image"])
+    for upload in ("full", "selective"):
+        timeline = Timeline(Link(PRESETS["bad"], seed=0), MEASURED, real.adapter.vocab_size)
+        reject = ConstantRule(False)
+        got = run_protocol(
+            "sync", real, Request(s["image"], PROMPT, MAX_NEW), timeline, TREE,
+            rule=reject, upload=upload,
+        )  # fmt: skip
+        assert got.tokens == ref and reject.events  # mismatches seen, none accepted
+        assert all(
+            not e.accepted and e.target_hidden.shape == (real.adapter.hidden_size,)
+            for e in reject.events
+        )
+        if upload == "selective":  # one fetch round trip per mismatch
+            kinds = [m[1] for m in timeline.messages]
+            assert kinds.count("HiddenRequest") == kinds.count("HiddenUpload") == len(reject.events)
+    accept = ConstantRule(True)
+    records = []
+    chain = DraftSettings(mode="chain", depth=4)
+    got = run_protocol(
+        "sync", real, Request(s["image"], PROMPT, MAX_NEW), None, chain,
+        observers=[records.append], rule=accept,
+    )  # fmt: skip
+    # every drafted node is accepted, every round (a random drafter's tokens, not the target's)
+    assert records and all(r.accepted == r.drafted == 4 for r in records)
+    assert got.tokens != ref

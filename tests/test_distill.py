@@ -104,7 +104,33 @@ RECIPES = sorted(
 )
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
+DRAFTER_RECIPES = [r for r in RECIPES if not r.endswith("acceptance.yaml")]
+
+
+@pytest.mark.parametrize("recipe", [r for r in RECIPES if r.endswith("acceptance.yaml")])
+def test_acceptance_recipes_parse_through_the_cli(recipe, monkeypatch):
+    from covspec.data.trajectories import TrajectoryDataModule
+    from covspec.training.acceptance import AcceptanceHeadTraining
+    from covspec.training.cli import ModuleCLI
+
+    class ParseOnly(ModuleCLI):
+        def instantiate_trainer(self, **kwargs):
+            return None
+
+    monkeypatch.chdir(ROOT)
+    import lightning as L
+
+    cli = ParseOnly(
+        L.LightningModule, L.LightningDataModule, subclass_mode_model=True,
+        subclass_mode_data=True, run=False, args=["--config", recipe],
+    )  # fmt: skip
+    assert isinstance(cli.model, AcceptanceHeadTraining)
+    assert isinstance(cli.datamodule, TrajectoryDataModule)
+    callbacks = cli.config_init.trainer.callbacks
+    assert [type(c).__name__ for c in callbacks] == ["ExportAcceptanceHead"]
+
+
+@pytest.mark.parametrize("recipe", DRAFTER_RECIPES)
 def test_every_recipe_parses_through_the_cli(recipe, monkeypatch):
     monkeypatch.chdir(ROOT)
     cli = make_cli(["--config", recipe, "--model.variant", "text_only"], cli_class=ParseOnlyCLI)

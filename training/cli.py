@@ -16,9 +16,11 @@ the `last.ckpt` of the recipe's ModelCheckpoint when there is one.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
@@ -65,17 +67,51 @@ class CovspecCLI(LightningCLI):
         _format(self.config.trainer, names)
 
 
+class ModuleCLI(LightningCLI):
+    """Any covspec LightningModule + DataModule named by `class_path` in the recipe (the
+    acceptance head, ...); `--resume` as for drafters."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--resume",
+            default="last",
+            help="'last' (resume if a last.ckpt exists), 'none', or a checkpoint path",
+        )
+
+
+def _names_classes(args: list[str] | None) -> bool:
+    """Whether the recipe given with --config names its module by class_path."""
+    import yaml
+
+    argv = list(args) if args is not None else sys.argv[1:]
+    paths = [Path(argv[i + 1]) for i, a in enumerate(argv[:-1]) if a == "--config"]
+    while paths:
+        path = paths.pop()
+        if not path.is_file():
+            continue  # LightningCLI reports a missing recipe itself
+        recipe = yaml.safe_load(path.read_text()) or {}
+        model = recipe.get("model")
+        if (isinstance(model, dict) and "class_path" in model) or any(
+            k.startswith("model.init_args.") for k in recipe
+        ):
+            return True
+        if isinstance(recipe.get("config"), str):  # a nested base recipe
+            paths.append(path.parent / recipe["config"])
+    return False
+
+
 def make_cli(
-    args: list[str] | None = None, cli_class: type[LightningCLI] = CovspecCLI
+    args: list[str] | None = None, cli_class: type[LightningCLI] | None = None
 ) -> LightningCLI:
-    return cli_class(
-        DrafterDistillation,
-        ConversationDataModule,
-        run=False,
-        args=args,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
+    common = dict(
+        run=False, args=args, seed_everything_default=0, save_config_kwargs={"overwrite": True}
     )
+    if cli_class is None and _names_classes(args):
+        return ModuleCLI(
+            L.LightningModule, L.LightningDataModule, subclass_mode_model=True,
+            subclass_mode_data=True, **common,
+        )  # fmt: skip
+    return (cli_class or CovspecCLI)(DrafterDistillation, ConversationDataModule, **common)
 
 
 def main(args: list[str] | None = None) -> None:

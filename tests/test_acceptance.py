@@ -1,0 +1,116 @@
+"""The acceptance head pipeline on a tiny target: trajectories, training, calibration, use."""
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+from covspec.data.toy_world import make_sample
+from covspec.data.trajectories import TrajectoryDataModule, TrajectoryError
+from covspec.inference.runner import SpecRunner
+from covspec.inference.simulate import SimulationPlan, simulate
+from covspec.inference.trajectories import collect
+from covspec.inference.tree import DraftSettings
+from covspec.modeling.acceptance_head import AcceptanceHead, drafter_fingerprint
+from covspec.modeling.adapters import TargetMismatchError, adapter_for
+from covspec.modeling.drafter import Drafter, DrafterConfig
+from covspec.training.acceptance import AcceptanceHeadTraining, ExportAcceptanceHead, calibrate
+
+MAX_NEW = 16
+
+
+@pytest.fixture(scope="module")
+def pipeline(micro_target_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("acceptance")
+    target = AutoModelForImageTextToText.from_pretrained(micro_target_dir)
+    torch.manual_seed(0)
+    Drafter(DrafterConfig.for_target(adapter_for(target))).save_pretrained(root / "drafter")
+    runner = SpecRunner.from_folders(str(micro_target_dir), str(root / "drafter"))
+    samples = [make_sample(77, i, describe_prob=1.0) for i in range(6)]
+    summary = collect(
+        runner, samples, root / "traj", MAX_NEW, DraftSettings(mode="chain", depth=3), shard_size=3
+    )
+    return root, runner, summary
+
+
+def test_trajectories_are_labelled_sharded_and_resumable(pipeline):
+    root, runner, summary = pipeline
+    shards = sorted((root / "traj").glob("shard-*.parquet"))
+    assert len(shards) == 2 and summary["mismatches"] > 0
+    assert summary["examples"] == 3 * summary["mismatches"]  # one row per channel preset
+    assert summary["safe"] + summary["unsafe"] == summary["mismatches"]
+    stamp = [p.stat().st_mtime_ns for p in shards]
+    collect(runner, [], root / "traj", MAX_NEW)  # nothing new to do: shards untouched
+    assert [p.stat().st_mtime_ns for p in shards] == stamp
+    dm = TrajectoryDataModule(str(root / "traj"), val_fraction=0.5, batch_size=8)
+    dm.setup("fit")
+    train_ids, val_ids = set(dm.train_set["sample_id"]), set(dm.val_set["sample_id"])
+    assert train_ids and val_ids and not train_ids & val_ids  # split by conversation
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["target_hidden"].shape[1] == runner.adapter.hidden_size
+    assert batch["csi"].shape[1] == 3 and set(batch["safe"].tolist()) <= {0.0, 1.0}
+
+
+def test_missing_column_is_named(pipeline, tmp_path):
+    from datasets import load_dataset
+
+    root, _, _ = pipeline
+    ds = load_dataset(
+        "parquet", data_files=str(next((root / "traj").glob("*.parquet"))), split="train"
+    )
+    ds.remove_columns(["csi"]).to_parquet(str(tmp_path / "shard-00000.parquet"))
+    with pytest.raises(TrajectoryError, match=r"missing column\(s\) \['csi'\]"):
+        TrajectoryDataModule(str(tmp_path)).setup("fit")
+
+
+def test_head_trains_calibrates_exports_and_refuses_other_drafters(
+    pipeline, micro_target_dir, tmp_path
+):
+    root, runner, _ = pipeline
+    module = AcceptanceHeadTraining(
+        str(micro_target_dir), str(root / "drafter"), projection_size=8, hidden_size=16
+    )
+    trainer = L.Trainer(
+        max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, num_sanity_val_steps=0,
+        callbacks=[ExportAcceptanceHead(str(tmp_path / "head"))],
+    )  # fmt: skip
+    dm = TrajectoryDataModule(str(root / "traj"), val_fraction=0.5, batch_size=16)
+    trainer.fit(module, datamodule=dm)
+    head = AcceptanceHead.from_pretrained(tmp_path / "head")
+    assert set(head.config.thresholds) == {"good", "medium", "bad"}
+    report = json.loads((tmp_path / "head" / "metrics.json").read_text())
+    for preset, c in report["calibration"].items():
+        assert c["estimated_accuracy_drop"] <= c["budget"] + 1e-9, preset
+    head.check_pair(runner.adapter, drafter_fingerprint(runner.drafter))
+    other = Drafter(DrafterConfig.for_target(runner.adapter))
+    with pytest.raises(TargetMismatchError, match="drafter"):
+        head.check_pair(runner.adapter, drafter_fingerprint(other), "another drafter")
+    plan = SimulationPlan(
+        [str(root / "drafter")], ["edge_only", "sync"], ["bad"], ["measured"], [],
+        accept_head=str(tmp_path / "head"),
+    )  # fmt: skip
+    rep = simulate(str(micro_target_dir), plan, [dict(s, prompt="Describe the image.") for s in
+                   [make_sample(78, 0, describe_prob=1.0)]], MAX_NEW)  # fmt: skip
+    rows = {r["protocol"]: r for r in rep["rows"]}
+    assert {"sync_head_full", "sync_head_selective"} <= set(rows)
+    assert rows["sync"]["identical_fraction"] == 1.0 and rows["sync"]["task_accuracy"] is not None
+    # the selective upload sends no drafter states up front
+    assert (
+        rows["sync_head_selective"]["decode_uplink_bytes_per_token"]
+        < rows["sync_head_full"]["decode_uplink_bytes_per_token"]
+    )
+
+
+def test_calibration_keeps_the_estimated_drop_within_budget():
+    logits = torch.tensor([3.0, 2.0, 1.5, 1.0, 0.5, 0.0])
+    safe = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 1.0])
+    samples = ["a", "b", "c", "a", "b", "d"]
+    out = calibrate(logits, safe, ["bad"] * 6, samples, {"bad": 0.25})
+    # accepting down to 1.0 breaks answer "c" only: 1/4 answers = the budget; 0.5 would break "b"
+    assert out["bad"]["threshold"] == pytest.approx(1.0 - 1e-6)
+    assert out["bad"]["estimated_accuracy_drop"] == pytest.approx(0.25)
+    strict = calibrate(logits, safe, ["good"] * 6, samples, {"good": 0.0})
+    assert strict["good"]["threshold"] == pytest.approx(2.0 - 1e-6)  # stops before the first unsafe

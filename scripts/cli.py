@@ -7,6 +7,7 @@
     covspec bench      --target DIR --drafter DIR [--drafter DIR ...] [--data F.jsonl | --toy N] --out F.json
     covspec simulate   --target DIR --drafter DIR [--channel good|medium|bad|PRESET@rttMS|TRACE.csv ...] --out F.json
     covspec eval       --target DIR --drafter DIR --benchmark llava-bench|mmmu|mmbench|video-mme|mvbench [--data-dir DIR|HUB_ID] [--limit N] --out F.json
+    covspec collect-acceptance --drafter DIR --toy N --out DIR   # acceptance-head trajectories
     covspec export     DRAFTER_DIR --target DIR --format speculators|eagle3 --out DIR [--dtype bfloat16]
     covspec publish    DIR --repo-id ORG/NAME [--base-model ID] [--private] [--exist-ok] [--dry-run]
 
@@ -368,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_parser(sub)
     _add_simulate_parser(sub)
     _add_eval_parser(sub)
+    _add_collect_parser(sub)
     return parser
 
 

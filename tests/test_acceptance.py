@@ -114,3 +114,9 @@ def test_calibration_keeps_the_estimated_drop_within_budget():
     assert out["bad"]["estimated_accuracy_drop"] == pytest.approx(0.25)
     strict = calibrate(logits, safe, ["good"] * 6, samples, {"good": 0.0})
     assert strict["good"]["threshold"] == pytest.approx(2.0 - 1e-6)  # stops before the first unsafe
+    # a better channel's share is capped at a worse one's (here its logits rank higher)
+    both = calibrate(
+        torch.cat([logits, logits + 5]), torch.cat([safe, torch.ones(6)]), ["bad"] * 6 + ["good"] * 6,
+        samples * 2, {"bad": 0.25, "good": 0.003},
+    )  # fmt: skip
+    assert both["good"]["accepted_rate"] <= both["bad"]["accepted_rate"] + 1e-6

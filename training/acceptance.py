@@ -13,7 +13,8 @@ head more permissive. After each validation pass the per-preset thresholds are c
 the validation split (unseen conversations): the most permissive logit threshold whose estimated
 task accuracy drop, the fraction of answers with an accepted unsafe token, stays within that
 preset's budget. Metrics: AUROC, accepted rate, precision and estimated accuracy drop per
-preset at its threshold.
+preset at its threshold. Calibration keeps the head monotone in channel quality: a preset
+with a smaller budget (a better channel) never accepts a larger share than a worse one.
 """
 
 from __future__ import annotations
@@ -175,6 +176,30 @@ def calibrate(
             "examples": len(idx),
             "answers": n_answers,
         }
+    return _monotone(out, logits, safe, presets, samples)
+
+
+def _monotone(out: dict, logits, safe, presets, samples) -> dict:
+    """A better channel (smaller budget) never accepts a larger share of mismatches than a
+    worse one: where it would, its threshold is raised to the worse channel's rate."""
+    cap = 1.0
+    for preset in sorted(out, key=lambda p: -out[p]["budget"]):  # worst channel first
+        c = out[preset]
+        if c["accepted_rate"] > cap + 1e-6:
+            idx = [i for i, p in enumerate(presets) if p == preset]
+            z = logits[idx].sort(descending=True).values
+            keep = int(round(cap * len(idx)))
+            c["threshold"] = float(z[keep]) if keep < len(z) else c["threshold"]
+            accept = logits[idx] > c["threshold"]
+            y = safe[idx]
+            ids = [samples[i] for i in idx]
+            c["accepted_rate"] = float(accept.float().mean())
+            c["precision"] = float(y[accept].mean()) if accept.any() else 1.0
+            c["estimated_accuracy_drop"] = (
+                len({ids[i] for i in range(len(idx)) if accept[i] and y[i] < 0.5}) / c["answers"]
+            )
+            c["capped_by_worse_channel"] = True
+        cap = c["accepted_rate"]
     return out
 
 

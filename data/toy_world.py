@@ -166,6 +166,9 @@ def parse_description(text: str) -> list[tuple[str, str, str | None]]:
     return found
 
 
+_COUNT_RE = re.compile(r"\b(" + "|".join(NUMBER_WORDS) + r") (?:objects?|shapes?)\b")
+
+
 def _normalise(text: str) -> str:
     return re.sub(r"[^a-z0-9 ]", "", text.lower()).strip()
 
@@ -173,11 +176,14 @@ def _normalise(text: str) -> str:
 def answer_correct(objects: list[dict], question: str, reference: str, answer: str) -> bool:
     """Task-level correctness of an answer to a toy question (the scene's ground truth decides).
 
-    A description must name exactly the scene's objects as (colour, shape) multisets, and every
-    position it states must be that object's; a short answer must equal the reference up to
-    case and punctuation (the toy world's answers have one canonical form).
+    A description must name exactly the scene's objects as (colour, shape) multisets, every
+    position it states must be that object's, and every count it states ("three shapes") must
+    be the number of objects; a short answer must equal the reference up to case and
+    punctuation (the toy world's answers have one canonical form).
     """
     if question.replace("<image>", "").strip() in DESCRIBE_PROMPTS:
+        if any(NUMBER_WORDS.index(n) != len(objects) for n in _COUNT_RE.findall(answer)):
+            return False
         parsed = parse_description(answer)
         truth = Counter((o["colour"], o["shape"]) for o in objects)
         if Counter((c, s) for c, s, _ in parsed) != truth:

@@ -86,6 +86,8 @@ class _Run:
             raise ValueError(f"upload must be 'full' or 'selective', got {upload!r}")
         req, t = self.req, self.t
         req.upload_confidence = True
+        if self.runner.drafter is not None:  # relative depth is over the drafter's trained depth
+            rule.max_depth = self.runner.drafter.config.max_draft_steps
         head = getattr(rule, "head", None)
         wants_hidden = head is None or head.config.use_drafter_hidden
         req.upload_hidden = wants_hidden and upload == "full"

@@ -42,7 +42,7 @@ from covspec.inference.tree import DraftSettings
 COLUMNS = (
     "sample_id", "question", "depth", "token", "target_choice", "confidence", "target_hidden",
     "drafter_hidden", "safe", "lossless_correct", "rollout_correct", "preset", "csi",
-    "round_cost_s",
+    "round_cost_s", "prefix", "rollout", "lossless",
 )  # fmt: skip
 ROUND_BYTES = (
     48 + 40,
@@ -106,7 +106,7 @@ def sample_rows(
 ) -> list[dict]:
     """Decode one sample losslessly, log its mismatches, label each by rollout."""
     question, reference = _question(sample)
-    recorder = RecordingRule(max_depth=settings.depth)
+    recorder = RecordingRule()
     req = Request(sample["image"], question, max_new)
     result = run_protocol("sync", runner, req, None, settings, rule=recorder)
     decode = runner.processor.tokenizer.decode

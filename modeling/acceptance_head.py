@@ -17,7 +17,7 @@ Features, in the order `CONFIDENCE_FEATURES` and `CSI_FEATURES` name them (the c
 both lists, so a head trained on other features is refused, never misread):
 - confidence: target probability of the draft token, target top-1 probability, target top-1
   minus top-2 margin, target entropy (nats), drafter log-probability of the token, drafter
-  entropy, draft depth, depth / max depth;
+  entropy, draft depth, depth over the drafter's trained depth (`max_draft_steps`);
 - CSI: uplink SNR (dB / 10), log10 uplink rate (Mbit/s), RTT (s).
 """
 

@@ -99,7 +99,7 @@ def _simulate(args: argparse.Namespace) -> None:
         rtt_sweep_ms=sweep,
         sweep_channel=args.sweep_channel,
         sweep_compute=args.sweep_compute,
-        settings=_draft_settings(args),
+        settings=_draft_settings(args, args.mode),
         max_depth=args.max_depth,
         seed=args.seed,
         accept_head=args.accept_head,
@@ -150,6 +150,7 @@ def _add_simulate_parser(sub) -> None:
     p.add_argument("--sweep-channel", default="medium")
     p.add_argument("--sweep-compute", default="a40-orin-7b")
     p.add_argument("--max-depth", type=int, default=12, help="cap of the adaptive depth")
+    p.add_argument("--mode", choices=["tree", "chain"], default="tree", help="draft shape")
     p.add_argument("--seed", type=int, default=0, help="channel draws (per sample: seed + i)")
     p.add_argument(
         "--accept-head", help="acceptance head folder: adds lossy rows (full / selective upload)"

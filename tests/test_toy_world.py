@@ -87,3 +87,21 @@ def test_questions_are_answered_from_objects():
 def test_bad_image_size_refused():
     with pytest.raises(ValueError, match="12"):
         sample_objects(random.Random(0), image_size=12)
+
+
+def test_answer_correct_checks_objects_positions_and_counts():
+    from covspec.data.toy_world import answer_correct
+
+    s = make_sample(3, 1, describe_prob=1.0)
+    q, a = s["messages"][0]["content"], s["messages"][1]["content"]
+    assert answer_correct(s["objects"], q, a, a)
+    n = len(s["objects"])
+    wrong_count = ["zero", "one", "two", "three", "four", "five"][(n + 1) % 6]
+    assert not answer_correct(s["objects"], q, a, f"The image shows {wrong_count} shapes. " + a)
+    first = s["objects"][0]
+    swapped = a.replace(first["colour"], "zzz", 1)
+    assert not answer_correct(s["objects"], q, a, swapped)  # an object named wrong
+    qa = make_sample(5, 2, describe_prob=0.0)
+    q, ref = qa["messages"][0]["content"], qa["messages"][1]["content"]
+    assert answer_correct(qa["objects"], q, ref, ref.upper() + "!")
+    assert not answer_correct(qa["objects"], q, ref, "Something else.")

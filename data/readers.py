@@ -206,18 +206,24 @@ def read_prompts_jsonl(path: str | Path, image_root: str | Path | None = None) -
     return samples
 
 
-def toy_prompts(num: int, seed: int = 31_337) -> list[dict]:
-    """`num` unseen toy scenes with a description prompt: the long-answer case. Each carries
-    its `objects` (ground truth), so task accuracy can be scored (`answer_correct`)."""
+def toy_prompts(num: int, seed: int = 31_337, mixed: bool = False) -> list[dict]:
+    """`num` unseen toy scenes with "Describe the image." (the long-answer case), or with
+    `mixed`, each scene's own first question (every description prompt and short question, as
+    in training). Each carries its `objects` and `reference` answer, so task accuracy can be
+    scored (`answer_correct`)."""
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")
     samples = [make_sample(seed, i) for i in range(num)]
-    return [
-        {
-            "id": f"toy-{seed}-{i}",
-            "image": s["image"],
-            "prompt": "Describe the image.",
-            "objects": s["objects"],
-        }
-        for i, s in enumerate(samples)
-    ]
+    out = []
+    for i, s in enumerate(samples):
+        question = s["messages"][0]["content"].replace("<image>", "").strip()
+        out.append(
+            {
+                "id": f"toy-{seed}-{i}",
+                "image": s["image"],
+                "prompt": question if mixed else "Describe the image.",
+                "objects": s["objects"],
+                "reference": s["messages"][1]["content"] if mixed else "",
+            }
+        )
+    return out

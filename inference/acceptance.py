@@ -128,6 +128,7 @@ class _WalkRule:
         self.drafter_hidden = drafter_hidden
         self.max_depth = max_depth
         self.target_layer: int | None = None  # set by the edge: its final-state layer id
+        self.eos: set[int] = set()  # set by the edge: the answer ends there, so does the walk
         self.events: list[MismatchEvent] = []
 
     def first_token(self, logits: torch.Tensor, req) -> int:
@@ -151,6 +152,8 @@ class _WalkRule:
                 return path, want
             path.append(nxt)
             node = nxt
+            if tree.tokens[node] in self.eos:  # nothing after the end of the answer matters
+                return path, want
 
     def _event(self, tree, index, logits, out, req, parent, child, want, path) -> MismatchEvent:
         row = index[parent]

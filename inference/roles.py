@@ -228,7 +228,7 @@ class EdgeRole:
         rule = self._rule(req)
         layers = r.layers
         if getattr(rule, "needs_final_state", False):  # an acceptance rule reads layer L
-            rule.target_layer = r.adapter.num_layers
+            rule.target_layer, rule.eos = r.adapter.num_layers, r.eos
             layers = sorted({*layers, rule.target_layer})
         out = r.adapter.text_forward(
             ids, layers, cache=req.cache, position_ids=pos, attention_mask=mask, use_cache=True

@@ -104,7 +104,9 @@ def _simulate(args: argparse.Namespace) -> None:
         seed=args.seed,
         accept_head=args.accept_head,
     )
-    samples = read_prompts_jsonl(args.data) if args.data else toy_prompts(args.toy)
+    samples = (
+        read_prompts_jsonl(args.data) if args.data else toy_prompts(args.toy, mixed=args.toy_mixed)
+    )
     report = simulate(args.target, plan, samples, args.max_new_tokens)
     path = write_report(report, args.out)
     print(markdown(report))
@@ -151,6 +153,10 @@ def _add_simulate_parser(sub) -> None:
     p.add_argument("--sweep-compute", default="a40-orin-7b")
     p.add_argument("--max-depth", type=int, default=12, help="cap of the adaptive depth")
     p.add_argument("--mode", choices=["tree", "chain"], default="tree", help="draft shape")
+    p.add_argument(
+        "--toy-mixed", action="store_true",
+        help="toy scenes with their own first question (all prompt kinds) instead of descriptions",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="channel draws (per sample: seed + i)")
     p.add_argument(
         "--accept-head", help="acceptance head folder: adds lossy rows (full / selective upload)"

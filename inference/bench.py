@@ -24,7 +24,6 @@ from covspec.inference.roles import now
 from covspec.inference.runner import SpecRunner, build_prompt, suppressed_tokens
 from covspec.inference.tree import DraftSettings
 from covspec.modeling.adapters import adapter_for
-from covspec.modeling.drafter import Drafter
 
 TAU_DEFINITION = "tau = tokens emitted per target forward in the decode loop, the bonus token included (ceiling: depth + 1)"
 
@@ -78,7 +77,7 @@ def build_methods(model, processor, drafters: list[str], chain: DraftSettings, t
         ),
     }
     for path in drafters:
-        runner = SpecRunner(model, processor, Drafter.from_pretrained(path).to(model.device))
+        runner = SpecRunner.for_drafter_folder(model, processor, path)
         name = Path(path).name
         for settings in (chain, tree):
             methods[f"{name}/{settings.mode}"] = (

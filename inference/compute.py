@@ -16,7 +16,7 @@ real run; only the pricing is simulated, and reports say so.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 Role = Literal["device", "edge"]
@@ -65,6 +65,13 @@ class RooflineCompute:
     target: ModelCost
     device: Hardware
     drafter: ModelCost
+    device_vlm: ModelCost | None = None  # the device's small VLM, when it drafts instead
+
+    def with_device_vlm(self) -> RooflineCompute:
+        """The same hardware with the small VLM as the device's drafter."""
+        if self.device_vlm is None:
+            raise ValueError(f"compute profile {self.name} has no small-VLM device model")
+        return replace(self, name=f"{self.name}+vlm", drafter=self.device_vlm)
 
     def seconds(self, op: Op) -> float:
         hw, model = (self.edge, self.target) if op.role == "edge" else (self.device, self.drafter)
@@ -125,13 +132,23 @@ EAGLE3_7B = ModelCost(
     hidden=4096,
     kv_bytes_per_token=2 * 4096 * 2,
 )
+SMALL_VLM = ModelCost(
+    "LLaVA-OneVision-0.5B class small VLM (Qwen2-0.5B + SigLIP-400M)",
+    params=0.36e9 + 151_936 * 896,  # 24 layers x 15M + the tied LM head
+    layers=24,
+    hidden=896,
+    kv_bytes_per_token=2 * 24 * 128 * 2,  # K and V, 24 layers, 2 KV heads x 64, bf16
+    vision_params=0.40e9,
+)
 PROFILES: dict[str, RooflineCompute] = {
     "a40-orin-7b": RooflineCompute(
-        "a40-orin-7b (simulated: LLaVA-1.5-7B on an A40 edge, EAGLE-3 drafter on a Jetson AGX Orin)",
+        "a40-orin-7b (simulated: LLaVA-1.5-7B on an A40 edge, EAGLE-3 drafter or a 0.5B small "
+        "VLM on a Jetson AGX Orin)",
         edge=A40,
         target=LLAVA_7B,
         device=ORIN,
         drafter=EAGLE3_7B,
+        device_vlm=SMALL_VLM,
     ),
 }
 

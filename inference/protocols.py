@@ -68,6 +68,8 @@ class _Run:
         self.edge = EdgeRole(runner, runner.feature_encoder(timeline.link is not None), rule)
         self.device = DeviceRole(runner, source_factory)
         self.source_factory_used = source_factory is not None
+        if runner.device_vlm is not None and hasattr(timeline.compute_model, "with_device_vlm"):
+            timeline.compute_model = timeline.compute_model.with_device_vlm()
         self.fetches: list[int] = []  # selective uploads the edge asked for in this verify
         if rule is not None and getattr(rule, "needs_final_state", False):
             self._bind_acceptance_rule(rule, upload)
@@ -389,7 +391,7 @@ def run_protocol(
     (fetched at a mismatch)."""
     if name not in PROTOCOLS:
         raise ValueError(f"unknown protocol {name!r}; known: {list(PROTOCOLS)}")
-    if name != "edge_only" and runner.drafter is None and source_factory is None:
+    if name != "edge_only" and not runner.has_drafter and source_factory is None:
         raise ValueError("this runner has no drafter; load one or pass source_factory")
     if max_chunks < 1:
         raise ValueError(f"max_chunks must be >= 1, got {max_chunks}")

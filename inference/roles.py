@@ -40,6 +40,7 @@ from covspec.inference.tree import (
     verify_greedy,
     verify_sampling,
 )
+from covspec.inference.vlm_drafter import VLMDrafterSide
 
 
 def now(device: torch.device | None = None) -> float:
@@ -197,6 +198,8 @@ class EdgeRole:
 
     def _prompt_features(self, inputs: dict, out, first: int) -> FeatureDownlink:
         ids = inputs["input_ids"][0]
+        if self.runner.device_vlm is not None:  # a small-VLM drafter needs only the token
+            return FeatureDownlink(ids[:0], FeaturePayload(), first)
         keep = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))[0].bool()
         full_visual = self.runner.full_visual
         if not full_visual:
@@ -276,6 +279,9 @@ class DeviceRole:
         start = now(req.device)
         if self.source_factory is not None:
             req.source = self.source_factory(self.runner, down, capacity)
+        elif self.runner.device_vlm is not None:  # the small VLM sees the image itself
+            inputs = self.runner.encode(req.image, req.prompt)
+            req.source = VLMDrafterSide(self.runner.device_vlm, inputs, down.first_token)
         else:
             side = DrafterSide(self.runner.kernel(), self.runner.adapter.vocab_size, capacity)
             n = len(down.token_ids)

@@ -31,6 +31,7 @@ from covspec.inference.protocols import run_protocol
 from covspec.inference.roles import Request
 from covspec.inference.timeline import GenerationResult, Timeline
 from covspec.inference.tree import DraftSettings
+from covspec.inference.vlm_drafter import check_same_tokenizer, is_device_vlm, load_device_vlm
 from covspec.modeling.adapters import TargetAdapter, TargetMismatchError, adapter_for
 from covspec.modeling.drafter import Drafter
 from covspec.modeling.tokens import fingerprint_vocab
@@ -73,7 +74,12 @@ def suppressed_tokens(model, adapter: TargetAdapter) -> list[int]:
 
 
 class SpecRunner:
-    def __init__(self, model, processor, drafter: Drafter | None) -> None:
+    def __init__(self, model, processor, drafter: Drafter | None, device_vlm=None) -> None:
+        """`drafter`: a feature-fed covspec drafter; or `device_vlm`: a small VLM drafting on
+        the device with its own image encoding (inference/vlm_drafter.py). One of the two, or
+        none (`edge_only`, scripted drafters in tests)."""
+        if drafter is not None and device_vlm is not None:
+            raise ValueError("give a covspec drafter or a small-VLM drafter, not both")
         self.model = model.eval()
         self.processor = processor
         self.adapter: TargetAdapter = adapter_for(model)
@@ -83,6 +89,11 @@ class SpecRunner:
                 f"{self.adapter.tree_decoding_blocker}"
             )
         self.drafter = drafter
+        self.device_vlm = device_vlm.eval() if device_vlm is not None else None
+        if device_vlm is not None and device_vlm.device != model.device:
+            raise ValueError(
+                f"device drafter is on {device_vlm.device}, target on {model.device}: load both on one device"
+            )
         if drafter is not None:
             if drafter.device != model.device:
                 raise ValueError(
@@ -108,8 +119,25 @@ class SpecRunner:
         """Load exported folders onto `device` (the drafter in the target's dtype)."""
         model = AutoModelForImageTextToText.from_pretrained(target, dtype=dtype).to(device)
         processor = AutoProcessor.from_pretrained(target)
+        if drafter and is_device_vlm(drafter):
+            check_same_tokenizer(processor, drafter)
+            return cls(model, processor, None, load_device_vlm(drafter, dtype).to(device))
         loaded = Drafter.from_pretrained(drafter).to(device, dtype) if drafter else None
         return cls(model, processor, loaded)
+
+    @classmethod
+    def for_drafter_folder(cls, model, processor, folder: str) -> SpecRunner:
+        """A runner on a loaded target with the drafter at `folder`, either kind."""
+        if is_device_vlm(folder):
+            check_same_tokenizer(processor, folder)
+            return cls(
+                model, processor, None, load_device_vlm(folder, model.dtype).to(model.device)
+            )
+        return cls(model, processor, Drafter.from_pretrained(folder).to(model.device, model.dtype))
+
+    @property
+    def has_drafter(self) -> bool:
+        return self.drafter is not None or self.device_vlm is not None
 
     @property
     def device(self) -> torch.device:

@@ -37,7 +37,6 @@ from covspec.inference.timeline import Timeline
 from covspec.inference.tree import DraftSettings
 from covspec.modeling.acceptance_head import AcceptanceHead, drafter_fingerprint
 from covspec.modeling.adapters import adapter_for
-from covspec.modeling.drafter import Drafter
 
 TAU_DEFINITION = (
     "tau = tokens emitted per target forward in the decode loop, the bonus token included"
@@ -198,7 +197,7 @@ def simulate(target: str, plan: SimulationPlan, samples: list[dict], max_new_tok
     processor = AutoProcessor.from_pretrained(target)
     runners = {None: SpecRunner(model, processor, None)}
     for path in plan.drafters:
-        runners[path] = SpecRunner(model, processor, Drafter.from_pretrained(path))
+        runners[path] = SpecRunner.for_drafter_folder(model, processor, path)
     refs = [_reference(model, processor, runners[None], s, max_new_tokens) for s in samples]
     head = _load_head(plan.accept_head, runners[plan.drafters[0]]) if plan.accept_head else None
     runs = list(_runs(plan))

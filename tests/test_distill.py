@@ -104,30 +104,39 @@ RECIPES = sorted(
 )
 
 
-DRAFTER_RECIPES = [r for r in RECIPES if not r.endswith("acceptance.yaml")]
+MODULE_RECIPES = [r for r in RECIPES if r.endswith(("acceptance.yaml", "device-vlm.yaml"))]
+DRAFTER_RECIPES = [r for r in RECIPES if r not in MODULE_RECIPES]
 
 
-@pytest.mark.parametrize("recipe", [r for r in RECIPES if r.endswith("acceptance.yaml")])
-def test_acceptance_recipes_parse_through_the_cli(recipe, monkeypatch):
+@pytest.mark.parametrize("recipe", MODULE_RECIPES)
+def test_class_path_recipes_parse_through_the_cli(recipe, monkeypatch):
+    import lightning as L
+
+    from covspec.data.datamodule import ConversationDataModule
     from covspec.data.trajectories import TrajectoryDataModule
     from covspec.training.acceptance import AcceptanceHeadTraining
-    from covspec.training.cli import ModuleCLI
+    from covspec.training.cli import ModuleCLI, _names_classes
+    from covspec.training.device_drafter import DeviceDrafterDistillation
 
     class ParseOnly(ModuleCLI):
         def instantiate_trainer(self, **kwargs):
             return None
 
     monkeypatch.chdir(ROOT)
-    import lightning as L
-
+    assert _names_classes(["--config", recipe])  # covspec train picks the generic CLI
     cli = ParseOnly(
         L.LightningModule, L.LightningDataModule, subclass_mode_model=True,
         subclass_mode_data=True, run=False, args=["--config", recipe],
     )  # fmt: skip
-    assert isinstance(cli.model, AcceptanceHeadTraining)
-    assert isinstance(cli.datamodule, TrajectoryDataModule)
     callbacks = cli.config_init.trainer.callbacks
-    assert [type(c).__name__ for c in callbacks] == ["ExportAcceptanceHead"]
+    if recipe.endswith("acceptance.yaml"):
+        assert isinstance(cli.model, AcceptanceHeadTraining)
+        assert isinstance(cli.datamodule, TrajectoryDataModule)
+        assert [type(c).__name__ for c in callbacks] == ["ExportAcceptanceHead"]
+    else:
+        assert isinstance(cli.model, DeviceDrafterDistillation)
+        assert isinstance(cli.datamodule, ConversationDataModule)
+        assert callbacks[-1].dirpath == f"checkpoints/{Path(recipe).parent.name}-device-vlm"
 
 
 @pytest.mark.parametrize("recipe", DRAFTER_RECIPES)

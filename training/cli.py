@@ -69,7 +69,8 @@ class CovspecCLI(LightningCLI):
 
 class ModuleCLI(LightningCLI):
     """Any covspec LightningModule + DataModule named by `class_path` in the recipe (the
-    acceptance head, ...); `--resume` as for drafters."""
+    acceptance head, the small-VLM device drafter, ...); `--resume` and `{recipe}` in trainer
+    paths as for drafters."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
@@ -77,6 +78,11 @@ class ModuleCLI(LightningCLI):
             default="last",
             help="'last' (resume if a last.ckpt exists), 'none', or a checkpoint path",
         )
+
+    def before_instantiate_classes(self) -> None:
+        configs = self.config.get("config") or []
+        recipe = Path(str(configs[-1])).resolve().parent.name if configs else "run"
+        _format(self.config.trainer, {"recipe": recipe})
 
 
 def _names_classes(args: list[str] | None) -> bool:

@@ -1,0 +1,115 @@
+"""Output folders that covspec may replace, and how it replaces them without a gap.
+
+    >>> write_folder("checkpoints/toy-drafter", lambda tmp: model.save_pretrained(tmp),
+    ...              kind="drafter")          # refuses a non-empty folder covspec did not make
+    >>> write_folder(out, writer, overwrite=True)   # the user said so (`--overwrite`)
+
+Every folder covspec writes carries a marker file (`.covspec-output`). An existing folder is
+replaced only when it has that marker, when `legacy(folder)` recognises an output of an older
+covspec (made before markers existed), or with `overwrite`; anything else is refused before a
+byte is written, naming the folder. The new folder is written beside the old one and swapped in
+with one atomic exchange (Linux `renameat2(RENAME_EXCHANGE)`); where the file system cannot
+exchange, two renames are used and a folder left at the `.old` name by a crash between them is
+put back by the next write. No Lightning, no torch: every layer may use it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+MARKER = ".covspec-output"
+
+
+class OutputFolderError(ValueError):
+    """An output path covspec must not replace (a file, or a foreign non-empty folder)."""
+
+
+def is_ours(folder: Path, legacy: Callable[[Path], bool] | None = None) -> bool:
+    """Whether `folder` was written by covspec: it has the marker, or `legacy` recognises it."""
+    return (folder / MARKER).is_file() or (legacy is not None and legacy(folder))
+
+
+def check_replaceable(
+    out: str | Path, overwrite: bool = False, legacy: Callable[[Path], bool] | None = None
+) -> None:
+    """Refuse `out` when it is a file, or a non-empty folder covspec did not make (unless
+    `overwrite`). Call it before any expensive work, so a refusal costs nothing."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputFolderError(f"output path {out} exists and is not a folder")
+    if overwrite or not out.is_dir() or not any(out.iterdir()) or is_ours(out, legacy):
+        return
+    raise OutputFolderError(
+        f"output folder {out} is not empty and was not written by covspec (no {MARKER} "
+        "marker): choose another folder, or pass --overwrite (overwrite=True) to replace it"
+    )
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.ENOTSUP):
+        return False  # this file system cannot exchange: fall back to two renames
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def recover(out: Path) -> None:
+    """Put back a folder that a crash left at its `.old` name between two renames, and remove
+    temporary siblings of earlier, interrupted writes (they are ours by name)."""
+    if not out.exists():
+        olds = sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime)
+        if olds:
+            olds[-1].rename(out)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def write_folder(
+    out: str | Path,
+    write: Callable[[Path], None],
+    *,
+    overwrite: bool = False,
+    kind: str = "output",
+    legacy: Callable[[Path], bool] | None = None,
+) -> Path:
+    """Run `write(tmp)` into a fresh sibling of `out`, mark it, then swap it in: at every
+    instant `out` is either the complete old folder or the complete new one."""
+    out = Path(out)
+    if out.parent.is_dir():
+        recover(out)
+    check_replaceable(out, overwrite, legacy)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp, old = out.parent / f".{out.name}.tmp-{tag}", out.parent / f".{out.name}.old-{tag}"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        (tmp / MARKER).write_text(json.dumps({"created_by": "covspec", "kind": kind}) + "\n")
+        if out.exists() and _exchange(tmp, out):
+            shutil.rmtree(tmp)  # now holds the old folder
+            return out
+        if out.exists():
+            out.rename(old)  # a crash here leaves `old`, which `recover` puts back
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return out

@@ -131,15 +131,15 @@ class _Run:
             self.result.first_token_s = t.send("down", down, end)
             start = now(req.device)
             self.device.prefill(req, down, _capacity(req, settings, extra_depth))
-            self.device_ready = t.run(
-                Op(
-                    "device",
-                    "drafter_prefill",
-                    len(down.token_ids),
-                    measured_s=_elapsed(start, req.device),
-                ),
-                self.result.first_token_s,
-            )
+            measured = _elapsed(start, req.device)
+            ops = [Op("device", "drafter_prefill", len(down.token_ids), measured_s=measured)]
+            if self.runner.device_vlm is not None:  # the small VLM encodes the image itself
+                tokens = req.source.prefill_tokens
+                ops = [
+                    Op("device", "vision", req.visual_tokens),
+                    Op("device", "drafter_prefill", tokens, measured_s=measured),
+                ]
+            self.device_ready = t.run(ops, self.result.first_token_s)
         else:
             req.tokens = [down.first_token]
         self.prefill_end = end

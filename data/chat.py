@@ -34,6 +34,8 @@ def validate_messages(messages: Any, where: str = "") -> list[dict]:
             )
         if not isinstance(m.get("content"), (str, list)):
             raise ConversationError(f"{prefix}message {i} has no content: {m!r}")
+        if isinstance(m["content"], str) and not m["content"].strip():
+            raise ConversationError(f"{prefix}message {i} ({m['role']}) is empty or whitespace")
     if not any(m["role"] == "assistant" for m in messages):
         raise ConversationError(f"{prefix}conversation has no assistant turn")
     return messages

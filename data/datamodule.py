@@ -10,10 +10,12 @@ A data spec is either `toy:N[:SEED]` (N toy-world conversations) or a path to a 
 carry input_ids, attention_mask, loss_mask (assistant tokens), the processor's vision tensors and
 `overlong` = (rows truncated, rows skipped) for the model to log.
 
-Images are verified once, in `prepare_data` (local rank 0 of each node), never on every rank.
+Rows are checked when read (image tags against images, empty turns: file:line named), images
+verified once, in `prepare_data` (local rank 0 of each node), never on every rank.
 Conversations longer than `max_length` (default: the target's context) are cut after their last
-visual token; one that cannot be cut so (its images sit past the limit, or nothing of its answer
-would remain) is skipped. Both are counted, never a crash hours into a run.
+visual token (`length_policy: truncate`; one that cannot be cut so is skipped) or skipped
+(`length_policy: skip`). Both are counted and logged, never a crash hours into a run. The train
+loader is resumable mid-epoch (data/resumable.py): a killed run continues with the same batches.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoProcessor
 
-from covspec.data.chat import encode_conversation, pad_batch, truncate_encoding
+from covspec.data.chat import ConversationError, encode_conversation, pad_batch, truncate_encoding
 from covspec.data.readers import read_conversations_jsonl, toy_dataset
+from covspec.data.resumable import ResumableLoader, ResumableSampler
+from covspec.modeling.identity import resolve_source
 
 
 def load_conversations(
@@ -59,35 +63,53 @@ def visual_placeholder_ids(processor) -> list[int]:
     return ids
 
 
-class Collator:
-    """Encodes rows through the processor's chat template; picklable for worker processes."""
+LENGTH_POLICIES = ("truncate", "skip")
 
-    def __init__(self, processor, max_length: int | None) -> None:
+
+class Collator:
+    """Encodes rows through the processor's chat template; picklable for worker processes.
+
+    A conversation over `max_length` tokens is cut after its last visual token (`truncate`,
+    when something of its answer remains) or skipped (`skip`, or when it cannot be cut). A
+    batch whose every row was skipped comes out empty (batch size 0), never as an error."""
+
+    def __init__(self, processor, max_length: int | None, length_policy: str = "truncate") -> None:
+        if length_policy not in LENGTH_POLICIES:
+            raise ValueError(
+                f"length_policy must be one of {LENGTH_POLICIES}, got {length_policy!r}"
+            )
         self.processor = processor
         self.max_length = max_length
+        self.length_policy = length_policy
         self.visual_ids = visual_placeholder_ids(processor)
 
+    def _encode(self, row: dict) -> dict:
+        images = [row["image"]] if row.get("image") is not None else None
+        try:
+            return encode_conversation(self.processor, row["messages"], images)
+        except Exception as e:  # name the row: the reader cannot see what the processor refuses
+            raise ConversationError(f"row {row.get('id')!r}: {e}") from e
+
     def __call__(self, rows: list[dict]) -> dict:
-        encs, truncated, skipped = [], 0, []
+        encs, truncated, skipped = [], 0, 0
         for r in rows:
-            enc = encode_conversation(
-                self.processor, r["messages"], [r["image"]] if r.get("image") is not None else None
-            )
-            if self.max_length is not None:
-                cut = truncate_encoding(enc, self.max_length, self.visual_ids)
+            enc = self._encode(r)
+            if self.max_length is not None and enc["input_ids"].shape[1] > self.max_length:
+                cut = None
+                if self.length_policy == "truncate":
+                    cut = truncate_encoding(enc, self.max_length, self.visual_ids)
                 if cut is None:
-                    skipped.append(r.get("id"))
+                    skipped += 1
                     continue
-                truncated += cut is not enc
+                truncated += 1
                 enc = cut
             encs.append(enc)
-        if not encs:
-            raise ValueError(
-                f"every conversation of a batch is over max_length={self.max_length} with its "
-                f"images or answers past the limit: {skipped}; raise max_length or filter the data"
-            )
-        batch = pad_batch(encs, self.processor.tokenizer.pad_token_id)
-        batch["overlong"] = torch.tensor([truncated, len(skipped)])
+        if encs:
+            batch = pad_batch(encs, self.processor.tokenizer.pad_token_id)
+        else:
+            empty = torch.zeros(0, 0, dtype=torch.long)
+            batch = {"input_ids": empty, "attention_mask": empty, "loss_mask": empty.bool()}
+        batch["overlong"] = torch.tensor([truncated, skipped])
         return batch
 
 
@@ -102,12 +124,24 @@ class ConversationDataModule(L.LightningDataModule):
         val_batch_size: int | None = None,
         num_workers: int = 0,
         max_length: int | None = None,
+        length_policy: str = "truncate",
         seed: int = 0,
     ) -> None:
-        """max_length: tokens per conversation, None for the target's context length."""
+        """max_length: tokens per conversation, None for the target's context length;
+        length_policy: `truncate` or `skip` a longer conversation (both counted and logged);
+        seed: of toy streams without one and of the shuffled order (per epoch)."""
         super().__init__()
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be >= 1 or null, got {max_length}")
+        if length_policy not in LENGTH_POLICIES:
+            raise ValueError(
+                f"length_policy must be one of {LENGTH_POLICIES}, got {length_policy!r}"
+            )
+        for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.save_hyperparameters()
         self.processor = None
         self.max_length = max_length
@@ -123,9 +157,10 @@ class ConversationDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
         if self.processor is None:
-            self.processor = AutoProcessor.from_pretrained(hp.target)
+            target = resolve_source(hp.target, "target")  # a missing folder never hits the Hub
+            self.processor = AutoProcessor.from_pretrained(target)
             if self.max_length is None:
-                text = AutoConfig.from_pretrained(hp.target).get_text_config()
+                text = AutoConfig.from_pretrained(target).get_text_config()
                 self.max_length = getattr(text, "max_position_embeddings", None)
         # images were verified in prepare_data; every rank reads the rows only
         if self.train_set is None and stage in (None, "fit"):
@@ -139,12 +174,28 @@ class ConversationDataModule(L.LightningDataModule):
             batch_size=batch_size,
             shuffle=shuffle,
             num_workers=self.hparams.num_workers,
-            collate_fn=Collator(self.processor, self.max_length),
+            collate_fn=Collator(self.processor, self.max_length, self.hparams.length_policy),
             persistent_workers=self.hparams.num_workers > 0,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.hparams.batch_size, shuffle=True)
+    def _trained_batches(self) -> int:
+        """Batches of the current epoch that training consumed (what a checkpoint covers)."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    def train_dataloader(self) -> ResumableLoader:
+        """Shuffled by (seed, epoch), resumable mid-epoch (data/resumable.py); under DDP each
+        rank takes its own share, so Lightning keeps this sampler."""
+        trainer, hp = self.trainer, self.hparams
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        return ResumableLoader(
+            self.train_set,
+            sampler=ResumableSampler(self.train_set, True, hp.seed, replicas, rank),
+            progress=self._trained_batches if trainer else None,
+            batch_size=hp.batch_size,
+            num_workers=hp.num_workers,
+            collate_fn=Collator(self.processor, self.max_length, hp.length_policy),
+            persistent_workers=hp.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:

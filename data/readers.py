@@ -17,7 +17,6 @@ the file and line number; nothing half-written is ever left behind.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from datasets import Dataset, Features, Image, List, Value
@@ -26,6 +25,7 @@ from tqdm.auto import tqdm
 
 from covspec.data.chat import ConversationError, validate_messages
 from covspec.data.toy_world import DEFAULT_IMAGE_SIZE, make_sample
+from covspec.modeling.outputs import check_replaceable, write_folder
 
 MESSAGE = {"role": Value("string"), "content": Value("string")}
 OBJECT = {
@@ -48,6 +48,9 @@ _LLAVA_ROLES = {
     "assistant": "assistant",
     "system": "system",
 }
+
+
+IMAGE_TAG = "<image>"  # where a row's image goes (LLaVA convention)
 
 
 class DataFileError(ValueError):
@@ -132,6 +135,12 @@ def read_conversations_jsonl(
         image = record.get("image")
         if image is not None and (not isinstance(image, str) or not image):
             raise DataFileError(f"{where}: 'image' must be a path string, got {image!r}")
+        tags = sum(m["content"].count(IMAGE_TAG) for m in messages if isinstance(m["content"], str))
+        if tags != (image is not None):
+            raise DataFileError(
+                f"{where}: {tags} {IMAGE_TAG} tag(s) for {int(image is not None)} image(s); "
+                f"a row shows its one image with one {IMAGE_TAG} in a user turn"
+            )
         image_path = None if image is None else root / image  # text-only rows have no image
         if image_path is not None and verify_images:
             check_image(image_path, where)
@@ -152,31 +161,41 @@ def toy_dataset(num: int, seed: int = 0, image_size: int = DEFAULT_IMAGE_SIZE) -
     return Dataset.from_dict(columns, features=TOY_FEATURES)
 
 
+def _is_toy_data(folder: Path) -> bool:
+    """An older covspec toy-data folder (before output markers): data.jsonl and images only."""
+    return {p.name for p in folder.iterdir()} <= {"data.jsonl", "images"}
+
+
 def write_toy_jsonl(
-    out: str | Path, num: int, seed: int = 0, image_size: int = DEFAULT_IMAGE_SIZE
+    out: str | Path,
+    num: int,
+    seed: int = 0,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    overwrite: bool = False,
 ) -> Path:
-    """Write `out/data.jsonl` and `out/images/*.png`; atomic (tmp dir, then rename)."""
+    """Write `out/data.jsonl` and `out/images/*.png`, written beside any old folder and swapped
+    in; a non-empty `out` that covspec did not write is refused unless `overwrite`."""
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
-    with (tmp / "data.jsonl").open("w", encoding="utf-8") as f:
-        for i in tqdm(range(num), desc="toy data", unit="sample"):
-            s = make_sample(seed, i, image_size)
-            rel = f"images/{s['id']}.png"
-            s["image"].save(tmp / rel)
-            record = {
-                "id": s["id"],
-                "image": rel,
-                "messages": s["messages"],
-                "objects": s["objects"],
-            }
-            f.write(json.dumps(record) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    check_replaceable(out, overwrite, _is_toy_data)  # before generating anything
+
+    def write(tmp: Path) -> None:
+        (tmp / "images").mkdir()
+        with (tmp / "data.jsonl").open("w", encoding="utf-8") as f:
+            for i in tqdm(range(num), desc="toy data", unit="sample"):
+                s = make_sample(seed, i, image_size)
+                rel = f"images/{s['id']}.png"
+                s["image"].save(tmp / rel)
+                record = {
+                    "id": s["id"],
+                    "image": rel,
+                    "messages": s["messages"],
+                    "objects": s["objects"],
+                }
+                f.write(json.dumps(record) + "\n")
+
+    write_folder(out, write, overwrite=overwrite, kind="toy-data", legacy=_is_toy_data)
     return out / "data.jsonl"
 
 
@@ -188,7 +207,7 @@ def read_prompts_jsonl(path: str | Path, image_root: str | Path | None = None) -
     for n, record in iter_jsonl(path):
         where = f"{path}:{n}"
         prompt, image = record.get("prompt"), record.get("image")
-        if not isinstance(prompt, str) or not prompt:
+        if not isinstance(prompt, str) or not prompt.strip():
             raise DataFileError(f"{where}: 'prompt' must be a non-empty string, got {prompt!r}")
         if not isinstance(image, str) or not image:
             raise DataFileError(f"{where}: 'image' must be a path string, got {image!r}")

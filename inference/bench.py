@@ -6,8 +6,8 @@
 Methods per sample, interleaved (rotating order) after a warm-up so machine noise hits all alike:
 `hf_greedy` (the target's own `generate`, the baseline), `hf_prompt_lookup` (transformers'
 prompt-lookup decoding) and, for every drafter, the runner in `chain` and `tree` mode. Every
-method is timed from raw prompt to tokens (processor included) and its text compared with
-`hf_greedy`'s. tau = tokens emitted per target forward in the decode loop, bonus included.
+method is timed from raw prompt to tokens (processor included) and its token ids compared with
+`hf_greedy`'s, token for token; each sample's ids are stored beside its decoded text. tau = tokens emitted per target forward in the decode loop, bonus included.
 """
 
 from __future__ import annotations
@@ -105,6 +105,8 @@ def run_bench(
     device: str = "cpu",
 ) -> dict:
     """samples: [{"id", "image": PIL.Image, "prompt"}]. Returns the report dict (see module doc)."""
+    if max_new_tokens < 1:  # zero tokens would make every method "identical" to the baseline
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     chain = chain or DraftSettings(mode="chain", depth=6)
     tree = tree or DraftSettings(mode="tree", depth=6)
     model = AutoModelForImageTextToText.from_pretrained(target).to(device).eval()
@@ -116,13 +118,14 @@ def run_bench(
             methods[name][1](s["image"], s["prompt"], max_new_tokens)
     rows = []
     for i, s in enumerate(tqdm(samples, desc="bench", unit="sample")):
-        outputs = {}
+        outputs, token_ids = {}, {}
         for name in names[i % len(names) :] + names[: i % len(names)]:  # rotate the order
             tally, run = methods[name]
             start = now(model.device)
             tokens, result = run(s["image"], s["prompt"], max_new_tokens)
             tally.seconds += now(model.device) - start
             tally.tokens += len(tokens)
+            token_ids[name] = [int(t) for t in tokens]
             outputs[name] = processor.tokenizer.decode(tokens, skip_special_tokens=True)
             if result is not None:
                 tally.decode_tokens += max(0, len(result.tokens) - 1)
@@ -136,9 +139,9 @@ def run_bench(
                 ]
                 for phase, sec in result.seconds.items():
                     tally.phases[phase] = tally.phases.get(phase, 0.0) + sec
-        for name in names:
-            methods[name][0].identical += outputs[name] == outputs["hf_greedy"]
-        rows.append({"id": s["id"], "outputs": outputs})
+        for name in names:  # token for token: decoded text hides special tokens and spacing
+            methods[name][0].identical += token_ids[name] == token_ids["hf_greedy"]
+        rows.append({"id": s["id"], "outputs": outputs, "token_ids": token_ids})
     report = _report(target, samples, max_new_tokens, methods, rows)
     report["device"] = str(model.device)
     return report

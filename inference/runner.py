@@ -34,6 +34,7 @@ from covspec.inference.tree import DraftSettings
 from covspec.inference.vlm_drafter import check_same_tokenizer, is_device_vlm, load_device_vlm
 from covspec.modeling.adapters import TargetAdapter, TargetMismatchError, adapter_for
 from covspec.modeling.drafter import Drafter
+from covspec.modeling.identity import resolve_source, target_identity
 from covspec.modeling.tokens import fingerprint_vocab
 
 __all__ = [
@@ -99,7 +100,8 @@ class SpecRunner:
                 raise ValueError(
                     f"drafter is on {drafter.device}, target on {model.device}: load both on one device"
                 )
-            drafter.attach_target(self.adapter, fingerprint_vocab(processor.tokenizer.get_vocab()))
+            fingerprint = fingerprint_vocab(processor.tokenizer.get_vocab())
+            drafter.attach_target(self.adapter, fingerprint, target_identity(model))
             drafter.eval()
         self._kernel: DrafterKernel | None = None
         self.layers = self._layers()
@@ -117,6 +119,8 @@ class SpecRunner:
         device: str | torch.device = "cpu",
     ) -> SpecRunner:
         """Load exported folders onto `device` (the drafter in the target's dtype)."""
+        target = resolve_source(target, "target")  # a missing local folder never hits the Hub
+        drafter = resolve_source(drafter, "drafter") if drafter else None
         model = AutoModelForImageTextToText.from_pretrained(target, dtype=dtype).to(device)
         processor = AutoProcessor.from_pretrained(target)
         if drafter and is_device_vlm(drafter):

@@ -47,6 +47,8 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from covspec.modeling.adapters import TargetAdapter, TargetMismatchError
+from covspec.modeling.identity import check_identity, model_folder, target_identity
+from covspec.modeling.tokens import folder_tokenizer_fingerprint
 
 VARIANTS = ("visual_free", "text_only", "full_visual")
 
@@ -88,6 +90,8 @@ class DrafterConfig(PretrainedConfig):
         target_hidden_size: int | None = None,
         target_num_layers: int | None = None,
         tokenizer_fingerprint: str | None = None,
+        target_config_digest: str | None = None,
+        target_weights_digest: str | None = None,
         **kwargs,
     ) -> None:
         if variant not in VARIANTS:
@@ -118,14 +122,23 @@ class DrafterConfig(PretrainedConfig):
         self.target_hidden_size = target_hidden_size or hidden_size
         self.target_num_layers = target_num_layers
         self.tokenizer_fingerprint = tokenizer_fingerprint
+        # the target's identity (modeling/identity.py): a retrained target of the same shape
+        # has other weights, so the runner and a resumed run can tell it apart
+        self.target_config_digest = target_config_digest
+        self.target_weights_digest = target_weights_digest
         super().__init__(**kwargs)
 
     @classmethod
     def for_target(
         cls, adapter: TargetAdapter, tokenizer_fingerprint: str | None = None, **overrides
     ) -> DrafterConfig:
-        """A config sized for `adapter`'s target: its width and heads, EAGLE-3's fused ids."""
+        """A config sized for `adapter`'s target: its width and heads, EAGLE-3's fused ids, and
+        its identity (config and weights digests; the tokenizer's fingerprint from the target's
+        folder unless given)."""
         text = adapter.text_config
+        folder = model_folder(getattr(adapter.model, "name_or_path", None) or None)
+        if tokenizer_fingerprint is None and folder is not None:
+            tokenizer_fingerprint = folder_tokenizer_fingerprint(folder)
         heads = getattr(text, "num_attention_heads", max(1, adapter.hidden_size // 64))
         values = dict(
             hidden_size=adapter.hidden_size,
@@ -141,6 +154,7 @@ class DrafterConfig(PretrainedConfig):
             target_hidden_size=adapter.hidden_size,
             target_num_layers=adapter.num_layers,
             tokenizer_fingerprint=tokenizer_fingerprint,
+            **target_identity(adapter.model),
         )
         values.update(overrides)
         return cls(**values)
@@ -258,28 +272,37 @@ class Drafter(PreTrainedModel):
 
     # -- target binding -----------------------------------------------------------------------
     def check_target(
-        self, adapter: TargetAdapter, tokenizer_fingerprint: str | None = None
+        self,
+        adapter: TargetAdapter,
+        tokenizer_fingerprint: str | None = None,
+        identity: dict[str, str | None] | None = None,
     ) -> None:
-        """Refuse a target other than the one this drafter was trained for, naming the field."""
+        """Refuse a target other than the one this drafter was trained for, naming the field.
+        `identity` (modeling/identity.py) and `tokenizer_fingerprint` are the target's; where
+        the target has one, a drafter that records none is refused too (its check would be off)."""
         c = self.config
         expected = {
             "model type": (c.target_model_type, adapter.config.model_type),
             "vocab size": (c.target_vocab_size, adapter.vocab_size),
             "hidden size": (c.target_hidden_size, adapter.hidden_size),
             "number of layers": (c.target_num_layers, adapter.num_layers),
-            "tokenizer fingerprint": (c.tokenizer_fingerprint, tokenizer_fingerprint),
         }
         for name, (want, got) in expected.items():
             if want is not None and got is not None and want != got:
                 raise TargetMismatchError(
                     f"drafter was trained for a target with {name} {want!r}, this target has {got!r}"
                 )
+        identity = {**(identity or {}), "tokenizer_fingerprint": tokenizer_fingerprint}
+        check_identity(c.to_dict(), identity, "drafter")
         adapter.check_layer_ids(c.fused_layer_ids)
 
     def attach_target(
-        self, adapter: TargetAdapter, tokenizer_fingerprint: str | None = None
+        self,
+        adapter: TargetAdapter,
+        tokenizer_fingerprint: str | None = None,
+        identity: dict[str, str | None] | None = None,
     ) -> Drafter:
-        self.check_target(adapter, tokenizer_fingerprint)
+        self.check_target(adapter, tokenizer_fingerprint, identity)
         self._target = (adapter.input_embeddings(), adapter.lm_head())
         return self
 

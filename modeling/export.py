@@ -21,15 +21,13 @@ Our drafter's layer already is EAGLE-3's (`norm_before_residual=False`, 2D-wide 
 output fed back from step 2 on), so the export only renames tensors and adds the pieces the
 drafter borrows from its target: the token embeddings and, for a full vocabulary, the LM head.
 HiViS step biases and the text-only baseline have no EAGLE-3 equivalent and are refused.
-The folder is written under a temporary sibling name and renamed at the end, so a failed
-export never leaves a half-written checkpoint behind.
+The folder is written under a temporary sibling name and swapped in at the end
+(covspec.modeling.outputs), so a failed export never leaves a half-written checkpoint behind.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,6 +37,7 @@ import transformers
 from safetensors.torch import save_file
 
 from covspec.modeling.drafter import Drafter
+from covspec.modeling.outputs import write_folder
 
 FORMATS = ("speculators", "eagle3")
 SPECULATORS_VERSION = "0.9.0"  # the speculators release whose loader this layout follows
@@ -345,25 +344,15 @@ def check_out_dir(out: str | Path, overwrite: bool) -> None:
 
 
 def _write_folder(out: Path, files: dict[str, Callable[[Path], None]], overwrite: bool) -> Path:
-    """Write `files` (name -> writer) into a temporary sibling, then rename it to `out`."""
+    """Write `files` (name -> writer) into a temporary sibling, then swap it in for `out`."""
     check_out_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        for name, write in files.items():
-            write(tmp / name)
-        if out.exists():
-            out.rename(old)  # keep the previous export until the new one is in place
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():
-            old.rename(out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return out
+
+    def write(tmp: Path) -> None:
+        for name, writer in files.items():
+            writer(tmp / name)
+
+    # check_out_dir was stricter (any non-empty folder needs `overwrite`), so replace freely
+    return write_folder(out, write, overwrite=True, kind="eagle3-export")
 
 
 def export_drafter(

@@ -9,9 +9,13 @@
     covspec eval       --target DIR --drafter DIR --benchmark llava-bench|mmmu|mmbench|video-mme|mvbench [--data-dir DIR|HUB_ID] [--limit N] --out F.json
     covspec collect-acceptance --drafter DIR --toy N --out DIR   # acceptance-head trajectories
     covspec export     DRAFTER_DIR --target DIR --format speculators|eagle3 --out DIR [--dtype bfloat16]
+    covspec export-checkpoint RUN/last.ckpt --out DIR    # the HF drafter folder from a checkpoint
     covspec publish    DIR --repo-id ORG/NAME [--base-model ID] [--private] [--exist-ok] [--dry-run]
 
-Subcommands import their heavy modules lazily so `covspec --help` stays instant.
+Subcommands import their heavy modules lazily so `covspec --help` stays instant. Every command,
+`train` included, runs inside one error boundary (scripts/args.py): a user mistake prints one
+line and exits 2, `--debug` anywhere on the line adds the traceback. Model arguments that look
+like local paths never fall back to the Hub (covspec.modeling.identity.resolve_source).
 """
 
 from __future__ import annotations
@@ -22,11 +26,15 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from covspec.scripts.args import Parser, at_least, between, debug_requested, run_guarded
+
 
 def _toy_data(args: argparse.Namespace) -> None:
     from covspec.data.readers import write_toy_jsonl
 
-    path = write_toy_jsonl(args.out, num=args.num, seed=args.seed, image_size=args.image_size)
+    path = write_toy_jsonl(
+        args.out, num=args.num, seed=args.seed, image_size=args.image_size, overwrite=args.overwrite
+    )
     print(f"wrote {args.num} conversations to {path}")
 
 
@@ -41,7 +49,7 @@ def _toy_target(args: argparse.Namespace) -> None:
     settings = ToyTargetSettings(
         spec=spec, **{k: v for k, v in overrides.items() if k in setting_keys}
     )
-    report = build_toy_target(args.out, settings, force=args.force)
+    report = build_toy_target(args.out, settings, force=args.force, overwrite=args.overwrite)
     summary = {k: report[k] for k in ("object_accuracy", "recall", "precision", "train_seconds")}
     print(f"toy target in {args.out}: {json.dumps(summary)}")
 
@@ -49,10 +57,12 @@ def _toy_target(args: argparse.Namespace) -> None:
 def _toy_eval(args: argparse.Namespace) -> None:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from covspec.modeling.identity import resolve_source
     from covspec.training.toy_target import EVAL_SEED, object_accuracy
 
-    processor = AutoProcessor.from_pretrained(args.target)
-    model = AutoModelForImageTextToText.from_pretrained(args.target).eval()
+    target = resolve_source(args.target, "target")
+    processor = AutoProcessor.from_pretrained(target)
+    model = AutoModelForImageTextToText.from_pretrained(target).eval()
     metrics = object_accuracy(
         model, processor, args.num, seed=args.seed if args.seed is not None else EVAL_SEED
     )
@@ -63,16 +73,19 @@ def _bench(args: argparse.Namespace) -> None:
     from covspec.data.readers import read_prompts_jsonl, toy_prompts
     from covspec.inference.bench import markdown_table, run_bench, write_report
     from covspec.inference.tree import DraftSettings
+    from covspec.modeling.identity import resolve_source
 
+    target = resolve_source(args.target, "target")
+    drafters = [resolve_source(d, "drafter") for d in args.drafter]
     samples = read_prompts_jsonl(args.data) if args.data else toy_prompts(args.toy)
     chain = DraftSettings(mode="chain", depth=args.depth, stop_margin=args.stop_margin)
     tree = _draft_settings(args)
     report = run_bench(
-        args.target, args.drafter, samples, args.max_new_tokens, chain, tree,
+        target, drafters, samples, args.max_new_tokens, chain, tree,
         warmup=args.warmup, device=args.device,
     )  # fmt: skip
+    print(markdown_table(report))  # first: a failed write (full disk) must not lose the run
     path = write_report(report, args.out)
-    print(markdown_table(report))
     print(f"wrote {path}, {path.with_suffix('.md')}, {path.with_suffix('.png')}")
 
 
@@ -89,10 +102,16 @@ def _simulate(args: argparse.Namespace) -> None:
     from covspec.data.readers import read_prompts_jsonl, toy_prompts
     from covspec.inference.simulate import METHODS, SimulationPlan, simulate
     from covspec.inference.simulate_report import markdown, write_report
+    from covspec.modeling.identity import resolve_source
+
+    target = resolve_source(args.target, "target")
+    drafters = [resolve_source(d, "drafter") for d in args.drafter]
 
     sweep = [float(x) for x in args.rtt_sweep.split(",") if x.strip()] if args.rtt_sweep else []
+    if any(not 0 < x < float("inf") for x in sweep):
+        raise ValueError(f"--rtt-sweep values must be positive milliseconds, got {sweep}")
     plan = SimulationPlan(
-        drafters=args.drafter,
+        drafters=drafters,
         methods=args.protocol or list(METHODS),
         channels=args.channel or ["good", "medium", "bad"],
         computes=args.compute or ["measured", "a40-orin-7b"],
@@ -107,22 +126,22 @@ def _simulate(args: argparse.Namespace) -> None:
     samples = (
         read_prompts_jsonl(args.data) if args.data else toy_prompts(args.toy, mixed=args.toy_mixed)
     )
-    report = simulate(args.target, plan, samples, args.max_new_tokens)
+    report = simulate(target, plan, samples, args.max_new_tokens)
+    print(markdown(report))  # first: a failed write (full disk) must not lose the run
     path = write_report(report, args.out)
-    print(markdown(report))
     print(f"wrote {path}, {path.with_suffix('.md')}, {path.with_suffix('.png')}")
 
 
 def _add_draft_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--depth", type=int, default=6)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--beam", type=int, default=2)
-    p.add_argument("--max-nodes", type=int, default=10)
+    p.add_argument("--depth", type=at_least(1), default=6)
+    p.add_argument("--top-k", type=at_least(1), default=2)
+    p.add_argument("--beam", type=at_least(1), default=2)
+    p.add_argument("--max-nodes", type=at_least(1), default=10)
     p.add_argument(
-        "--stop-margin", type=float, default=0.0, help="CoVSpec adaptive length (0: off)"
+        "--stop-margin", type=between(0, 1), default=0.0, help="CoVSpec adaptive length (0: off)"
     )
     p.add_argument(
-        "--branch-margin", type=float, default=0.5,
+        "--branch-margin", type=between(None, 1), default=0.5,
         help="CoVSpec parallel branching: top-k children only below this margin (negative: always, EAGLE-2)",
     )  # fmt: skip
 
@@ -135,8 +154,8 @@ def _add_simulate_parser(sub) -> None:
     p.add_argument("--drafter", action="append", default=[], help="drafter folder (repeatable)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help='jsonl of {"id", "image", "prompt"}')
-    src.add_argument("--toy", type=int, default=20, help="N unseen toy scenes (default)")
-    p.add_argument("--max-new-tokens", type=int, default=96)
+    src.add_argument("--toy", type=at_least(1), default=20, help="N unseen toy scenes (default)")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=96)
     p.add_argument(
         "--protocol", action="append",
         help="edge_only, sync, sync_adaptive, decoupled, progressive (repeatable; default all)",
@@ -151,7 +170,7 @@ def _add_simulate_parser(sub) -> None:
     p.add_argument("--rtt-sweep", default="5,10,20,50,100,200,400", help="ms list; '' skips")
     p.add_argument("--sweep-channel", default="medium")
     p.add_argument("--sweep-compute", default="a40-orin-7b")
-    p.add_argument("--max-depth", type=int, default=12, help="cap of the adaptive depth")
+    p.add_argument("--max-depth", type=at_least(1), default=12, help="cap of the adaptive depth")
     p.add_argument("--mode", choices=["tree", "chain"], default="tree", help="draft shape")
     p.add_argument(
         "--toy-mixed", action="store_true",
@@ -209,14 +228,14 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--split", help="default: the split lmms-eval evaluates")
     p.add_argument("--config", help="dataset config (MMBench: en; MVBench: one task)")
     p.add_argument("--video-dir", help="where the clips are (default: --data-dir)")
-    p.add_argument("--num-frames", type=int, default=8, help="frames sampled per clip")
-    p.add_argument("--limit", type=int, help="the first N rows only")
+    p.add_argument("--num-frames", type=at_least(1), default=8, help="frames sampled per clip")
+    p.add_argument("--limit", type=at_least(1), help="the first N rows only")
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad rows, not fail")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=at_least(1), default=128)
     p.add_argument(
         "--mode", action="append", choices=["chain", "tree"], help="repeatable; default both"
     )
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=at_least(0), default=1)
     p.add_argument("--fresh", action="store_true", help="discard an earlier run's samples")
     p.add_argument("--device", default="cpu", help="torch device of target and drafter")
     p.add_argument("--out", default="checkpoints/eval/eval.json")
@@ -229,8 +248,6 @@ def _collect_acceptance(args: argparse.Namespace) -> None:
     from covspec.inference.runner import SpecRunner
     from covspec.inference.trajectories import collect
 
-    if args.toy < 1 or args.max_new_tokens < 1 or args.shard_size < 1:
-        raise ValueError("--toy, --max-new-tokens and --shard-size must be >= 1")
     runner = SpecRunner.from_folders(args.target, args.drafter)
     samples = [make_sample(args.seed, i) for i in range(args.toy)]
     summary = collect(
@@ -247,12 +264,12 @@ def _add_collect_parser(sub) -> None:
     )
     p.add_argument("--target", default="checkpoints/toy-target")
     p.add_argument("--drafter", required=True)
-    p.add_argument("--toy", type=int, default=600, help="toy conversations to decode")
+    p.add_argument("--toy", type=at_least(1), default=600, help="toy conversations to decode")
     p.add_argument("--seed", type=int, default=2024, help="toy stream (not an evaluation seed)")
     p.add_argument("--out", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--max-new-tokens", type=at_least(1), default=96)
     p.add_argument("--mode", choices=["chain", "tree"], default="chain")
-    p.add_argument("--shard-size", type=int, default=50)
+    p.add_argument("--shard-size", type=at_least(1), default=50)
     p.add_argument("--preset", action="append", help="channel presets to draw CSI from")
     _add_draft_arguments(p)
     p.set_defaults(func=_collect_acceptance)
@@ -277,13 +294,18 @@ def _export(args: argparse.Namespace) -> None:
     from covspec.modeling.adapters import adapter_for
     from covspec.modeling.drafter import Drafter
     from covspec.modeling.export import check_out_dir, export_drafter
+    from covspec.modeling.identity import target_identity
+    from covspec.modeling.tokens import tokenizer_fingerprint
 
     check_out_dir(Path(args.out), args.overwrite)  # before loading anything
     for name, folder in (("drafter", args.drafter), ("target", args.target)):
         if not Path(folder).is_dir():
             raise FileNotFoundError(f"{name} folder {folder} does not exist")
     target = AutoModelForImageTextToText.from_pretrained(args.target).eval()
-    drafter = Drafter.from_pretrained(args.drafter).eval().attach_target(adapter_for(target))
+    drafter = Drafter.from_pretrained(args.drafter).eval()  # refused for another target:
+    drafter.attach_target(
+        adapter_for(target), tokenizer_fingerprint(args.target), target_identity(target)
+    )
     path = export_drafter(
         drafter,
         args.out,
@@ -309,20 +331,39 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_export)
 
 
+def _export_checkpoint(args: argparse.Namespace) -> None:
+    from covspec.training.checkpoint_export import export_checkpoint
+
+    export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite)
+
+
+def _add_export_checkpoint_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export-checkpoint",
+        help="the HF drafter folder (weights, card, metrics) from any Lightning checkpoint",
+    )
+    p.add_argument("checkpoint", metavar="CKPT", help="e.g. checkpoints/runs/toy-drafter/last.ckpt")
+    p.add_argument("--out", required=True, help="drafter folder (swapped in beside an old one)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty foreign --out")
+    p.set_defaults(func=_export_checkpoint)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="covspec", description=__doc__.split("\n")[0])
+    parser = Parser(prog="covspec", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("toy-data", help="write toy-world conversations as jsonl + images")
     p.add_argument("--out", required=True)
-    p.add_argument("--num", type=int, default=100)
+    p.add_argument("--num", type=at_least(1), default=100)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=72)
+    p.add_argument("--image-size", type=at_least(36), default=72)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty foreign --out")
     p.set_defaults(func=_toy_data)
 
     p = sub.add_parser("toy-target", help="train the toy target VLM (cached unless --force)")
     p.add_argument("--out", default="checkpoints/toy-target")
     p.add_argument("--force", action="store_true", help="retrain even if a matching one exists")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty foreign --out")
     p.add_argument("--seed", type=int)
     for name in (
         "vision_steps",
@@ -333,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
         "text_hidden",
         "eval_samples",
     ):
-        p.add_argument("--" + name.replace("_", "-"), type=int, dest=name)
+        p.add_argument("--" + name.replace("_", "-"), type=at_least(1), dest=name)
     p.set_defaults(func=_toy_target)
 
     sub.add_parser(
@@ -345,11 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drafter", action="append", default=[], help="drafter folder (repeatable)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help='jsonl of {"id", "image", "prompt"}')
-    src.add_argument("--toy", type=int, default=20, help="N unseen toy scenes (default)")
-    p.add_argument("--max-new-tokens", type=int, default=96)
+    src.add_argument("--toy", type=at_least(1), default=20, help="N unseen toy scenes (default)")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=96)
     p.add_argument("--out", default="checkpoints/bench/toy.json")
     _add_draft_arguments(p)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=at_least(0), default=1)
     p.add_argument("--device", default="cpu", help="torch device of target and drafters")
     p.set_defaults(func=_bench)
 
@@ -357,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
         "toy-eval", help="object accuracy of a target's descriptions on unseen scenes"
     )
     p.add_argument("--target", default="checkpoints/toy-target")
-    p.add_argument("--num", type=int, default=200)
+    p.add_argument("--num", type=at_least(1), default=200)
     p.add_argument("--seed", type=int, help="scene stream (default: the held-out evaluation seed)")
     p.set_defaults(func=_toy_eval)
 
@@ -374,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--commit-message")
     p.set_defaults(func=_publish)
     _add_export_parser(sub)
+    _add_export_checkpoint_parser(sub)
     _add_simulate_parser(sub)
     _add_eval_parser(sub)
     _add_collect_parser(sub)
@@ -381,19 +423,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    debug, argv = debug_requested(sys.argv[1:] if argv is None else list(argv))
     if argv[:1] == ["train"]:  # LightningCLI owns its own argument parsing
         from covspec.training.cli import main as train_main
 
-        train_main(argv[1:])
-        return 0
-    args = build_parser().parse_args(argv)
+        return run_guarded("train", lambda: train_main(argv[1:]), debug)
     try:
-        args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"covspec {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # a refused flag (its one line printed): a status, as below
+        if e.code in (0, None):
+            raise  # --help
+        return e.code if isinstance(e.code, int) else 2
+    return run_guarded(args.command, lambda: args.func(args), debug)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,12 @@ def drafter_dir(micro_target_dir, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("max_new", [8, 0])
+def test_bench_refuses_zero_new_tokens(micro_target_dir, drafter_dir):
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        run_bench(str(micro_target_dir), [str(drafter_dir)], toy_prompts(1), 0)
+
+
+@pytest.mark.parametrize("max_new", [8])
 def test_bench_report_has_the_promised_fields(micro_target_dir, drafter_dir, tmp_path, max_new):
     settings = dict(
         chain=DraftSettings(mode="chain", depth=3),
@@ -74,8 +79,10 @@ def test_bench_report_has_the_promised_fields(micro_target_dir, drafter_dir, tmp
             assert sum(ms[p] for p in phases) <= ms["total"] and ms["other"] >= 0
     assert data["methods"]["hf_greedy"]["speedup"] == (pytest.approx(1.0) if max_new else None)
     assert [s["id"] for s in data["samples"]] == ["toy-31337-0", "toy-31337-1"]
-    if max_new == 0:
-        assert all(out == "" for s in data["samples"] for out in s["outputs"].values())
+    for sample in data["samples"]:  # token ids are stored and are what "identical" compares
+        ids = sample["token_ids"]
+        assert set(ids) == set(data["methods"]) and all(len(t) <= max_new for t in ids.values())
+        assert ids["micro-drafter/tree"] == ids["hf_greedy"]
     assert (tmp_path / "bench.md").read_text().count("|") > 10 and (
         tmp_path / "bench.png"
     ).stat().st_size > 0

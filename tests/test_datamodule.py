@@ -47,8 +47,12 @@ def test_collator_counts_truncated_and_skipped_rows(micro_target_dir):
     assert limit > last_visual + 1
     batch = Collator(processor, limit)(rows)
     assert batch["overlong"].tolist() == [3, 0] and batch["input_ids"].shape[1] == limit
-    with pytest.raises(ValueError, match="every conversation"):
-        Collator(processor, last_visual)(rows)  # images past the limit: all skipped
+    empty = Collator(processor, last_visual)(rows)  # images past the limit: all skipped
+    assert empty["overlong"].tolist() == [0, 3] and empty["input_ids"].shape[0] == 0
+    skipped = Collator(processor, limit, length_policy="skip")(rows)  # never cut, skipped
+    assert skipped["overlong"].tolist() == [0, 3] and skipped["input_ids"].shape[0] == 0
+    with pytest.raises(ValueError, match="length_policy"):
+        Collator(processor, limit, length_policy="drop")
 
 
 def test_images_are_verified_once_in_prepare_data(micro_target_dir, tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ from covspec.inference.runner import SpecRunner
 from covspec.inference.tree import DraftSettings
 from covspec.modeling.adapters import adapter_for
 from covspec.modeling.drafter import Drafter, DrafterConfig
+from covspec.modeling.tokens import fingerprint_vocab
 from covspec.scripts.cli import main
 from tests import bench_fixtures as fx
 from tests.tiny_vlms import qwen_with_processor
@@ -129,7 +130,8 @@ def test_qwen_target_eval_is_lossless(dirs, tmp_path):
     video processor) through an M-RoPE target, runner against generate."""
     torch.manual_seed(0)
     model, processor = qwen_with_processor("qwen2_5_vl")
-    drafter = Drafter(DrafterConfig.for_target(adapter_for(model)))
+    vocab = fingerprint_vocab(processor.tokenizer.get_vocab())  # an in-memory target's
+    drafter = Drafter(DrafterConfig.for_target(adapter_for(model), tokenizer_fingerprint=vocab))
     runner = SpecRunner(model, processor, drafter)
     modes = [DraftSettings(mode="chain", depth=3), DraftSettings(mode="tree", depth=3)]
     for name in ("mmmu", "mvbench"):

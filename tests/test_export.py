@@ -10,6 +10,7 @@ from transformers import AutoModelForImageTextToText
 from covspec.modeling.adapters import adapter_for
 from covspec.modeling.drafter import Drafter, DrafterConfig, ttt_unroll
 from covspec.modeling.export import ExportError, export_drafter
+from covspec.modeling.outputs import MARKER
 from covspec.scripts.cli import main
 from tests.tiny_vlms import llava
 
@@ -213,7 +214,8 @@ def test_cli_export_end_to_end(target, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["export", str(tmp_path / "drafter"), "--target", model.name_or_path, "--out", str(out)]
     assert main([*argv, "--format", "speculators"]) == 0
-    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "README.md"}
+    names = {p.name for p in out.iterdir()}
+    assert names == {"config.json", "model.safetensors", "README.md", MARKER}
     spec = _load_speculators(out)
     assert spec.config.speculators_config.verifier.architectures == [
         "LlavaForConditionalGeneration"

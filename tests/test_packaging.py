@@ -21,6 +21,7 @@ SUBCOMMANDS = (
     "train",
     "bench",
     "simulate",
+    "export-checkpoint",
     "export",
     "publish",
 )

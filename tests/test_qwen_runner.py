@@ -18,6 +18,7 @@ from covspec.inference.runner import SpecRunner
 from covspec.inference.tree import DraftSettings, DraftTree, tree_attention_mask
 from covspec.modeling.adapters import adapter_for
 from covspec.modeling.drafter import Drafter, DrafterConfig
+from covspec.modeling.tokens import fingerprint_vocab
 from tests.test_runner import Scripted
 from tests.tiny_vlms import FAMILIES, qwen_with_processor
 
@@ -163,7 +164,8 @@ def test_edge_only_steps_equal_generate(qwen):
 
 def test_real_drafter_is_lossless(qwen):
     torch.manual_seed(1)
-    drafter = Drafter(DrafterConfig.for_target(qwen.adapter))
+    vocab = fingerprint_vocab(qwen.processor.tokenizer.get_vocab())  # an in-memory target's
+    drafter = Drafter(DrafterConfig.for_target(qwen.adapter, tokenizer_fingerprint=vocab))
     real = SpecRunner(qwen.model, qwen.processor, drafter)
     images = _images(64)
     ref = _reference(real, images)

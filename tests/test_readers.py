@@ -67,16 +67,16 @@ def _write(tmp_path, toy_dir, bad_line: str):
     [
         ("{not json", "not valid JSON"),
         (
-            '{"id": "a", "image": "missing.png", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}',
+            '{"id": "a", "image": "missing.png", "messages": [{"role": "user", "content": "<image>q"}, {"role": "assistant", "content": "a"}]}',
             "not found",
         ),
         ('{"id": "a", "image": "IMG", "messages": []}', "empty conversation"),
         (
-            '{"id": "a", "image": "IMG", "messages": [{"role": "user", "content": "q"}]}',
+            '{"id": "a", "image": "IMG", "messages": [{"role": "user", "content": "<image>q"}]}',
             "no assistant",
         ),
         (
-            '{"id": "a", "image": "CORRUPT", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}',
+            '{"id": "a", "image": "CORRUPT", "messages": [{"role": "user", "content": "<image>q"}, {"role": "assistant", "content": "a"}]}',
             "corrupt",
         ),
     ],

@@ -35,6 +35,8 @@ from covspec.modeling.acceptance_head import (
     drafter_fingerprint,
 )
 from covspec.modeling.drafter import Drafter
+from covspec.modeling.identity import resolve_source
+from covspec.modeling.outputs import check_replaceable, write_folder
 
 DEFAULT_BUDGETS = {"good": 0.003, "medium": 0.006, "bad": 0.01}
 
@@ -70,6 +72,8 @@ class AcceptanceHeadTraining(L.LightningModule):
         if self.head is not None:
             return
         hp = self.hparams
+        # a missing local folder is "not found", never a Hub lookup
+        resolve_source(hp.target, "target"), resolve_source(hp.drafter, "drafter")
         text = AutoConfig.from_pretrained(hp.target).get_text_config()
         drafter = Drafter.from_pretrained(hp.drafter)
         config = AcceptanceHeadConfig(
@@ -204,35 +208,38 @@ def _monotone(out: dict, logits, safe, presets, samples) -> dict:
 
 
 class ExportAcceptanceHead(L.Callback):
-    """Write the calibrated head as an HF folder + model card + metrics.json (tmp, then rename)."""
+    """Write the calibrated head as an HF folder + model card + metrics.json, beside any old
+    export and swapped in (covspec.modeling.outputs)."""
 
     def __init__(self, dirpath: str = "checkpoints/acceptance-head") -> None:
         self.dirpath = dirpath
 
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        check_replaceable(self.dirpath, legacy=_is_head_folder)  # refuse before training
+
     def on_train_end(self, trainer: L.Trainer, module: AcceptanceHeadTraining) -> None:
         if trainer.global_rank != 0:
             return
-        out = Path(self.dirpath)
-        tmp = out.with_name(f".{out.name}.tmp")
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp)
-        module.head.save_pretrained(tmp, safe_serialization=True)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         report = {"metrics": metrics, "calibration": module.calibration}
-        (tmp / "metrics.json").write_text(json.dumps(report, indent=2, sort_keys=True))
-        (tmp / "README.md").write_text(_card(module, report))
-        if out.exists():
-            import shutil
 
-            old = out.with_name(f".{out.name}.old")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+        def write(tmp: Path) -> None:
+            module.head.save_pretrained(tmp, safe_serialization=True)
+            (tmp / "metrics.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+            (tmp / "README.md").write_text(_card(module, report))
+
+        out = write_folder(self.dirpath, write, kind="acceptance-head", legacy=_is_head_folder)
         print(f"exported acceptance head to {out}")
+
+
+def _is_head_folder(folder: Path) -> bool:
+    """An acceptance-head export of an older covspec (before output markers)."""
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type") == (
+            AcceptanceHeadConfig.model_type
+        )
+    except (OSError, ValueError):
+        return False
 
 
 def _card(module: AcceptanceHeadTraining, report: dict) -> str:

@@ -1,30 +1,36 @@
 """Callbacks: export the trained drafter as an HF folder with a model card when training ends.
 
     trainer = L.Trainer(callbacks=[ExportDrafter("checkpoints/toy-drafter")])
+    write_drafter_folder("out", drafter, hparams, steps, metrics, recipe)   # any source
 
 Recipes write `dirpath: checkpoints/toy-drafter{variant_suffix}` (resolved by `covspec train`), so
-`--model.variant text_only` exports to `checkpoints/toy-drafter-text-only`. The folder is written to a temporary sibling and renamed,
-so a crash never leaves a half-written drafter. The target's weights are not in it.
+`--model.variant text_only` exports to `checkpoints/toy-drafter-text-only`. The folder is written
+beside the old one and swapped in (covspec.modeling.outputs), so at every instant one complete
+drafter folder exists; a non-empty folder covspec did not write is refused before training
+(unless `overwrite`). The target's weights are not in it. The card's recipe is the run's own
+(handed over by `covspec train`), never a config.yaml that a concurrent run may have rewritten.
+The same folder can be written from any Lightning checkpoint (training/checkpoint_export.py).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import lightning as L
 import yaml
 from lightning.pytorch.utilities import rank_zero_only
 
+from covspec.modeling.drafter import Drafter, DrafterConfig
+from covspec.modeling.outputs import check_replaceable, write_folder
+from covspec.training.guards import trainer_metrics
 from covspec.training.metrics import implied_tau
 from covspec.training.model_card import TAU_DEFINITION
 
 
-def _metrics(trainer: L.Trainer, steps: int) -> dict:
-    m = {
-        k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))
-    }
+def with_tau(metrics: dict, steps: int) -> dict:
+    """The metrics plus the validation tau their per-depth agreement implies."""
+    m = dict(metrics)
     rates = [m.get(f"val/agree_{k}") for k in range(1, steps + 1)]
     if all(r is not None for r in rates):
         import torch
@@ -33,9 +39,10 @@ def _metrics(trainer: L.Trainer, steps: int) -> dict:
     return m
 
 
-def model_card(module, trainer: L.Trainer, metrics: dict, recipe: dict) -> str:
-    cfg = module.drafter.config
-    steps = module.hparams.unroll_steps
+def model_card(cfg: DrafterConfig, hparams: dict, trained: int, metrics: dict, recipe: dict) -> str:
+    """README.md of a drafter folder: what it is, its metrics, the run's resolved recipe.
+    hparams: DrafterDistillation's; trained: optimizer steps."""
+    steps = hparams["unroll_steps"]
     rows = "\n".join(
         f"| {k} | {metrics[f'val/agree_{k}']:.4f} |"
         for k in range(1, steps + 1)
@@ -47,7 +54,7 @@ tags: [speculative-decoding, eagle, drafter, vision-language-model, covspec]
 ---
 # covspec drafter ({cfg.variant})
 
-A {cfg.num_hidden_layers}-layer EAGLE-3 style drafter for `{module.hparams.target}`
+A {cfg.num_hidden_layers}-layer EAGLE-3 style drafter for `{hparams["target"]}`
 (`{cfg.target_model_type}`, {cfg.target_num_layers} layers, hidden {cfg.target_hidden_size},
 vocab {cfg.target_vocab_size}), fusing target layers {cfg.fused_layer_ids}. Variant `{cfg.variant}`:
 {
@@ -58,8 +65,8 @@ vocab {cfg.target_vocab_size}), fusing target layers {cfg.fused_layer_ids}. Vari
         else "all positions including projected visual tokens (MSD-style baseline)"
     }.
 Trained by online-logit distillation with a {steps}-step training-time-test unroll for
-{trainer.global_step} optimizer steps{
-        f", starting from `{module.hparams.init_from}`" if module.hparams.init_from else ""
+{trained} optimizer steps{
+        f", starting from `{hparams['init_from']}`" if hparams.get("init_from") else ""
     }. Layout: EAGLE-3's ([embedding; fused feature] into q/k/v, `fc`, `d2t`/`t2d`){
         "; HiViS step-bias corrections enabled" if cfg.step_bias else ""
     }{
@@ -103,19 +110,56 @@ All logged metrics:
 """
 
 
+def is_drafter_folder(folder: Path) -> bool:
+    """A drafter folder written by an older covspec (before output markers)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return config.get("model_type") == DrafterConfig.model_type
+
+
+def write_drafter_folder(
+    out: str | Path,
+    drafter: Drafter,
+    hparams: dict,
+    trained: int,
+    metrics: dict,
+    recipe: dict,
+    overwrite: bool = False,
+) -> Path:
+    """config.json + model.safetensors + README.md + metrics.json, swapped in for `out`."""
+    metrics = with_tau(metrics, hparams["unroll_steps"])
+
+    def write(tmp: Path) -> None:
+        drafter.save_pretrained(tmp, safe_serialization=True)
+        card = model_card(drafter.config, hparams, trained, metrics, recipe)
+        (tmp / "README.md").write_text(card)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+
+    out = write_folder(out, write, overwrite=overwrite, kind="drafter", legacy=is_drafter_folder)
+    print(f"exported drafter to {out} (val tau {metrics.get('val/tau', float('nan')):.3f})")
+    return out
+
+
 class ExportDrafter(L.Callback):
-    def __init__(self, dirpath: str = "checkpoints/drafter") -> None:
+    """Write the drafter folder at the end of training. `covspec train` hands it the run's
+    resolved recipe (`recipe`) and, when a resumed run had nothing left to train, asks it to
+    export from the checkpoint if its folder is missing or older (`export_if_stale`)."""
+
+    def __init__(self, dirpath: str = "checkpoints/drafter", overwrite: bool = False) -> None:
         self.dirpath = dirpath
+        self.overwrite = overwrite
+        self.recipe: dict | None = None
+        self.exported: Path | None = None
 
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
-        # trainer.log_dir is a collective call under DDP: read it on every rank, here.
-        self._log_dir = trainer.log_dir
+        check_replaceable(self.dirpath, self.overwrite, is_drafter_folder)  # before training
 
     def _recipe(self, trainer: L.Trainer, module) -> dict:
-        log_dir = getattr(self, "_log_dir", None)
-        cli_config = Path(log_dir or "") / "config.yaml"
-        if log_dir and cli_config.is_file():
-            return yaml.safe_load(cli_config.read_text())
+        recipe = self.recipe or getattr(module, "run_recipe", None)
+        if recipe:
+            return recipe
         recipe = {"model": dict(module.hparams)}
         if trainer.datamodule is not None:
             recipe["data"] = dict(trainer.datamodule.hparams)
@@ -123,16 +167,21 @@ class ExportDrafter(L.Callback):
 
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, module) -> None:
-        out = Path(self.dirpath)
-        metrics = _metrics(trainer, module.hparams.unroll_steps)
-        tmp = out.with_name(f".{out.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        module.drafter.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "README.md").write_text(
-            model_card(module, trainer, metrics, self._recipe(trainer, module))
-        )
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-        print(f"exported drafter to {out} (val tau {metrics.get('val/tau', float('nan')):.3f})")
+        self.exported = write_drafter_folder(
+            self.dirpath, module.drafter, dict(module.hparams), trainer.global_step,
+            trainer_metrics(trainer), self._recipe(trainer, module), self.overwrite,
+        )  # fmt: skip
+
+    def export_if_stale(self, checkpoint: str | Path) -> Path | None:
+        """Export from `checkpoint` when the folder is missing or older than it (a run killed
+        between its last checkpoint and its export); None when the folder is current."""
+        out, checkpoint = Path(self.dirpath), Path(checkpoint)
+        if (out / "model.safetensors").is_file() and (
+            out.stat().st_mtime >= checkpoint.stat().st_mtime
+        ):
+            return None
+        # imported here: checkpoint_export builds on this module's folder writer
+        from covspec.training.checkpoint_export import export_checkpoint
+
+        self.exported = export_checkpoint(checkpoint, out, overwrite=self.overwrite)
+        return self.exported

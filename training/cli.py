@@ -11,21 +11,31 @@ in the trainer section may hold `{variant}`, `{variant_suffix}` ("" for visual_f
 --config, e.g. "llava-1.5-7b"), so checkpoints, exports and run names follow `--model.variant`
 and the target, and a baseline never resumes from another variant's checkpoint. A recipe may
 start with `config: ../_shared/BASE.yaml` to inherit a shared base (jsonargparse nesting). By default training resumes from
-the `last.ckpt` of the recipe's ModelCheckpoint when there is one.
+the `last.ckpt` of the recipe's ModelCheckpoint when there is one: exactly (the data loader
+resumes mid-epoch, data/resumable.py), and only a checkpoint of the same drafter settings and
+target identity (training/guards.py). Checkpoints are written beside the old one and renamed
+over it, so a killed run keeps a whole `last.ckpt`. A resumed run with nothing left to train
+exports from its checkpoint when the drafter folder is missing or older, and says so. Errors
+reach the user as one line through `covspec`'s error boundary (scripts/cli.py).
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from covspec.data.datamodule import ConversationDataModule
+from covspec.training.callbacks import ExportDrafter
 from covspec.training.distill import DrafterDistillation
+from covspec.training.guards import AtomicCheckpointIO
 
 
 def _format(value: Any, names: dict[str, str]) -> Any:
@@ -87,8 +97,6 @@ class ModuleCLI(LightningCLI):
 
 def _names_classes(args: list[str] | None) -> bool:
     """Whether the recipe given with --config names its module by class_path."""
-    import yaml
-
     argv = list(args) if args is not None else sys.argv[1:]
     paths = [Path(argv[i + 1]) for i, a in enumerate(argv[:-1]) if a == "--config"]
     while paths:
@@ -107,11 +115,16 @@ def _names_classes(args: list[str] | None) -> bool:
 
 
 def make_cli(
-    args: list[str] | None = None, cli_class: type[LightningCLI] | None = None
+    args: list[str] | None = None,
+    cli_class: type[LightningCLI] | None = None,
+    exit_on_error: bool = True,
 ) -> LightningCLI:
+    """exit_on_error=False: a bad recipe key or value raises argparse.ArgumentError (for
+    `covspec`'s one-line error boundary) instead of printing usage and exiting."""
     common = dict(
-        run=False, args=args, seed_everything_default=0, save_config_kwargs={"overwrite": True}
-    )
+        run=False, args=args, seed_everything_default=0, save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": exit_on_error},
+    )  # fmt: skip
     if cli_class is None and _names_classes(args):
         return ModuleCLI(
             L.LightningModule, L.LightningDataModule, subclass_mode_model=True,
@@ -120,9 +133,54 @@ def make_cli(
     return (cli_class or CovspecCLI)(DrafterDistillation, ConversationDataModule, **common)
 
 
+def _hand_over(cli: LightningCLI) -> None:
+    """Give the run its own resolved recipe (for model cards and checkpoints: a concurrent
+    run may rewrite a shared config.yaml) and checkpoints that a kill cannot truncate."""
+    recipe = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
+    recipe.pop("config", None)
+    if hasattr(cli.model, "run_recipe"):
+        cli.model.run_recipe = recipe
+    for callback in cli.trainer.callbacks:
+        if hasattr(callback, "recipe"):
+            callback.recipe = recipe
+    strategy = cli.trainer.strategy
+    if type(strategy.checkpoint_io) is TorchCheckpointIO:  # not DeepSpeed's, not a user's own
+        strategy.checkpoint_io = AtomicCheckpointIO()
+
+
+class _TrainEnd(L.Callback):
+    """Notes whether the fit loop ran to its end (a resumed, finished run skips it)."""
+
+    reached = False
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        self.reached = True
+
+
+def _after_fit(trainer: L.Trainer, end: _TrainEnd) -> None:
+    """A resumed run with nothing left to train never reaches on_train_end: export from its
+    checkpoint when the export is missing or older, and say what happened either way."""
+    if end.reached or not trainer.is_global_zero or not trainer.ckpt_path:
+        return
+    exports = [c for c in trainer.callbacks if isinstance(c, ExportDrafter)]
+    print(
+        f"covspec train: {trainer.ckpt_path} is already at step {trainer.global_step}: "
+        "nothing left to train (pass --resume none to train again)"
+    )
+    for callback in exports:
+        if callback.export_if_stale(trainer.ckpt_path) is None:
+            print(f"covspec train: export {callback.dirpath} is current")
+
+
 def main(args: list[str] | None = None) -> None:
-    cli = make_cli(args)
+    # `covspec train ARGS` hands LightningCLI the arguments after `train` on purpose (sys.argv
+    # keeps `train`, which DDP's launcher needs to start the other ranks the same way)
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    cli = make_cli(args, exit_on_error=False)
+    _hand_over(cli)
+    cli.trainer.callbacks.append(end := _TrainEnd())
     resume = cli.config["resume"]
     cli.trainer.fit(
         cli.model, datamodule=cli.datamodule, ckpt_path=None if resume == "none" else resume
     )
+    _after_fit(cli.trainer, end)

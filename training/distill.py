@@ -22,7 +22,9 @@ from transformers import AutoModelForImageTextToText
 
 from covspec.modeling.adapters import adapter_for
 from covspec.modeling.drafter import VARIANTS, Drafter, DrafterConfig, build_draft_vocab, ttt_unroll
+from covspec.modeling.identity import resolve_source, target_identity
 from covspec.modeling.tokens import tokenizer_fingerprint
+from covspec.training.guards import check_finite_weights, check_resumable, trainer_metrics
 from covspec.training.metrics import DepthAgreement, implied_tau
 
 # batch entries that are bookkeeping, not model inputs
@@ -72,6 +74,7 @@ class DrafterDistillation(L.LightningModule):
             raise ValueError(f"unroll_steps must be >= 1, got {unroll_steps}")
         self.save_hyperparameters()
         self.strict_loading = False  # checkpoints hold the drafter only, never the frozen target
+        self.run_recipe: dict | None = None  # the resolved recipe, set by `covspec train`
         self.target = self.drafter = self.adapter = None
         self.train_agreement = DepthAgreement(unroll_steps)
         self.val_agreement = DepthAgreement(unroll_steps)
@@ -86,8 +89,9 @@ class DrafterDistillation(L.LightningModule):
             dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
         else:
             dtype = getattr(torch, dtype)
-        target = AutoModelForImageTextToText.from_pretrained(hp.target, dtype=dtype)
-        self.set_target(target, tokenizer_fingerprint(hp.target))
+        source = resolve_source(hp.target, "target")  # a missing folder never hits the Hub
+        target = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype)
+        self.set_target(target, tokenizer_fingerprint(source))
 
     def set_target(self, target, fingerprint: str | None = None) -> None:
         """Bind a loaded target and build the drafter for it (tests pass tiny models here)."""
@@ -120,8 +124,8 @@ class DrafterDistillation(L.LightningModule):
         with the feature codec added when `feature_codec_rank` is set (initialised at the best
         rank-r split of the trained `fc`, by SVD)."""
         hp = self.hparams
-        source = Drafter.from_pretrained(folder)
-        source.check_target(self.adapter, fingerprint)
+        source = Drafter.from_pretrained(resolve_source(folder, "init_from drafter"))
+        source.check_target(self.adapter, fingerprint, target_identity(self.target))
         if source.config.variant != hp.variant:
             raise ValueError(
                 f"init_from {folder} is a {source.config.variant!r} drafter, this run trains {hp.variant!r}"
@@ -161,6 +165,31 @@ class DrafterDistillation(L.LightningModule):
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("target.")
         }
+        check_finite_weights(checkpoint["state_dict"], self.global_step)
+        # what resume checks and an export from this checkpoint needs, without the target
+        checkpoint["covspec"] = {
+            "drafter_config": self.drafter.config.to_dict(),
+            "metrics": trainer_metrics(self._trainer),
+            "recipe": self.run_recipe,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Resume only a checkpoint of this drafter for this target (named field otherwise)."""
+        check_resumable(checkpoint, self.drafter, getattr(self._trainer, "ckpt_path", None))
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Refuse a non-finite gradient before it reaches the weights: the last checkpoint then
+        still holds the finite weights of the step before (NaN loss is refused earlier)."""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return  # fp16 loss scaling: an overflow is expected, and its step skipped
+        grads = {n: p.grad for n, p in self.drafter.named_parameters() if p.grad is not None}
+        if grads and not bool(torch.stack([g.isfinite().all() for g in grads.values()]).all()):
+            bad = [n for n, g in grads.items() if not g.isfinite().all()]
+            raise FloatingPointError(
+                f"non-finite gradient of {', '.join(bad[:3])} at global step {self.global_step}; "
+                "the update was not applied and the last checkpoint is finite: lower the "
+                "learning rate or check the data before resuming"
+            )
 
     # -- the step -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -235,6 +264,10 @@ class DrafterDistillation(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self._count_overlong(batch)
+        if batch["input_ids"].shape[0] == 0:
+            # every row of the batch was skipped for length: a zero-gradient step keeps the
+            # ranks of a distributed run in lockstep, where returning None would hang them
+            return sum(p.sum() for p in self.drafter.parameters() if p.requires_grad) * 0.0
         loss = self.losses(batch, self.train_agreement)
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -263,6 +296,8 @@ class DrafterDistillation(L.LightningModule):
             self._log_agreement("train", self.train_agreement)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if batch["input_ids"].shape[0] == 0:  # every row skipped for length
+            return
         loss = self.losses(batch, self.val_agreement)
         self.log(
             "val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -39,6 +38,7 @@ from covspec.data.toy_world import (
     make_sample,
     parse_description,
 )
+from covspec.modeling.outputs import check_replaceable, write_folder
 from covspec.modeling.toy_vlm import ToyVLMSpec, build_config, build_processor, train_tokenizer
 
 REPORT_NAME = "covspec_toy_target.json"
@@ -57,6 +57,17 @@ class ToyTargetSettings:
     lm_lr: float = 1e-3
     warmup_steps: int = 40
     eval_samples: int = 200
+
+    def __post_init__(self) -> None:
+        # refused here, before minutes of training, not after them
+        counts = {
+            k: v for k, v in asdict(self).items() if k.endswith(("_steps", "_batch", "_samples"))
+        }
+        bad = {k: v for k, v in counts.items() if not isinstance(v, int) or v < 1}
+        if bad:
+            raise ValueError(f"toy target settings must be integers >= 1, got {bad}")
+        if self.vision_lr <= 0 or self.lm_lr <= 0:
+            raise ValueError(f"learning rates must be > 0, got {self.vision_lr}, {self.lm_lr}")
 
     def digest(self) -> str:
         blob = json.dumps(asdict(self), sort_keys=True).encode()
@@ -221,14 +232,25 @@ def _cached(out: Path, digest: str) -> dict | None:
     return None
 
 
+def _is_toy_target(folder: Path) -> bool:
+    """A toy target written by an older covspec (before output markers)."""
+    return (folder / REPORT_NAME).is_file()
+
+
 def build_toy_target(
-    out: str | Path, settings: ToyTargetSettings | None = None, force: bool = False
+    out: str | Path,
+    settings: ToyTargetSettings | None = None,
+    force: bool = False,
+    overwrite: bool = False,
 ) -> dict:
-    """Train (or reuse) the toy target in `out`; returns its report. Atomic: tmp dir + rename."""
+    """Train (or reuse) the toy target in `out`; returns its report. The folder is written
+    beside the old one and swapped in; a non-empty `out` that covspec did not write is refused
+    before training, unless `overwrite`."""
     s = settings or ToyTargetSettings()
     out = Path(out)
     if not force and (hit := _cached(out, s.digest())):
         return hit
+    check_replaceable(out, overwrite, _is_toy_target)
     torch.manual_seed(s.seed)
     start = time.time()
     tokenizer = train_tokenizer(corpus_text(s.seed, 4000), s.spec.vocab_size)
@@ -247,12 +269,11 @@ def build_toy_target(
         "torch_threads": torch.get_num_threads(),
         **metrics,
     }
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
+
+    write_folder(out, write, overwrite=overwrite, kind="toy-target", legacy=_is_toy_target)
     return report

@@ -12,14 +12,14 @@ projector); every other weight stays frozen. Inside each step the frozen target 
 its distribution at every answer position (logits only there, from its final states) against
 the student's, soft cross-entropy at `temperature`. The metric is top-1 agreement at answer
 positions and the chain tau it implies at `tau_depth`. Only adapter weights go into Lightning
-checkpoints; `ExportDeviceDrafter` writes the peft adapter folder and a merged HF folder.
+checkpoints; `ExportDeviceDrafter` writes the peft adapter folder and a merged HF folder
+(beside any old export, swapped in by renames; a folder covspec did not make is refused).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import lightning as L
@@ -27,6 +27,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from covspec.modeling.adapters import adapter_for
+from covspec.modeling.outputs import check_replaceable, write_folder
 from covspec.modeling.tokens import tokenizer_fingerprint
 from covspec.training.distill import NON_MODEL_KEYS
 from covspec.training.metrics import DepthAgreement, implied_tau
@@ -142,6 +143,9 @@ class DeviceDrafterDistillation(L.LightningModule):
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if batch["input_ids"].shape[0] == 0:
+            # every row skipped for length: a zero-gradient step keeps DDP ranks in lockstep
+            return sum(p.sum() for p in self.student.parameters() if p.requires_grad) * 0.0
         loss = self._loss(batch, self.train_agreement)
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -151,6 +155,8 @@ class DeviceDrafterDistillation(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if batch["input_ids"].shape[0] == 0:  # every row skipped for length
+            return
         loss = self._loss(batch, self.val_agreement)
         self.log(
             "val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0]
@@ -186,24 +192,24 @@ class ExportDeviceDrafter(L.Callback):
     def __init__(self, dirpath: str = "checkpoints/device-vlm") -> None:
         self.dirpath = dirpath
 
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        if trainer.global_rank == 0 and stage == "fit":  # refuse a foreign folder before training
+            check_replaceable(Path(self.dirpath), overwrite=False)
+
     def on_train_end(self, trainer: L.Trainer, module: DeviceDrafterDistillation) -> None:
         if trainer.global_rank != 0:
             return
-        out = Path(self.dirpath)
-        tmp = out.with_name(f".{out.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        module.student.save_pretrained(tmp / "adapter")  # peft: adapter_config + safetensors
-        merged = module.student.merge_and_unload()
-        merged.save_pretrained(tmp, safe_serialization=True)
-        AutoProcessor.from_pretrained(module.hparams.student).save_pretrained(tmp)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        (tmp / "README.md").write_text(_card(module, trainer, metrics))
-        old = out.with_name(f".{out.name}.old")
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+
+        def write(tmp: Path) -> None:
+            module.student.save_pretrained(tmp / "adapter")  # peft: adapter_config + safetensors
+            merged = module.student.merge_and_unload()
+            merged.save_pretrained(tmp, safe_serialization=True)
+            AutoProcessor.from_pretrained(module.hparams.student).save_pretrained(tmp)
+            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+            (tmp / "README.md").write_text(_card(module, trainer, metrics))
+
+        out = write_folder(self.dirpath, write, kind="device-drafter")
         print(f"exported device drafter to {out} (adapter in {out / 'adapter'})")
 
 

@@ -82,7 +82,7 @@ def _bench(args: argparse.Namespace) -> None:
     tree = _draft_settings(args)
     report = run_bench(
         target, drafters, samples, args.max_new_tokens, chain, tree,
-        warmup=args.warmup, device=args.device,
+        warmup=args.warmup, device=args.device, dtype=args.dtype,
     )  # fmt: skip
     print(markdown_table(report))  # first: a failed write (full disk) must not lose the run
     path = write_report(report, args.out)
@@ -392,6 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_draft_arguments(p)
     p.add_argument("--warmup", type=at_least(0), default=1)
     p.add_argument("--device", default="cpu", help="torch device of target and drafters")
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+        help="of target and drafters; the report states it beside identical_fraction",
+    )  # fmt: skip
     p.set_defaults(func=_bench)
 
     p = sub.add_parser(

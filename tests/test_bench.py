@@ -103,3 +103,17 @@ def test_prompts_jsonl_errors_name_the_line(tmp_path):
         read_prompts_jsonl(path)
     path.write_text('{"id": "a", "image": "a.png", "prompt": "Describe."}\n')
     assert read_prompts_jsonl(path)[0]["image"].size == (72, 72)
+
+
+def test_bench_in_bfloat16_states_its_dtype(micro_target_dir, drafter_dir):
+    report = run_bench(
+        str(micro_target_dir), [str(drafter_dir)], toy_prompts(2), 8, warmup=0, dtype="bfloat16"
+    )
+    assert report["dtype"] == "bfloat16"
+    for m in report["methods"].values():
+        assert 0.0 <= m["identical_fraction"] <= 1.0  # a measured rate outside float32
+    from covspec.inference.bench import markdown_table
+
+    assert "bfloat16" in markdown_table(report)
+    with pytest.raises(ValueError, match="dtype"):
+        run_bench(str(micro_target_dir), [str(drafter_dir)], toy_prompts(1), 4, dtype="int8")

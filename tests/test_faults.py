@@ -293,7 +293,9 @@ def test_over_long_rows_are_cut_or_skipped_and_counted_never_fatal(micro_target_
         (["export-checkpoint", "nope.ckpt", "--out", "x"], "checkpoint not found"),
     ],
 )
-def test_user_mistakes_print_one_line(argv, says, at_root, capsys):
+def test_user_mistakes_print_one_line(argv, says, at_root, capsys, micro_target_dir):
+    if argv[0] in ("bench", "simulate") and "--target" not in argv:
+        argv = [*argv, "--target", str(micro_target_dir)]  # a clean clone has no toy target
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and says in err[0], err
@@ -311,7 +313,7 @@ def test_train_mistakes_print_one_line_and_debug_the_traceback(tmp_path, at_root
         ToyTargetSettings(eval_samples=0)
 
 
-def test_bench_prints_its_table_before_writing(monkeypatch, at_root, capsys):
+def test_bench_prints_its_table_before_writing(monkeypatch, at_root, capsys, micro_target_dir):
     from covspec.inference import bench
 
     method = dict(kind="baseline", drafter=None, mode=None, tokens_per_s=1.0, speedup=1.0,
@@ -325,7 +327,7 @@ def test_bench_prints_its_table_before_writing(monkeypatch, at_root, capsys):
         "write_report",
         lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")),
     )
-    assert main(["bench", "--toy", "1"]) == 2
+    assert main(["bench", "--toy", "1", "--target", str(micro_target_dir)]) == 2
     captured = capsys.readouterr()
     assert "| hf_greedy |" in captured.out and "No space left" in captured.err
 

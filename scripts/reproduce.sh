@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Every table of the README and its pages under docs/results, in order, on the toy world.
+# Each training step is skipped when its export exists and resumes from its last checkpoint
+# otherwise, so a rerun picks up where it stopped. About 2 h 40 min on a 2-core CPU VM (the
+# measured stage times are in the README); run it alone: the speed tables are ratios measured
+# on this machine and the other stages would disturb them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export WANDB_MODE="${WANDB_MODE:-offline}"
+OUT=docs/results
+
+# train RECIPE EXPORT_DIR [overrides...]: train unless the export is already there
+train() {
+  local recipe=$1 export=$2
+  shift 2
+  [ -f "$export/model.safetensors" ] || covspec train --config "$recipe" "$@"
+}
+
+covspec toy-target --out checkpoints/toy-target                                    # ~26 min
+train recipes/toy/drafter.yaml checkpoints/toy-drafter                              # ~28 min
+train recipes/toy/drafter.yaml checkpoints/toy-drafter-full-visual \
+  --model.variant full_visual --trainer.max_steps 1000                             # ~16 min
+train recipes/toy/drafter.yaml checkpoints/toy-drafter-text-only \
+  --model.variant text_only --trainer.max_steps 1000                               # ~12 min
+for r in 64 16 4; do                                                                # ~37 min
+  train recipes/toy/drafter-codec.yaml "checkpoints/toy-drafter-r$r" --model.feature_codec_rank "$r"
+done
+covspec toy-target --out checkpoints/toy-small --text-layers 2 --text-hidden 128 \
+  --vision-steps 300 --lm-steps 400                                                 # ~3 min
+train recipes/toy/device-vlm.yaml checkpoints/toy-device-vlm                        # ~3 min
+
+# README: results on the toy world
+covspec bench --target checkpoints/toy-target --drafter checkpoints/toy-drafter \
+  --drafter checkpoints/toy-drafter-full-visual --drafter checkpoints/toy-drafter-text-only \
+  --toy 40 --max-new-tokens 96 --out "$OUT/bench-toy.json"
+# README: device-edge simulation, feature codec, both drafter kinds
+covspec simulate --target checkpoints/toy-target --drafter checkpoints/toy-drafter \
+  --toy 20 --max-new-tokens 96 --out "$OUT/simulate-toy.json"
+covspec simulate --target checkpoints/toy-target --drafter checkpoints/toy-drafter \
+  --drafter checkpoints/toy-drafter-r64 --drafter checkpoints/toy-drafter-r16 \
+  --drafter checkpoints/toy-drafter-r4 --protocol sync --channel medium --compute a40-orin-7b \
+  --rtt-sweep '' --toy 40 --max-new-tokens 96 --out "$OUT/simulate-codec.json"
+covspec bench --target checkpoints/toy-target --drafter checkpoints/toy-small \
+  --drafter checkpoints/toy-device-vlm --toy 40 --max-new-tokens 96 \
+  --out "$OUT/bench-device-vlm.json"
+covspec simulate --target checkpoints/toy-target --drafter checkpoints/toy-drafter \
+  --drafter checkpoints/toy-device-vlm --protocol sync --protocol decoupled --toy 20 \
+  --max-new-tokens 96 --rtt-sweep '' --out "$OUT/simulate-drafters.json"
+
+# README: the acceptance head
+[ -f checkpoints/trajectories/toy-text-only/summary.json ] || \
+  covspec collect-acceptance --drafter checkpoints/toy-drafter-text-only --toy 1000 \
+    --out checkpoints/trajectories/toy-text-only                                    # ~9 min
+[ -f checkpoints/acceptance-head-text-only/model.safetensors ] || \
+  covspec train --config recipes/toy/acceptance.yaml                                # ~2 min
+covspec simulate --drafter checkpoints/toy-drafter-text-only \
+  --accept-head checkpoints/acceptance-head-text-only --protocol sync --channel good \
+  --channel bad --compute a40-orin-7b --rtt-sweep '' --toy 200 --toy-mixed --mode chain \
+  --out "$OUT/simulate-head.json"
+echo "tables and figures in $OUT"

@@ -24,7 +24,7 @@ from PIL import Image as PILImage
 from tqdm.auto import tqdm
 
 from covspec.data.chat import ConversationError, validate_messages
-from covspec.data.toy_world import DEFAULT_IMAGE_SIZE, make_sample
+from covspec.data.toy_world import DEFAULT_IMAGE_SIZE, make_sample, prompt_kind
 from covspec.modeling.outputs import check_replaceable, write_folder
 
 MESSAGE = {"role": Value("string"), "content": Value("string")}
@@ -241,6 +241,7 @@ def toy_prompts(num: int, seed: int = 31_337, mixed: bool = False) -> list[dict]
                 "id": f"toy-{seed}-{i}",
                 "image": s["image"],
                 "prompt": question if mixed else "Describe the image.",
+                "kind": prompt_kind(question) if mixed else "description",
                 "objects": s["objects"],
                 "reference": s["messages"][1]["content"] if mixed else "",
             }

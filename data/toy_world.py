@@ -239,6 +239,25 @@ def question_answer(objects: list[ToyObject], rng: random.Random) -> tuple[str, 
     return f"Is there a {colour} {shape}?", "Yes." if present else "No."
 
 
+PROMPT_KINDS = {
+    "How many": "count",
+    "What colour": "colour",
+    "What shape": "shape",
+    "What is in": "position",
+    "Where is": "position",
+    "Is there": "yes_no",
+}
+
+
+def prompt_kind(prompt: str) -> str:
+    """The kind of a toy prompt: description, count, colour, shape, position, yes_no (other
+    prompts: other). Reports break results down by it."""
+    prompt = prompt.replace("<image>", "").strip()
+    if prompt in DESCRIBE_PROMPTS:
+        return "description"
+    return next((k for head, k in PROMPT_KINDS.items() if prompt.startswith(head)), "other")
+
+
 def make_sample(
     seed: int, index: int, image_size: int = DEFAULT_IMAGE_SIZE, describe_prob: float = 0.6
 ) -> dict:

@@ -2,12 +2,16 @@
 
     >>> report = run_bench("checkpoints/toy-target", ["checkpoints/toy-drafter"], samples, 96)
     >>> write_report(report, "bench.json")      # + bench.md table + bench.png plot
+    ...                                         # (+ bench-pareto.png with several drafters)
 
 Methods per sample, interleaved (rotating order) after a warm-up so machine noise hits all alike:
 `hf_greedy` (the target's own `generate`, the baseline), `hf_prompt_lookup` (transformers'
 prompt-lookup decoding) and, for every drafter, the runner in `chain` and `tree` mode. Every
 method is timed from raw prompt to tokens (processor included) and its token ids compared with
 `hf_greedy`'s, token for token; each sample's ids are stored beside its decoded text. tau = tokens emitted per target forward in the decode loop, bonus included.
+Per drafter the report also holds the visual rows it carries (0 visual-token-free, every
+visual token for a full prefix, the compressor's rows), its ms per draft step and, for an
+elastic compressor, the gate's choices per prompt kind (a sample's `kind`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from covspec.inference.roles import now
 from covspec.inference.runner import SpecRunner, build_prompt, suppressed_tokens
 from covspec.inference.tree import DraftSettings
 from covspec.modeling.adapters import adapter_for
+from covspec.modeling.drafter import DrafterConfig
 
 TAU_DEFINITION = "tau = tokens emitted per target forward in the decode loop, the bonus token included (ceiling: depth + 1)"
 
@@ -42,6 +47,10 @@ class _Tally:
     accepted: list[int] = field(default_factory=list)
     identical: int = 0
     phases: dict[str, float] = field(default_factory=dict)  # runner phase -> seconds
+    visual_tokens: int = 0  # the target's visual tokens, summed over samples
+    prefix_tokens: int = 0  # compressed visual prefix rows, summed over samples
+    draft_steps: int = 0  # drafter forwards while drafting
+    gate_choices: dict[str, dict[str, int]] = field(default_factory=dict)  # kind -> option -> n
 
 
 def _hf_method(model, processor, extra: dict):
@@ -145,6 +154,12 @@ def run_bench(
                 ]
                 for phase, sec in result.seconds.items():
                     tally.phases[phase] = tally.phases.get(phase, 0.0) + sec
+                tally.visual_tokens += result.visual_tokens
+                tally.prefix_tokens += result.prefix_tokens
+                tally.draft_steps += result.draft_steps
+                if result.gate_choice is not None:
+                    kind = tally.gate_choices.setdefault(s.get("kind", "all"), {})
+                    kind[result.gate_choice] = kind.get(result.gate_choice, 0) + 1
         for name in names:  # token for token: decoded text hides special tokens and spacing
             methods[name][0].identical += token_ids[name] == token_ids["hf_greedy"]
         rows.append({"id": s["id"], "outputs": outputs, "token_ids": token_ids})
@@ -175,6 +190,12 @@ def _report(target, samples, max_new_tokens, methods, rows) -> dict:
             else None,
             "identical_fraction": t.identical / max(1, len(samples)),
             "ms_per_sample": _ms_per_sample(t, len(samples)),
+            # what the drafter carries and what one of its steps costs (Pareto plot)
+            "visual_prefix_tokens": _visual_prefix(t, len(samples)) if spec else None,
+            "drafter_ms_per_step": 1000 * t.phases.get("draft", 0.0) / t.draft_steps
+            if t.draft_steps
+            else None,
+            "gate_choices": t.gate_choices or None,
         }
     return {
         "target": str(target),
@@ -188,6 +209,17 @@ def _report(target, samples, max_new_tokens, methods, rows) -> dict:
 
 
 PHASES = ("encode", "prefill", "drafter_prefill", "draft", "verify", "commit")
+
+
+def _visual_prefix(t: _Tally, n: int) -> float:
+    """Mean visual rows in the drafter's cache: every visual token for a full prefix, the
+    compressor's rows for a compressed one, none for a visual-token-free drafter."""
+    if t.drafter is None:
+        return 0.0
+    prefix = DrafterConfig.from_pretrained(t.drafter).visual_prefix
+    if prefix == "full":
+        return t.visual_tokens / max(1, n)
+    return t.prefix_tokens / max(1, n)
 
 
 def _ms_per_sample(t: _Tally, n: int) -> dict[str, float]:
@@ -210,16 +242,23 @@ def markdown_table(report: dict) -> str:
             else ""
         ),
         "",
-        "| method | tokens/s | speedup vs hf_greedy | tau | drafted/round | identical to hf_greedy |",
-        "|---|---|---|---|---|---|",
+        "| method | tokens/s | speedup vs hf_greedy | tau | drafted/round | visual prefix tokens "
+        "| drafter ms/step | identical to hf_greedy |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, m in report["methods"].items():
-        tau = f"{m['tau']:.2f}" if m["tau"] is not None else "-"
-        drafted = f"{m['mean_drafted']:.1f}" if m["mean_drafted"] is not None else "-"
-        speedup = f"{m['speedup']:.2f}x" if m["speedup"] is not None else "-"
+        cells = [
+            _fmt(m["tau"], "{:.2f}"),
+            _fmt(m["mean_drafted"], "{:.1f}"),
+            _fmt(m.get("visual_prefix_tokens"), "{:.1f}"),
+            _fmt(m.get("drafter_ms_per_step"), "{:.2f}"),
+        ]
+        speedup = _fmt(m["speedup"], "{:.2f}x")
         lines.append(
-            f"| {name} | {m['tokens_per_s']:.1f} | {speedup} | {tau} | {drafted} | {m['identical_fraction']:.0%} |"
+            f"| {name} | {m['tokens_per_s']:.1f} | {speedup} | {' | '.join(cells)} "
+            f"| {m['identical_fraction']:.0%} |"
         )
+    lines += _gate_lines(report)
     lines += [
         "",
         "Where the time goes, wall ms per sample (runner phases; `other` = the loop itself):",
@@ -232,6 +271,30 @@ def markdown_table(report: dict) -> str:
         cells = [f"{ms[p]:.1f}" if p in ms else "-" for p in (*PHASES, "other")]
         lines.append(f"| {name} | {ms['total']:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _fmt(value, spec: str) -> str:
+    return spec.format(value) if value is not None else "-"
+
+
+def _gate_lines(report: dict) -> list[str]:
+    """What each gated drafter chose, per prompt kind (share of prompts)."""
+    lines = []
+    for m in report["methods"].values():
+        choices = m.get("gate_choices")
+        if not choices or m["mode"] != "tree":
+            continue
+        options = sorted({o for kind in choices.values() for o in kind})
+        lines += ["", f"Gate choices of `{m['drafter']}` (share of prompts per kind):", ""]
+        lines += [
+            "| prompt kind | n | " + " | ".join(options) + " |",
+            "|---|---|" + "---|" * len(options),
+        ]
+        for kind, counts in sorted(choices.items()):
+            n = sum(counts.values())
+            shares = " | ".join(f"{counts.get(o, 0) / n:.0%}" for o in options)
+            lines.append(f"| {kind} | {n} | {shares} |")
+    return lines
 
 
 def plot(report: dict, path: Path) -> None:
@@ -262,6 +325,43 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def pareto_plot(report: dict, path: Path, mode: str = "tree") -> bool:
+    """tau and speedup against the visual rows the drafter carries, one point per drafter in
+    `mode`; False (nothing drawn) with fewer than two drafters."""
+    points = [
+        (m["visual_prefix_tokens"], m["tau"], m["speedup"] or 0.0, Path(m["drafter"]).name)
+        for m in report["methods"].values()
+        if m["mode"] == mode and m.get("visual_prefix_tokens") is not None and m["tau"]
+    ]
+    if len(points) < 2:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, col, label in ((axes[0], 1, "tau"), (axes[1], 2, "speedup vs hf_greedy")):
+        for p in points:
+            ax.scatter(p[0], p[col])
+            ax.annotate(p[3], (p[0], p[col]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        best, front = float("-inf"), []
+        for p in sorted(points, key=lambda p: (p[0], -p[col])):  # upper-left envelope
+            if p[col] > best:
+                best = p[col]
+                front.append(p)
+        ax.step([p[0] for p in front], [p[col] for p in front], where="post", lw=0.8, color="k")
+        ax.set(
+            xlabel="visual rows in the drafter's cache (mean)",
+            ylabel=label,
+            title=f"{label} ({mode})",
+        )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def write_report(report: dict, out: str | Path) -> Path:
     """JSON at `out`, markdown table and PNG plot beside it (atomic writes)."""
     out = Path(out)
@@ -274,4 +374,7 @@ def write_report(report: dict, out: str | Path) -> Path:
         tmp.write_text(text)
         tmp.rename(path)
     plot(report, out.with_suffix(".png"))
+    pareto = out.with_name(out.stem + "-pareto.png")
+    if not pareto_plot(report, pareto):
+        pareto.unlink(missing_ok=True)  # never leave another run's plot beside this report
     return out

@@ -9,8 +9,8 @@
 The device's drafter runs through `DrafterKernel` (inference/kernel.py) with a preallocated
 cache. It never sees the target: the edge sends the projected features of the positions it
 needs (inference/features.py). The visual-token-free drafter's cache holds text positions only
-(the edge drops visual positions before sending; the `full_visual` baseline keeps them, with
-their visual embeddings). Tree nodes are run with a tree mask and dropped from the cache after
+(the edge drops visual positions before sending; a full visual prefix keeps them, with their
+visual embeddings; a compressed one puts the compressor's few rows ahead of the prompt). Tree nodes are run with a tree mask and dropped from the cache after
 each round; `commit` re-runs the accepted positions with the target's real features, exactly
 as the training-time-test unroll assumes.
 """
@@ -51,6 +51,7 @@ class DrafterSide:
         self.vocab_size = vocab_size
         self.cache = kernel.new_cache(capacity)
         self.length = 0  # drafter cache entries that belong to committed positions
+        self.steps = 0  # drafter forwards while drafting (tree levels), for cost per step
         self.hidden: dict[int, torch.Tensor] = {}  # tree node -> drafter output (D,)
         self.tree_nodes: list[int] = []  # tree nodes in the cache after `length`, in order
         cfg = self.drafter.config
@@ -65,8 +66,10 @@ class DrafterSide:
         bonus: int,  # the target's first token
         visual_embeds: torch.Tensor | None = None,  # (v, D) embeddings of the visual rows
         visual_rows: torch.Tensor | None = None,  # (n,) bool, which rows are visual
+        prefix: torch.Tensor | None = None,  # (m, 2D) compressed visual rows [embed; feature]
     ) -> None:
-        """Run the prompt: row i pairs feature i with the embedding of the token after it."""
+        """Run the prompt: row i pairs feature i with the embedding of the token after it; a
+        compressed visual prefix goes first, as in training (modeling/drafter_inputs.py)."""
         token_ids = token_ids.to(self.device)
         next_ids = torch.cat([token_ids[1:], torch.tensor([bonus], device=self.device)])
         next_embeds = self.kernel.embed(next_ids)
@@ -74,7 +77,13 @@ class DrafterSide:
             embeds = self.kernel.embed(token_ids).clone()  # (n, D)
             embeds[visual_rows.to(self.device)] = visual_embeds.to(embeds)
             next_embeds = torch.cat([embeds[1:], next_embeds[-1:]])
-        self._run_committed(features.to(self.device), next_embeds)
+        features = features.to(self.device)
+        if prefix is not None:
+            d = next_embeds.shape[-1]
+            prefix = prefix.to(self.device)
+            next_embeds = torch.cat([prefix[:, :d].to(next_embeds), next_embeds])
+            features = torch.cat([prefix[:, d:].to(features), features])
+        self._run_committed(features, next_embeds)
 
     def _run_committed(self, feats: torch.Tensor, next_embeds: torch.Tensor) -> None:
         """Append committed positions (real target features) and reset the tree to its root."""
@@ -122,6 +131,7 @@ class DrafterSide:
             len(nodes), self.length + len(slot), self.length, rows, cols, self.dtype, self.device
         )
         h = self.kernel.run(self.cache, embeds.to(self.dtype), feats, pos, mask[0, 0])  # (F, D)
+        self.steps += 1
         self.tree_nodes += nodes
         for i, n in enumerate(nodes):
             self.hidden[n] = h[i]

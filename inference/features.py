@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from covspec.inference.messages import FeaturePayload
-from covspec.modeling.drafter import Drafter, dequantize, quantize_int8
+from covspec.modeling.codec import dequantize, quantize_int8
+from covspec.modeling.drafter import Drafter
 
 
 class FeatureEncoder:
@@ -27,7 +28,7 @@ class FeatureEncoder:
 
     def __init__(self, drafter: Drafter, wire_dtype: torch.dtype | None = None) -> None:
         cfg = drafter.config
-        self.off = cfg.variant == "text_only"
+        self.off = not cfg.target_features
         self.codec = bool(cfg.feature_codec_rank) and not self.off
         if self.off:
             self.weight = None

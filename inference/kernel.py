@@ -111,7 +111,7 @@ class DrafterKernel:
         # a plain table is one F.embedding; scaled or otherwise special embeddings keep their module
         self.embedding = embedding.weight if type(embedding) is torch.nn.Embedding else None
         self.embedding_module = embedding
-        self.text_only = cfg.variant == "text_only"
+        self.text_only = not cfg.target_features
         self.step_bias = drafter.step_bias.detach() if cfg.step_bias else None
         self.max_draft_steps = cfg.max_draft_steps
         self.dtype, self.device = weight.dtype, weight.device

@@ -175,6 +175,9 @@ class _Run:
         r.seconds = dict(req.seconds)
         r.edge_s, r.device_s = t.busy["edge"], t.busy["device"]
         r.uplink_bytes, r.downlink_bytes = t.bytes["up"], t.bytes["down"]
+        r.visual_tokens, r.prefix_tokens = req.visual_tokens, req.prefix_tokens
+        r.gate_choice = req.gate_choice
+        r.draft_steps = getattr(req.source, "steps", 0)
         return r
 
 

@@ -41,6 +41,7 @@ from covspec.inference.tree import (
     verify_sampling,
 )
 from covspec.inference.vlm_drafter import VLMDrafterSide
+from covspec.modeling.drafter_inputs import drafter_rows, prompt_mask, visual_prefix
 
 
 def now(device: torch.device | None = None) -> float:
@@ -68,6 +69,8 @@ class Request:
     rope_offset: int = 0  # text position minus sequence index after the prompt (M-RoPE)
     prompt_tokens: int = 0
     visual_tokens: int = 0
+    prefix_tokens: int = 0  # edge: compressed visual prefix rows sent to the device
+    gate_choice: str | None = None  # edge: the compressor option its gate picked
     # device: its drafter state and the tree of the round in flight
     source: object = None
     tree: DraftTree | None = None
@@ -192,23 +195,31 @@ class EdgeRole:
         req.cache, req.past = out.cache, req.prompt_tokens
         req.rope_offset = r.adapter.rope_offset(inputs)
         req.visual_tokens = int(out.visual_mask.sum())
-        down = self._prompt_features(inputs, out, first)
+        down = self._prompt_features(req, inputs, out, first)
         req.timed("prefill", start)
         return down
 
-    def _prompt_features(self, inputs: dict, out, first: int) -> FeatureDownlink:
+    def _prompt_features(self, req: Request, inputs: dict, out, first: int) -> FeatureDownlink:
         ids = inputs["input_ids"][0]
         if self.runner.device_vlm is not None:  # a small-VLM drafter needs only the token
             return FeatureDownlink(ids[:0], FeaturePayload(), first)
-        keep = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))[0].bool()
-        full_visual = self.runner.full_visual
-        if not full_visual:
-            keep &= ~out.visual_mask[0]
-        positions = keep.nonzero()[:, 0]
+        attention = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))
+        if self.runner.drafter is None:  # no drafter to feed (edge-only generation)
+            return FeatureDownlink(ids[:0], FeaturePayload(), first)
+        cfg = self.runner.drafter.config
+        positions = drafter_rows(cfg, attention, out.visual_mask)[0].nonzero()[:, 0]
         visual = FeaturePayload()
-        if full_visual:  # the MSD-style baseline also needs the merged visual embeddings
+        if cfg.visual_prefix == "full":  # the MSD-style baseline also needs the merged embeddings
             rows = out.visual_mask[0, positions]
             visual = FeaturePayload(values=out.hidden_states[0][0, positions[rows]])
+        elif cfg.visual_prefix == "compressed":  # the edge runs the compressor, sends its rows once
+            ask = prompt_mask(attention, out.visual_mask)
+            prefix = visual_prefix(
+                self.runner.drafter, inputs["input_ids"], out.hidden_states, out.visual_mask, ask
+            )
+            req.prefix_tokens = int(prefix.valid.sum())
+            req.gate_choice = cfg.compressor_config().options[int(prefix.choice[0])]
+            visual = FeaturePayload(values=prefix.tokens[0].to(self.encoder.wire_dtype))
         return FeatureDownlink(ids[positions], self._features(out, positions), first, visual)
 
     def _features(self, out, rows: torch.Tensor) -> FeaturePayload:
@@ -285,18 +296,20 @@ class DeviceRole:
         else:
             side = DrafterSide(self.runner.kernel(), self.runner.adapter.vocab_size, capacity)
             n = len(down.token_ids)
-            visual_rows = None
-            if down.visual.rows:
-                visual_rows = torch.isin(
-                    down.token_ids, self.runner.visual_ids.to(down.token_ids.device)
-                )
-            side.prefill(
-                down.token_ids,
-                self.decoder(down.features, n),
-                down.first_token,
-                self.decoder(down.visual, 0) if down.visual.rows else None,
-                visual_rows,
-            )
+            visual = self.decoder(down.visual, 0) if down.visual.rows else None
+            if self.runner.drafter.config.visual_prefix == "compressed":
+                side.prefill(down.token_ids, self.decoder(down.features, n), down.first_token,
+                             prefix=visual)  # fmt: skip
+            else:
+                visual_rows = None
+                if visual is not None:
+                    visual_rows = torch.isin(
+                        down.token_ids, self.runner.visual_ids.to(down.token_ids.device)
+                    )
+                side.prefill(
+                    down.token_ids, self.decoder(down.features, n), down.first_token, visual,
+                    visual_rows,
+                )  # fmt: skip
             req.source = side
         req.tokens = [down.first_token]
         req.timed("drafter_prefill", start)

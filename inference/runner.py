@@ -34,6 +34,7 @@ from covspec.inference.tree import DraftSettings
 from covspec.inference.vlm_drafter import check_same_tokenizer, is_device_vlm, load_device_vlm
 from covspec.modeling.adapters import TargetAdapter, TargetMismatchError, adapter_for
 from covspec.modeling.drafter import Drafter
+from covspec.modeling.drafter_inputs import target_layer_ids
 from covspec.modeling.identity import resolve_source, target_identity
 from covspec.modeling.tokens import fingerprint_vocab
 
@@ -226,19 +227,14 @@ class SpecRunner:
         return FeatureEncoder(self.drafter, torch.float16 if wire else None)
 
     @property
-    def full_visual(self) -> bool:
-        return self.drafter is not None and self.drafter.config.variant == "full_visual"
-
-    @property
     def fused_ids(self) -> list[int]:
         return self.drafter.config.fused_layer_ids
 
     def _layers(self) -> list[int]:
-        """Target layers to capture: the drafter's fused ids (+ embeddings for full_visual)."""
+        """Target layers to capture: the drafter's fused ids (+ embeddings for a visual prefix)."""
         if self.drafter is None:
             return []
-        cfg = self.drafter.config
-        return sorted(set(cfg.fused_layer_ids) | ({0} if cfg.variant == "full_visual" else set()))
+        return target_layer_ids(self.drafter.config)
 
     def suppress(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.index_fill(-1, self._suppress_ids.to(logits.device), float("-inf"))

@@ -52,6 +52,10 @@ class GenerationResult:
     device_s: float = 0.0
     uplink_bytes: int = 0
     downlink_bytes: int = 0
+    visual_tokens: int = 0  # the target's visual tokens in the prompt
+    prefix_tokens: int = 0  # compressed visual prefix rows in the drafter's cache
+    gate_choice: str | None = None  # the compressor option the gate picked
+    draft_steps: int = 0  # drafter forwards while drafting (one per tree level)
 
     @property
     def tau(self) -> float:

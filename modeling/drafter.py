@@ -1,6 +1,7 @@
 """The visual-token-free drafter in EAGLE-3's layout, fed by the target's fused hidden states.
 
-    >>> cfg = DrafterConfig.for_target(adapter, variant="visual_free")
+    >>> cfg = DrafterConfig.for_target(adapter, variant="visual_free")   # or target_features=...,
+    ...                                                                  # visual_prefix=...
     >>> drafter = Drafter(cfg).attach_target(adapter)      # borrows embeddings (+ full LM head)
     >>> feats = drafter.project_features(target_states)    # (B, S, n_layers * Ht) -> (B, S, D)
     >>> hidden = drafter(drafter.embed(next_ids), feats, position_ids, mask)   # (B, S, D)
@@ -16,10 +17,14 @@ draft vocabulary stores EAGLE-3's `d2t` offsets (target id = draft id + d2t[draf
 `t2d` membership mask beside its own head.
 
 Input at text position t: the embedding of token t+1 and the target's states at t. From draft
-step 2 on the feature is the drafter's own previous output. The sequence holds text positions
-only (`variant="visual_free"`), so compute and KV cache never grow with visual tokens; two
-baselines share the code: `text_only` (no target features) and `full_visual` (all positions,
-visual ones carrying the projected visual embeddings, MSD style). HiViS step-dependent bias
+step 2 on the feature is the drafter's own previous output. What the drafter sees is two
+settings: `target_features` (the fused target states above, or zeros) and `visual_prefix`:
+`none` (text positions only, so compute and KV cache never grow with visual tokens), `full`
+(every visual position too, carrying the merged visual embeddings, MSD style) or `compressed`
+(a few tokens made by the elastic compressor, modeling/compressor.py, ahead of the text;
+modeling/drafter_inputs.py builds them for training and the runner alike). `variant` names the
+three classic presets: visual_free (features, none), text_only (no features, none) and
+full_visual (features, full). HiViS step-dependent bias
 corrections of the fed-back feature are an opt-in extra (`step_bias=True`) that the EAGLE-3
 export refuses, since no serving engine applies them.
 
@@ -35,7 +40,6 @@ from torch import nn
 from transformers import (
     AutoConfig,
     AutoModel,
-    DynamicCache,
     LlamaConfig,
     PretrainedConfig,
     PreTrainedModel,
@@ -47,10 +51,19 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from covspec.modeling.adapters import TargetAdapter, TargetMismatchError
+from covspec.modeling.codec import dequantize, quantize_int8
+from covspec.modeling.compressor import VisualCompressor, VisualCompressorConfig
 from covspec.modeling.identity import check_identity, model_folder, target_identity
 from covspec.modeling.tokens import folder_tokenizer_fingerprint
 
-VARIANTS = ("visual_free", "text_only", "full_visual")
+VISUAL_PREFIXES = ("none", "full", "compressed")
+# named presets of (target_features, visual_prefix); configs written before the two fields
+# existed store `variant`, which loads as its preset
+VARIANTS = {
+    "visual_free": (True, "none"),
+    "text_only": (False, "none"),
+    "full_visual": (True, "full"),
+}
 
 
 def default_fused_layer_ids(num_layers: int) -> list[int]:
@@ -78,7 +91,9 @@ class DrafterConfig(PretrainedConfig):
         rms_norm_eps: float = 1e-6,
         rope_theta: float = 10000.0,
         max_position_embeddings: int = 8192,
-        variant: str = "visual_free",
+        target_features: bool = True,
+        visual_prefix: str = "none",
+        compressor: dict | None = None,
         fused_layer_ids: Sequence[int] = (2, 16, 29),
         max_draft_steps: int = 6,
         step_bias: bool = False,
@@ -94,8 +109,26 @@ class DrafterConfig(PretrainedConfig):
         target_weights_digest: str | None = None,
         **kwargs,
     ) -> None:
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        variant = kwargs.pop("variant", None)
+        if variant is not None:
+            if variant not in VARIANTS:
+                raise ValueError(f"variant must be one of {tuple(VARIANTS)}, got {variant!r}")
+            preset_features, preset_prefix = VARIANTS[variant]
+            if visual_prefix == "compressed" and preset_prefix != "none":
+                raise ValueError(
+                    f"variant {variant!r} carries a full visual prefix, not a compressed one"
+                )
+            target_features = preset_features
+            visual_prefix = visual_prefix if visual_prefix == "compressed" else preset_prefix
+        if visual_prefix not in VISUAL_PREFIXES:
+            raise ValueError(
+                f"visual_prefix must be one of {VISUAL_PREFIXES}, got {visual_prefix!r}"
+            )
+        if (visual_prefix == "compressed") != (compressor is not None):
+            raise ValueError(
+                "visual_prefix='compressed' needs a `compressor` config (and only it takes one), "
+                f"got visual_prefix={visual_prefix!r}, compressor={compressor!r}"
+            )
         if max_draft_steps < 1:
             raise ValueError(f"max_draft_steps must be >= 1, got {max_draft_steps}")
         if num_hidden_layers < 1:
@@ -110,7 +143,9 @@ class DrafterConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.rope_theta = rope_theta
         self.max_position_embeddings = max_position_embeddings
-        self.variant = variant
+        self.target_features = bool(target_features)
+        self.visual_prefix = visual_prefix
+        self.compressor = dict(compressor) if compressor is not None else None
         self.fused_layer_ids = list(fused_layer_ids)
         self.max_draft_steps = max_draft_steps
         self.step_bias = bool(step_bias)
@@ -158,6 +193,32 @@ class DrafterConfig(PretrainedConfig):
         )
         values.update(overrides)
         return cls(**values)
+
+    @property
+    def variant(self) -> str:
+        """A label for what the drafter sees (run names, cards, reports); code reads the
+        fields `target_features` and `visual_prefix`."""
+        for name, preset in VARIANTS.items():
+            if preset == (self.target_features, self.visual_prefix):
+                return name
+        prefix = self.visual_prefix if self.visual_prefix != "full" else "full_visual"
+        return prefix if self.target_features else f"text_only_{prefix}"
+
+    def describe_inputs(self) -> str:
+        """What the drafter reads, in words (model cards)."""
+        feats = "the target's fused hidden states" if self.target_features else "no target features"
+        prefix = {
+            "none": "text positions only, never visual tokens (cost and KV cache grow with the "
+            "text alone)",
+            "full": "every visual position too, with the merged visual embeddings (MSD style)",
+            "compressed": "a visual prefix compressed per input by a question-aware gate over "
+            f"{(self.compressor or {}).get('options')}",
+        }[self.visual_prefix]
+        return f"{feats}; {prefix}"
+
+    def compressor_config(self) -> VisualCompressorConfig:
+        assert self.compressor is not None, "this drafter has no compressor"
+        return VisualCompressorConfig(hidden_size=self.hidden_size, **self.compressor)
 
     def llama_config(self) -> LlamaConfig:
         cfg = LlamaConfig(
@@ -226,18 +287,20 @@ class Drafter(PreTrainedModel):
         d = config.hidden_size
         lcfg = config.llama_config()
         fused = len(config.fused_layer_ids) * config.target_hidden_size
-        if config.variant != "text_only" and config.feature_codec_rank:
+        if config.target_features and config.feature_codec_rank:
             # the device-edge feature codec: the edge runs fc_down and sends int8 codes, the
             # device runs fc_up; fc_up @ fc_down is EAGLE-3's fc (folded at export)
             self.fc_down = nn.Linear(fused, config.feature_codec_rank, bias=False)
             self.fc_up = nn.Linear(config.feature_codec_rank, d, bias=False)
-        elif config.variant != "text_only":
+        elif config.target_features:
             self.fc = nn.Linear(fused, d, bias=False)
         self.layers = nn.ModuleList(
             [Eagle3FirstLayer(lcfg, 0)]
             + [LlamaDecoderLayer(lcfg, i) for i in range(1, config.num_hidden_layers)]
         )
         self.norm = LlamaRMSNorm(d, eps=config.rms_norm_eps)
+        if config.visual_prefix == "compressed":
+            self.compressor = VisualCompressor(config.compressor_config())
         self.rotary = LlamaRotaryEmbedding(lcfg)
         if config.step_bias:
             # HiViS: step k >= 2 correction of the fed-back feature (row k-2); zero = plain EAGLE.
@@ -326,7 +389,7 @@ class Drafter(PreTrainedModel):
         """Fused target states (B, S, n*Ht) -> (B, S, D); zeros for the text-only baseline.
         With the feature codec, the low-rank code passes through int8 fake quantisation
         (straight-through), exactly what crosses the link at inference."""
-        if self.config.variant == "text_only" or target_states is None:
+        if not self.config.target_features or target_states is None:
             return torch.zeros_like(like)
         if self.config.feature_codec_rank:
             code = self.fc_down(target_states.to(self.fc_down.weight.dtype))  # (..., r)
@@ -353,7 +416,7 @@ class Drafter(PreTrainedModel):
         """The feature fed at draft step `step` >= 2: the drafter's own previous output (plus the
         HiViS bias correction when enabled); zeros for the text-only baseline."""
         assert step >= 2, "step 1 feeds on target features"
-        if self.config.variant == "text_only":
+        if not self.config.target_features:
             previous_hidden = torch.zeros_like(previous_hidden)
         if not self.config.step_bias:
             return previous_hidden
@@ -426,73 +489,12 @@ class Drafter(PreTrainedModel):
         return h
 
 
-def quantize_int8(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: (..., r) -> codes (..., r) int8 and scales (..., 1)."""
-    scale = code.detach().abs().amax(-1, keepdim=True).clamp_min(1e-8) / 127.0
-    return (code / scale).round().clamp(-127, 127).to(torch.int8), scale
-
-
-def dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return codes.to(scale.dtype) * scale
-
-
 def build_draft_vocab(counts: torch.Tensor, size: int) -> torch.Tensor:
     """EAGLE-3 draft vocabulary: the `size` most frequent target ids, ascending. counts: (V,)."""
     if not 0 < size <= counts.numel():
         raise ValueError(f"draft vocab size must be in 1..{counts.numel()}, got {size}")
     top = torch.argsort(-counts.double(), stable=True)[:size]  # ties keep the lower id
     return torch.sort(top).values
-
-
-def ttt_attention_mask(step: int, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Training-time-test mask for unroll step `step` (1-based) over keys of steps 1..step.
-
-    A query at position t of step k stands for draft depth k after a context that ends at
-    t-k+1: it sees step-1 keys at positions <= t-k+1 and the step-j key at t-k+j (j = 2..k),
-    exactly the keys the drafter's cache holds at inference. valid: (B, S) bool.
-    Returns (B, 1, S, step * S), additive.
-    """
-    _, s = valid.shape
-    t = torch.arange(s, device=valid.device)
-    blocks = [(t[None, :] <= (t[:, None] - step + 1))]  # (S, S) step-1 keys
-    for j in range(2, step + 1):
-        blocks.append(t[None, :] == (t[:, None] - step + j))
-    allowed = torch.cat(blocks, dim=1)[None] & valid.repeat(1, step)[:, None, :]  # (B, S, step*S)
-    allowed |= torch.cat(
-        [
-            torch.zeros(s, (step - 1) * s, dtype=torch.bool, device=valid.device),
-            torch.eye(s, dtype=torch.bool, device=valid.device),
-        ],
-        1,
-    )
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=valid.device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
-
-
-def ttt_unroll(
-    drafter: Drafter,
-    next_embeds: torch.Tensor,  # (B, S, D) embedding of the token after each position
-    target_features: torch.Tensor,  # (B, S, D) projected fused target states at each position
-    valid: torch.Tensor,  # (B, S) bool
-    steps: int,
-) -> list[torch.Tensor]:
-    """Unroll the drafter `steps` times as at inference; returns pre-norm hidden (B, S, D) per step.
-
-    Step 1 feeds on the target's features. Step k >= 2 at position t feeds on the drafter's own
-    step k-1 output at t-1 (plus the step bias), attending to the keys of earlier steps through a
-    cache, so every step sees exactly what depth k sees when drafting.
-    """
-    b, s, _ = next_embeds.shape
-    position_ids = torch.arange(s, device=next_embeds.device).expand(b, s)
-    cache = DynamicCache(config=drafter.config.llama_config())
-    outputs, features = [], target_features
-    for k in range(1, steps + 1):
-        if k > 1:
-            shifted = torch.cat([torch.zeros_like(outputs[-1][:, :1]), outputs[-1][:, :-1]], dim=1)
-            features = drafter.step_feature(shifted, k)
-        mask = ttt_attention_mask(k, valid, features.dtype)
-        outputs.append(drafter(next_embeds, features, position_ids, mask, cache=cache))
-    return outputs
 
 
 AutoConfig.register(DrafterConfig.model_type, DrafterConfig)

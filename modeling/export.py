@@ -60,11 +60,17 @@ def check_exportable(drafter: Drafter, format: str) -> None:
             "EAGLE-3 format cannot carry (no serving engine applies it); export a drafter "
             "trained with step_bias=False"
         )
-    if c.variant == "text_only":
+    if not c.target_features:
         raise ExportError(
-            "config.variant='text_only' has no target features and no `fc`; EAGLE-3 always "
-            "fuses target hidden states through `fc`, so only visual_free and full_visual "
-            "drafters can be exported"
+            "config.target_features=False (text_only): no target features and no `fc`; EAGLE-3 "
+            "always fuses target hidden states through `fc`, so only drafters with target "
+            "features can be exported"
+        )
+    if c.visual_prefix == "compressed":
+        raise ExportError(
+            "config.visual_prefix='compressed': the elastic compressor's prefix has no place in "
+            "the EAGLE-3 format (no engine runs it); export a drafter with visual_prefix "
+            "'none' or 'full'"
         )
     if format == "eagle3" and c.num_hidden_layers > 1:
         raise ExportError(

@@ -77,7 +77,9 @@ def _bench(args: argparse.Namespace) -> None:
 
     target = resolve_source(args.target, "target")
     drafters = [resolve_source(d, "drafter") for d in args.drafter]
-    samples = read_prompts_jsonl(args.data) if args.data else toy_prompts(args.toy)
+    samples = (
+        read_prompts_jsonl(args.data) if args.data else toy_prompts(args.toy, mixed=args.toy_mixed)
+    )
     chain = DraftSettings(mode="chain", depth=args.depth, stop_margin=args.stop_margin)
     tree = _draft_settings(args)
     report = run_bench(
@@ -87,6 +89,9 @@ def _bench(args: argparse.Namespace) -> None:
     print(markdown_table(report))  # first: a failed write (full disk) must not lose the run
     path = write_report(report, args.out)
     print(f"wrote {path}, {path.with_suffix('.md')}, {path.with_suffix('.png')}")
+    pareto = path.with_name(path.stem + "-pareto.png")
+    if pareto.exists():
+        print(f"wrote {pareto}")
 
 
 def _draft_settings(args: argparse.Namespace, mode: str = "tree"):
@@ -130,6 +135,9 @@ def _simulate(args: argparse.Namespace) -> None:
     print(markdown(report))  # first: a failed write (full disk) must not lose the run
     path = write_report(report, args.out)
     print(f"wrote {path}, {path.with_suffix('.md')}, {path.with_suffix('.png')}")
+    pareto = path.with_name(path.stem + "-pareto.png")
+    if pareto.exists():
+        print(f"wrote {pareto}")
 
 
 def _add_draft_arguments(p: argparse.ArgumentParser) -> None:
@@ -375,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
         "eval_samples",
     ):
         p.add_argument("--" + name.replace("_", "-"), type=at_least(1), dest=name)
+    for name in ("vision_lr", "lm_lr"):
+        p.add_argument("--" + name.replace("_", "-"), type=between(1e-6, 1.0), dest=name)
     p.set_defaults(func=_toy_target)
 
     sub.add_parser(
@@ -387,6 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help='jsonl of {"id", "image", "prompt"}')
     src.add_argument("--toy", type=at_least(1), default=20, help="N unseen toy scenes (default)")
+    p.add_argument(
+        "--toy-mixed", action="store_true",
+        help="each toy scene with its own first question (descriptions, counts, colours, "
+        "positions) instead of 'Describe the image.'",
+    )  # fmt: skip
     p.add_argument("--max-new-tokens", type=at_least(1), default=96)
     p.add_argument("--out", default="checkpoints/bench/toy.json")
     _add_draft_arguments(p)

@@ -8,8 +8,8 @@ from covspec.modeling.drafter import (
     DrafterConfig,
     build_draft_vocab,
     default_fused_layer_ids,
-    ttt_unroll,
 )
+from covspec.modeling.ttt import ttt_unroll
 from tests.tiny_vlms import llava
 
 

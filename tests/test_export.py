@@ -8,9 +8,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
 from covspec.modeling.adapters import adapter_for
-from covspec.modeling.drafter import Drafter, DrafterConfig, ttt_unroll
+from covspec.modeling.drafter import Drafter, DrafterConfig
 from covspec.modeling.export import ExportError, export_drafter
 from covspec.modeling.outputs import MARKER
+from covspec.modeling.ttt import ttt_unroll
 from covspec.scripts.cli import main
 from tests.tiny_vlms import llava
 

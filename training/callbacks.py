@@ -57,13 +57,7 @@ tags: [speculative-decoding, eagle, drafter, vision-language-model, covspec]
 A {cfg.num_hidden_layers}-layer EAGLE-3 style drafter for `{hparams["target"]}`
 (`{cfg.target_model_type}`, {cfg.target_num_layers} layers, hidden {cfg.target_hidden_size},
 vocab {cfg.target_vocab_size}), fusing target layers {cfg.fused_layer_ids}. Variant `{cfg.variant}`:
-{
-        "text positions only; the drafter never sees visual tokens"
-        if cfg.variant == "visual_free"
-        else "no target features (text-only baseline)"
-        if cfg.variant == "text_only"
-        else "all positions including projected visual tokens (MSD-style baseline)"
-    }.
+{cfg.describe_inputs()}.
 Trained by online-logit distillation with a {steps}-step training-time-test unroll for
 {trained} optimizer steps{
         f", starting from `{hparams['init_from']}`" if hparams.get("init_from") else ""

@@ -6,7 +6,8 @@
 
 The data module's `target` is linked to the model's, so a recipe names its target once. Strings
 in the trainer section may hold `{variant}`, `{variant_suffix}` ("" for visual_free, else
-"-full-visual" / "-text-only"), `{codec_suffix}` ("" or "-r16" for a feature codec of rank
+"-full-visual" / "-text-only"; then "-elastic" for a compressed visual prefix, or the fixed
+primitive, e.g. "-pool4"), `{codec_suffix}` ("" or "-r16" for a feature codec of rank
 16) and `{recipe}` (the folder of the recipe given last with
 --config, e.g. "llava-1.5-7b"), so checkpoints, exports and run names follow `--model.variant`
 and the target, and a baseline never resumes from another variant's checkpoint. A recipe may
@@ -33,6 +34,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from covspec.data.datamodule import ConversationDataModule
+from covspec.modeling.compressor import DEFAULT_OPTIONS
 from covspec.training.callbacks import ExportDrafter
 from covspec.training.distill import DrafterDistillation
 from covspec.training.guards import AtomicCheckpointIO
@@ -63,8 +65,12 @@ class CovspecCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
-        variant = self.config.model.variant
+        model = self.config.model
+        variant = model.variant
         suffix = "" if variant == "visual_free" else "-" + variant.replace("_", "-")
+        if model.get("visual_prefix") == "compressed":  # -elastic, or the one fixed primitive
+            options = (model.get("compressor") or {}).get("options") or DEFAULT_OPTIONS
+            suffix += "-elastic" if len(options) > 1 else "-" + options[0].replace(":", "")
         configs = self.config.get("config") or []
         recipe = Path(str(configs[-1])).resolve().parent.name if configs else "run"
         rank = self.config.model.get("feature_codec_rank")

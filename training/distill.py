@@ -8,6 +8,13 @@ teacher: no hidden-state dump. The drafter is unrolled `unroll_steps` times as a
 (training-time test); each depth k is trained with soft cross-entropy against the teacher's
 distribution plus SmoothL1 against the target's final features, weighted by `step_decay**(k-1)`,
 on assistant tokens only. The target's weights are never written into Lightning checkpoints.
+
+With `visual_prefix: compressed` the elastic compressor (modeling/compressor.py) is trained
+jointly with the drafter: its prefix rows go ahead of the text rows, its gate picks an option
+per sample by Gumbel-softmax straight-through (temperature annealed from `gate_temperature[0]`
+to `[1]`), and `cost_weight` times the expected prefix tokens per visual token is added to the
+loss, so the gate trades acceptance against the drafter's cost. A compressor with one option is
+that fixed primitive's baseline (`--model.compressor.options '[pool:4]'`).
 """
 
 from __future__ import annotations
@@ -21,9 +28,17 @@ from lightning.pytorch.utilities import rank_zero_warn
 from transformers import AutoModelForImageTextToText
 
 from covspec.modeling.adapters import adapter_for
-from covspec.modeling.drafter import VARIANTS, Drafter, DrafterConfig, build_draft_vocab, ttt_unroll
+from covspec.modeling.drafter import VARIANTS, Drafter, DrafterConfig, build_draft_vocab
+from covspec.modeling.drafter_inputs import (
+    VisualPrefix,
+    drafter_rows,
+    prompt_mask,
+    target_layer_ids,
+    visual_prefix,
+)
 from covspec.modeling.identity import resolve_source, target_identity
 from covspec.modeling.tokens import tokenizer_fingerprint
+from covspec.modeling.ttt import ttt_unroll
 from covspec.training.guards import check_finite_weights, check_resumable, trainer_metrics
 from covspec.training.metrics import DepthAgreement, implied_tau
 
@@ -46,11 +61,27 @@ def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
 
 
+def gate_term(prefix: VisualPrefix, per_sample: torch.Tensor) -> torch.Tensor:
+    """Zero in value; its gradient moves the gate toward the choices whose samples distilled
+    with less loss than the batch's mean (straight-through on the hard Gumbel choice).
+    per_sample: (B, 2) weighted CE sum and weight sum of each sample's answer positions."""
+    has = per_sample[:, 1] > 0
+    if has.sum() < 2:
+        return prefix.weight.sum() * 0.0
+    loss = per_sample[has, 0] / per_sample[has, 1]  # (B',) detached
+    advantage = loss - loss.mean()
+    return ((prefix.weight[has] - prefix.weight[has].detach()) * advantage).mean()
+
+
 class DrafterDistillation(L.LightningModule):
     def __init__(
         self,
         target: str,
         variant: str = "visual_free",
+        visual_prefix: str | None = None,
+        compressor: dict | None = None,
+        cost_weight: float = 0.0,
+        gate_temperature: tuple[float, float] = (1.0, 0.1),
         unroll_steps: int = 6,
         step_decay: float = 0.8,
         feature_loss_weight: float = 0.1,
@@ -69,7 +100,17 @@ class DrafterDistillation(L.LightningModule):
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+            raise ValueError(f"variant must be one of {tuple(VARIANTS)}, got {variant!r}")
+        if (visual_prefix == "compressed") != (compressor is not None):
+            raise ValueError(
+                "visual_prefix 'compressed' needs a `compressor` section (options, ...) and only "
+                f"it takes one; got visual_prefix={visual_prefix!r}, compressor={compressor!r}"
+            )
+        if cost_weight < 0 or min(gate_temperature) <= 0:
+            raise ValueError(
+                f"cost_weight must be >= 0 and gate_temperature > 0, got {cost_weight}, "
+                f"{gate_temperature}"
+            )
         if unroll_steps < 1:
             raise ValueError(f"unroll_steps must be >= 1, got {unroll_steps}")
         self.save_hyperparameters()
@@ -100,6 +141,8 @@ class DrafterDistillation(L.LightningModule):
         self.adapter = adapter_for(self.target)
         overrides = {
             "variant": hp.variant,
+            "visual_prefix": hp.visual_prefix or VARIANTS[hp.variant][1],
+            "compressor": dict(hp.compressor) if hp.compressor is not None else None,
             "max_draft_steps": hp.unroll_steps,
             "num_hidden_layers": hp.drafter_layers,
             "step_bias": hp.step_bias,
@@ -126,19 +169,29 @@ class DrafterDistillation(L.LightningModule):
         hp = self.hparams
         source = Drafter.from_pretrained(resolve_source(folder, "init_from drafter"))
         source.check_target(self.adapter, fingerprint, target_identity(self.target))
-        if source.config.variant != hp.variant:
+        prefix = hp.visual_prefix or VARIANTS[hp.variant][1]
+        adds_compressor = prefix == "compressed" and source.config.visual_prefix == "none"
+        src = source.config
+        if src.target_features != VARIANTS[hp.variant][0] or (
+            src.visual_prefix != prefix and not adds_compressor
+        ):
             raise ValueError(
-                f"init_from {folder} is a {source.config.variant!r} drafter, this run trains {hp.variant!r}"
+                f"init_from {folder} is a {src.variant!r} drafter (target_features="
+                f"{src.target_features}, visual_prefix={src.visual_prefix!r}); this run trains "
+                f"{hp.variant!r} with visual_prefix={prefix!r}: only a compressor may be added"
             )
         config = DrafterConfig.from_dict(
-            {**source.config.to_dict(), "feature_codec_rank": hp.feature_codec_rank,
-             "max_draft_steps": hp.unroll_steps}
+            {**src.to_dict(), "feature_codec_rank": hp.feature_codec_rank,
+             "max_draft_steps": hp.unroll_steps, "visual_prefix": prefix,
+             "compressor": dict(hp.compressor) if hp.compressor is not None else None}
         )  # fmt: skip
         drafter = Drafter(config).attach_target(self.adapter)
         state = source.state_dict()
         codec_start = state.pop("fc.weight", None) if hp.feature_codec_rank else None
         missing, unexpected = drafter.load_state_dict(state, strict=False)
         expected_missing = {"fc_down.weight", "fc_up.weight"} if hp.feature_codec_rank else set()
+        if adds_compressor:  # a fresh compressor on a trained drafter
+            expected_missing |= {k for k in drafter.state_dict() if k.startswith("compressor.")}
         if set(missing) != expected_missing or unexpected:
             raise ValueError(
                 f"cannot start from {folder}: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
@@ -198,43 +251,64 @@ class DrafterDistillation(L.LightningModule):
         self.target.eval()
         cfg = self.drafter.config
         n_layers = self.adapter.num_layers
-        layer_ids = sorted(
-            set(cfg.fused_layer_ids) | {n_layers} | ({0} if cfg.variant == "full_visual" else set())
-        )
         inputs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
         # logits only where the loss reads them (answer positions, `losses`): at a 150k
         # vocabulary, full-sequence logits would dwarf every other activation of the step
-        out = self.adapter.forward(inputs, layer_ids, logits_to_keep=1)
-        keep = batch["attention_mask"].bool()
-        if cfg.variant != "full_visual":
-            keep &= ~out.visual_mask
-        idx, valid = compact(keep)
+        out = self.adapter.forward(inputs, target_layer_ids(cfg, (n_layers,)), logits_to_keep=1)
+        idx, valid = compact(drafter_rows(cfg, batch["attention_mask"], out.visual_mask))
         ids = _gather(batch["input_ids"], idx)
         feats = torch.cat([_gather(out.hidden_states[i], idx) for i in cfg.fused_layer_ids], dim=-1)
-        embeds = _gather(out.hidden_states[0], idx) if cfg.variant == "full_visual" else None
+        full = cfg.visual_prefix == "full"
         loss_mask = _gather(batch["loss_mask"], idx) & valid
-        return {
+        t = {
             "ids": ids,  # (B, S)
             "valid": valid,  # (B, S)
             "features": feats,  # (B, S, n*Ht) at position i
-            "embeds": embeds,  # (B, S, D) merged embeddings (full_visual) or None
+            "embeds": _gather(out.hidden_states[0], idx) if full else None,  # (B, S, D) merged
             "teacher_hidden": _gather(out.hidden_states[n_layers], idx),  # (B, S, Ht) final normed
             "loss_mask": loss_mask,  # (B, S): token i is an answer token
         }
+        if cfg.visual_prefix == "compressed":  # what the compressor reads, uncompacted
+            t["target"] = {
+                "input_ids": batch["input_ids"],
+                "hidden_states": {i: out.hidden_states[i] for i in target_layer_ids(cfg)},
+                "visual_mask": out.visual_mask,
+                "ask": prompt_mask(batch["attention_mask"], out.visual_mask, batch["loss_mask"]),
+            }
+        return t
 
-    def unroll(self, t: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Drafter hidden per step over positions 0..S-2 (input: feature i, embedding of token i+1)."""
+    def gate_temperature(self) -> float:
+        """Gumbel-softmax temperature, annealed geometrically over the run."""
+        start, end = self.hparams.gate_temperature
+        trainer = self._trainer
+        total = max(1, int(trainer.estimated_stepping_batches)) if trainer else 1
+        return start * (end / start) ** min(1.0, self.global_step / total)
+
+    def unroll(
+        self, t: dict[str, torch.Tensor]
+    ) -> tuple[list[torch.Tensor], torch.Tensor, VisualPrefix | None]:
+        """Drafter hidden per step over positions 0..S-2 (input: feature i, embedding of token
+        i+1), after the compressed visual prefix's rows when the drafter carries one."""
         embeds = t["embeds"] if t["embeds"] is not None else self.drafter.embed(t["ids"])
         next_embeds = embeds[:, 1:]  # (B, S-1, D)
         valid = t["valid"][:, 1:]
         feats = self.drafter.project_features(
             t["features"][:, :-1], like=next_embeds.to(self.drafter.dtype)
         )
-        return ttt_unroll(self.drafter, next_embeds, feats, valid, self.hparams.unroll_steps), valid
+        prefix = None
+        if "target" in t:
+            temperature = self.gate_temperature() if self.training else None
+            prefix = visual_prefix(self.drafter, **t["target"], temperature=temperature)
+            next_embeds = torch.cat([prefix.embeds.to(next_embeds), next_embeds], 1)
+            feats = torch.cat([prefix.features.to(feats), feats], 1)
+            valid = torch.cat([prefix.valid, valid], 1)
+        hidden = ttt_unroll(self.drafter, next_embeds, feats, valid, self.hparams.unroll_steps)
+        m = 0 if prefix is None else prefix.valid.shape[1]
+        return [h[:, m:] for h in hidden], valid[:, m:], prefix
 
     def losses(self, batch: dict, agreement: DepthAgreement) -> torch.Tensor:
         t = self.teacher(batch)
-        hidden, _ = self.unroll(t)
+        hidden, _, prefix = self.unroll(t)
         s = hidden[0].shape[1]  # S-1 drafter positions; position i predicts token i+2
         target_mask = torch.zeros_like(t["loss_mask"][:, 1:])
         target_mask[:, : s - 1] = t["loss_mask"][:, 2:]
@@ -244,6 +318,8 @@ class DrafterDistillation(L.LightningModule):
         pruned = bool(self.drafter.config.draft_vocab_size)
         total, weights = 0.0, 0.0
         positions = torch.arange(s, device=target_mask.device)
+        b = target_mask.shape[0]
+        per_sample = torch.zeros(b, 2, device=target_mask.device)  # weighted CE sum, weight sum
         for k, h in enumerate(hidden, start=1):
             sel = target_mask & (positions >= k - 1)[None]  # depth k needs k-1 earlier positions
             if not sel.any():
@@ -252,15 +328,36 @@ class DrafterDistillation(L.LightningModule):
             full = teacher_logits[sel[target_mask]]  # (N_k, V); sel is a subset of target_mask
             # A pruned vocabulary renormalises the teacher over the draft tokens (EAGLE-3).
             p_teacher = (full[:, self.drafter.draft_token_ids()] if pruned else full).softmax(-1)
-            ce = -(p_teacher * logits.log_softmax(-1)).sum(-1).mean()
+            ce_rows = -(p_teacher * logits.log_softmax(-1)).sum(-1)  # (N_k,)
             feat = F.smooth_l1_loss(self.drafter.norm(h[sel]).float(), teacher_hidden[sel].float())
             w = self.hparams.step_decay ** (k - 1)
-            total = total + w * (ce + self.hparams.feature_loss_weight * feat)
+            total = total + w * (ce_rows.mean() + self.hparams.feature_loss_weight * feat)
             weights += w
+            rows = sel.nonzero()[:, 0]
+            per_sample.index_add_(
+                0, rows, torch.stack([w * ce_rows.detach(), ce_rows.new_full(ce_rows.shape, w)], -1)
+            )
             agreement.update(k, self.drafter.to_target_ids(logits.argmax(-1)) == full.argmax(-1))
         if weights == 0.0:
             raise ValueError("batch has no answer tokens to train on (check the loss mask / data)")
-        return total / weights
+        loss = total / weights
+        if prefix is not None:
+            self._log_prefix(prefix)
+            loss = (
+                loss + self.hparams.cost_weight * prefix.cost.mean() + gate_term(prefix, per_sample)
+            )
+        return loss
+
+    def _log_prefix(self, prefix: VisualPrefix) -> None:
+        """Mean prefix tokens and the gate's choice histogram (argmax in validation)."""
+        stage = "train" if self.training else "val"
+        n = prefix.valid.shape[0]
+        self.log(f"{stage}/prefix_tokens", prefix.valid.sum(1).float().mean(), batch_size=n)
+        counts = torch.bincount(prefix.choice, minlength=prefix.probs.shape[1]).float() / n
+        for option, share in zip(
+            self.drafter.config.compressor_config().options, counts, strict=True
+        ):
+            self.log(f"{stage}/gate_{option.replace(':', '_')}", share, batch_size=n)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self._count_overlong(batch)

@@ -66,7 +66,10 @@ def check_resumable(checkpoint: dict[str, Any], drafter, path: str | None = None
             "settings, so continuing it cannot be checked: pass --resume none to start over "
             "(`covspec export-checkpoint` still exports it)"
         )
-    recorded, current = saved["drafter_config"], drafter.config.to_dict()
+    # through the config class: a checkpoint written before `variant` became two fields
+    # reads as its preset
+    recorded = DrafterConfig.from_dict(saved["drafter_config"]).to_dict()
+    current = drafter.config.to_dict()
     check_identity(recorded, {f: current.get(f) for f in IDENTITY_FIELDS}, where)
     for name in _SETTINGS:
         if recorded.get(name) != current.get(name):

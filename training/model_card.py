@@ -26,6 +26,8 @@ from pathlib import Path
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, metadata_load
 
+from covspec.modeling.drafter import DrafterConfig
+
 TAU_DEFINITION = (
     "tau = mean number of tokens emitted per target forward in the decode loop, the bonus token "
     "included (ceiling: draft depth + 1)."
@@ -145,13 +147,8 @@ def drafter_eval_results(part: ExportedPart) -> list[EvalResult]:
 
 
 def _drafter_description(cfg: dict) -> str:
-    variant = cfg.get("variant", "visual_free")
-    sees = {
-        "visual_free": "text positions only; the drafter never sees visual tokens, so its cost "
-        "and KV cache grow with the text alone",
-        "text_only": "no target features (text-only baseline)",
-        "full_visual": "all positions including projected visual tokens (MSD-style baseline)",
-    }.get(variant, variant)
+    config = DrafterConfig.from_dict(cfg)
+    variant, sees = config.variant, config.describe_inputs()
     return (
         f"A {cfg.get('num_hidden_layers', 1)}-layer EAGLE-3 style drafter (hidden "
         f"{cfg.get('hidden_size')}) for a `{cfg.get('target_model_type')}` target "
@@ -197,7 +194,7 @@ All logged metrics:
 def drafter_card(part: ExportedPart, *, repo_id: str, base_model: str, license: str | None) -> str:
     """The README.md (YAML metadata + body) of a published drafter."""
     cfg = part.config
-    variant = str(cfg.get("variant", "visual_free"))
+    variant = DrafterConfig.from_dict(cfg).variant
     data = ModelCardData(
         base_model=base_model,
         library_name="transformers",

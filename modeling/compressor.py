@@ -1,0 +1,328 @@
+"""The elastic visual compressor (SpecVLM): prune / pool / conv / resampler and a text-only branch,
+chosen per input by a question-aware gate.
+
+    >>> cfg = VisualCompressorConfig(hidden_size=256, options=["none", "pool:2", "resampler:8"])
+    >>> comp = VisualCompressor(cfg)
+    >>> out = comp(images, prompt, temperature=1.0)   # training: Gumbel-softmax straight-through
+    >>> out = comp(images, prompt)                      # inference: argmax
+    >>> out.tokens, out.valid, out.choice               # (B, M, 2D), (B, M), (B,)
+
+`images[b]` lists sample b's images as (tokens (N, 2D), grid (h, w)) with N == h * w; a token
+is the drafter's pair [embedding; projected target feature] of one visual position, so one
+primitive compresses both streams the drafter reads. `prompt` (B, D) is the pooled embedding of
+the question. Options, as strings so a recipe can list them:
+
+- `none`: the text-only branch, zero tokens;
+- `prune:R`: the top ceil(R * N) tokens by a learned question-aware score, in grid order;
+- `pool:S`: S x S average pooling over the patch grid (ceil mode: odd grids keep their edges);
+- `conv:S`: a learned depthwise S x S stride-S convolution then a pointwise one (starts as pooling);
+- `resampler:Q`: Q learned queries, shifted by the prompt, cross-attending to the tokens.
+
+The gate learns through `weight`, the straight-through value of each sample's hard Gumbel choice
+(1.0 forward, the soft probability's gradient backward): the trainer multiplies it with that
+sample's distillation loss relative to the batch (training/distill.py), since scaling the
+prefix rows themselves would teach nothing through the drafter's RMS norms. Samples are
+left-padded to the batch's longest prefix (`valid` marks real rows): the drafter's
+rotary positions are relative, so a prefix always ends right before the text it precedes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+DEFAULT_OPTIONS = ("none", "prune:0.25", "pool:2", "pool:4", "conv:2", "resampler:8")
+KINDS = ("none", "prune", "pool", "conv", "resampler")
+
+
+def parse_option(option: str) -> tuple[str, float]:
+    """'pool:2' -> ('pool', 2.0); refuses unknown kinds and out-of-range arguments."""
+    kind, _, arg = option.partition(":")
+    if kind not in KINDS:
+        raise ValueError(f"compressor option {option!r}: kind must be one of {KINDS}")
+    if kind == "none":
+        if arg:
+            raise ValueError(f"compressor option {option!r}: 'none' takes no argument")
+        return kind, 0.0
+    try:
+        value = float(arg)
+    except ValueError:
+        raise ValueError(f"compressor option {option!r} needs a number after ':'") from None
+    if kind == "prune" and not 0.0 < value <= 1.0:
+        raise ValueError(f"compressor option {option!r}: keep ratio must be in (0, 1]")
+    if kind != "prune" and (value < 1 or value != int(value)):
+        raise ValueError(f"compressor option {option!r}: needs a whole number >= 1")
+    return kind, value
+
+
+def grid_for(n: int) -> tuple[int, int]:
+    """The patch grid of an image of n tokens when the family does not say: square when n is a
+    perfect square (LLaVA-1.5, Gemma 3), else one row (pooling then runs along the sequence)."""
+    side = math.isqrt(n)
+    return (side, side) if side * side == n else (1, n)
+
+
+def option_tokens(option: str, grid: tuple[int, int]) -> int:
+    """How many prefix tokens `option` makes of one image with this grid."""
+    kind, value = parse_option(option)
+    h, w = grid
+    if kind == "none":
+        return 0
+    if kind == "prune":
+        return max(1, math.ceil(value * h * w))
+    if kind in ("pool", "conv"):
+        s = int(value)
+        return math.ceil(h / s) * math.ceil(w / s)
+    return int(value)
+
+
+class VisualCompressorConfig(PretrainedConfig):
+    model_type = "covspec_visual_compressor"
+
+    def __init__(
+        self,
+        hidden_size: int = 4096,
+        options: Sequence[str] = DEFAULT_OPTIONS,
+        gate_hidden_size: int = 128,
+        score_size: int = 64,
+        resampler_heads: int = 4,
+        **kwargs,
+    ) -> None:
+        options = list(options)
+        if not options:
+            raise ValueError("compressor options must not be empty")
+        for option in options:
+            parse_option(option)
+        if len(set(options)) != len(options):
+            raise ValueError(f"compressor options repeat an entry: {options}")
+        if (2 * hidden_size) % resampler_heads:
+            raise ValueError(
+                f"resampler_heads {resampler_heads} must divide 2 * hidden_size {2 * hidden_size}"
+            )
+        self.hidden_size = hidden_size
+        self.options = options
+        self.gate_hidden_size = gate_hidden_size
+        self.score_size = score_size
+        self.resampler_heads = resampler_heads
+        super().__init__(**kwargs)
+
+
+@dataclass
+class CompressorOutput:
+    tokens: torch.Tensor  # (B, M, 2D) left-padded prefix
+    valid: torch.Tensor  # (B, M) bool
+    choice: torch.Tensor  # (B,) option index
+    probs: torch.Tensor  # (B, K) gate probabilities (softmax of the logits)
+    cost: torch.Tensor  # (B,) expected prefix tokens / visual tokens under `probs`
+    weight: torch.Tensor  # (B,) straight-through value of the choice: 1.0, gradient to the gate
+
+
+class _Conv(nn.Module):
+    """Depthwise S x S stride-S convolution then pointwise, on the (2D, h, w) grid."""
+
+    def __init__(self, width: int, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+        self.depthwise = nn.Conv2d(width, width, stride, stride=stride, groups=width)
+        self.pointwise = nn.Conv2d(width, width, 1)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        # starts as average pooling, so joint training begins from a working prefix
+        self.depthwise.weight.fill_(1.0 / self.stride**2)
+        self.depthwise.bias.zero_()
+        self.pointwise.weight.copy_(torch.eye(self.pointwise.weight.shape[0])[..., None, None])
+        self.pointwise.bias.zero_()
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:  # (2D, h, w) -> (m, 2D)
+        s = self.stride
+        h, w = grid.shape[-2:]
+        # replicate-pad to a multiple of the stride: an odd edge is averaged with itself
+        grid = F.pad(grid[None], (0, -w % s, 0, -h % s), mode="replicate")
+        return self.pointwise(self.depthwise(grid))[0].flatten(1).T
+
+
+class _Resampler(nn.Module):
+    """Q learned queries (plus a projection of the prompt) attending over the tokens."""
+
+    def __init__(self, width: int, prompt_width: int, queries: int, heads: int) -> None:
+        super().__init__()
+        self.queries = nn.Parameter(torch.empty(queries, width))
+        self.from_prompt = nn.Linear(prompt_width, width, bias=False)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        # values and output start as the identity: each query returns a weighted mean of tokens
+        width = self.queries.shape[1]
+        self.queries.normal_(0.0, 1.0 / math.sqrt(width))
+        self.from_prompt.weight.zero_()
+        eye = torch.eye(width)
+        self.attn.in_proj_weight.normal_(0.0, 1.0 / math.sqrt(width))
+        self.attn.in_proj_weight[2 * width :].copy_(eye)
+        self.attn.in_proj_bias.zero_()
+        self.attn.out_proj.weight.copy_(eye)
+        self.attn.out_proj.bias.zero_()
+
+    def forward(self, tokens: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        q = (self.queries + self.from_prompt(prompt))[None]  # (1, Q, 2D)
+        out, _ = self.attn(q, tokens[None], tokens[None], need_weights=False)
+        return out[0]  # (Q, 2D)
+
+
+class _Scorer(nn.Module):
+    """Question-aware token score: the prompt's query against each token's key."""
+
+    def __init__(self, width: int, prompt_width: int, size: int) -> None:
+        super().__init__()
+        self.query = nn.Linear(prompt_width, size, bias=False)
+        self.key = nn.Linear(width, size, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.query.weight, 0.0, 1.0 / math.sqrt(self.query.in_features))
+        nn.init.normal_(self.key.weight, 0.0, 1.0 / math.sqrt(self.key.in_features))
+
+    def forward(self, tokens: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        scale = 1.0 / math.sqrt(self.key.out_features)
+        return self.key(tokens) @ self.query(prompt) * scale  # (N,)
+
+
+class _Gate(nn.Module):
+    """Logits over the options from [pooled prompt; mean visual embedding]."""
+
+    def __init__(self, prompt_width: int, hidden: int, options: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(2 * prompt_width, hidden), nn.GELU(), nn.Linear(hidden, options)
+        )
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        first, _, last = self.net
+        nn.init.normal_(first.weight, 0.0, 1.0 / math.sqrt(first.in_features))
+        first.bias.zero_()
+        last.weight.zero_()  # uniform choice at the start: every option gets trained
+        last.bias.zero_()
+
+    def forward(self, summary: torch.Tensor) -> torch.Tensor:  # (B, 2D) -> (B, K)
+        return self.net(summary)
+
+
+class VisualCompressor(PreTrainedModel):
+    config_class = VisualCompressorConfig
+    base_model_prefix = "compressor"
+    main_input_name = "prompt"
+
+    def __init__(self, config: VisualCompressorConfig) -> None:
+        super().__init__(config)
+        d = config.hidden_size
+        self.parsed = [parse_option(o) for o in config.options]
+        if len(config.options) > 1:  # one option is a fixed primitive: nothing to choose
+            self.gate = _Gate(d, config.gate_hidden_size, len(config.options))
+        if any(kind == "prune" for kind, _ in self.parsed):
+            self.scorer = _Scorer(2 * d, d, config.score_size)
+        # ModuleDicts keyed by the option string's argument: "conv:2" -> convs["2"]
+        self.convs = nn.ModuleDict(
+            {str(int(v)): _Conv(2 * d, int(v)) for k, v in self.parsed if k == "conv"}
+        )
+        self.resamplers = nn.ModuleDict(
+            {
+                str(int(v)): _Resampler(2 * d, d, int(v), config.resampler_heads)
+                for k, v in self.parsed
+                if k == "resampler"
+            }
+        )
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (_Conv, _Resampler, _Scorer, _Gate)):
+            module.reset_parameters()
+
+    def compress(
+        self, option: int, tokens: torch.Tensor, grid: tuple[int, int], prompt: torch.Tensor
+    ) -> torch.Tensor:
+        """One image, one option: tokens (N, 2D) in grid order, prompt (D,) -> (m, 2D)."""
+        kind, value = self.parsed[option]
+        h, w = grid
+        if tokens.shape[0] != h * w:
+            raise ValueError(f"image has {tokens.shape[0]} visual tokens, its grid {grid} {h * w}")
+        if kind == "none":
+            return tokens[:0]
+        if kind == "prune":
+            scores = self.scorer(tokens, prompt)  # (N,)
+            keep = torch.topk(scores, option_tokens(self.config.options[option], grid)).indices
+            keep = keep.sort().values
+            # straight-through on the score, so the scorer learns which tokens the loss wants
+            return tokens[keep] * (1.0 + (scores[keep] - scores[keep].detach()))[:, None]
+        if kind == "pool":
+            s = int(value)
+            x = tokens.T.reshape(1, -1, h, w)  # (1, 2D, h, w)
+            return F.avg_pool2d(x, s, s, ceil_mode=True)[0].flatten(1).T
+        if kind == "conv":
+            return self.convs[str(int(value))](tokens.T.reshape(-1, h, w))
+        return self.resamplers[str(int(value))](tokens, prompt)
+
+    def forward(
+        self,
+        images: Sequence[Sequence[tuple[torch.Tensor, tuple[int, int]]]],
+        prompt: torch.Tensor,  # (B, D)
+        temperature: float | None = None,
+        force: int | None = None,
+    ) -> CompressorOutput:
+        """`temperature` set: Gumbel-softmax straight-through (training); None: argmax.
+        `force` picks one option index for every sample (a fixed-primitive evaluation)."""
+        b, d = prompt.shape
+        if len(images) != b:
+            raise ValueError(f"{len(images)} image lists for a batch of {b} prompts")
+        if len(self.parsed) > 1:
+            visual = [torch.cat([t[:, :d] for t, _ in imgs]).mean(0) for imgs in images]  # (D,)
+            logits = self.gate(torch.cat([prompt, torch.stack(visual).to(prompt)], -1))  # (B, K)
+        else:
+            logits = prompt.new_zeros(b, 1)
+        probs = logits.float().softmax(-1)
+        if force is not None:
+            weights = F.one_hot(torch.full((b,), force), len(self.parsed)).to(probs)
+        elif temperature is not None:
+            weights = F.gumbel_softmax(logits.float(), tau=temperature, hard=True)
+        else:
+            weights = F.one_hot(logits.argmax(-1), len(self.parsed)).to(probs)
+        choice = weights.argmax(-1)  # (B,)
+        sizes = torch.tensor(
+            [
+                [sum(option_tokens(o, g) for _, g in imgs) for o in self.config.options]
+                for imgs in images
+            ],
+            dtype=probs.dtype,
+            device=probs.device,
+        )  # (B, K) prefix tokens per option
+        total = torch.tensor([sum(h * w for _, (h, w) in imgs) for imgs in images]).to(probs)
+        cost = (probs * sizes).sum(-1) / total.clamp_min(1.0)
+        rows = []
+        for i, imgs in enumerate(images):
+            c = int(choice[i])
+            rows.append(torch.cat([self.compress(c, t, g, prompt[i]) for t, g in imgs]))
+        weight = weights.gather(1, choice[:, None])[:, 0]  # (B,)
+        return CompressorOutput(*_left_pad(rows, 2 * d, prompt), choice, probs, cost, weight)
+
+
+def _left_pad(rows: list[torch.Tensor], width: int, like: torch.Tensor):
+    """Stack (m_b, W) rows left-padded with zeros: (B, M, W) and the (B, M) valid mask."""
+    m = max((r.shape[0] for r in rows), default=0)
+    out = like.new_zeros(len(rows), m, width)
+    valid = torch.zeros(len(rows), m, dtype=torch.bool, device=like.device)
+    for i, r in enumerate(rows):
+        if r.shape[0]:
+            out[i, m - r.shape[0] :] = r.to(out.dtype)
+            valid[i, m - r.shape[0] :] = True
+    return out, valid

@@ -1,0 +1,126 @@
+"""The drafter's inputs from one target forward: one builder for training and the runner alike.
+
+    >>> layers = target_layer_ids(drafter.config)               # target states to capture
+    >>> out = adapter.forward(inputs, layers)
+    >>> rows = drafter_rows(drafter.config, attention_mask, out.visual_mask)    # (B, T) bool
+    >>> ask = prompt_mask(attention_mask, out.visual_mask, loss_mask)           # (B, T) bool
+    >>> prefix = visual_prefix(drafter, input_ids, out.hidden_states, out.visual_mask, ask)
+    >>> prefix.embeds, prefix.features, prefix.valid      # (B, M, D), (B, M, D), (B, M)
+
+Training (training/distill.py) and the edge role of the runner (inference/roles.py) both call
+these, so a drafter sees at inference exactly what it was trained on (tests/test_compressor.py
+checks it sample by sample). Each image is a contiguous run of visual positions; its patch grid
+comes from `grid_for` (square when the count is a perfect square, else one row). A visual token
+handed to the compressor is the pair [merged input embedding; projected fused target state] of
+its position, the two streams the drafter's first layer reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from covspec.modeling.compressor import grid_for
+
+if TYPE_CHECKING:
+    from covspec.modeling.drafter import Drafter, DrafterConfig
+
+
+@dataclass
+class VisualPrefix:
+    embeds: torch.Tensor  # (B, M, D) the prefix rows' input embeddings
+    features: torch.Tensor  # (B, M, D) their features
+    valid: torch.Tensor  # (B, M) bool, left-padded
+    choice: torch.Tensor  # (B,) the gate's option index
+    probs: torch.Tensor  # (B, K) gate probabilities
+    cost: torch.Tensor  # (B,) expected prefix tokens per visual token under `probs`
+    weight: torch.Tensor  # (B,) straight-through value of the gate's choice (1.0 forward)
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """(B, M, 2D): what crosses the link, [embedding; feature] per row."""
+        return torch.cat([self.embeds, self.features], -1)
+
+
+def target_layer_ids(cfg: DrafterConfig, extra: tuple[int, ...] = ()) -> list[int]:
+    """Target hidden states the drafter needs: its fused layers, plus the merged input
+    embeddings (HF index 0) when it carries a visual prefix."""
+    layers = set(cfg.fused_layer_ids) | set(extra)
+    if cfg.visual_prefix != "none":
+        layers.add(0)
+    return sorted(layers)
+
+
+def drafter_rows(
+    cfg: DrafterConfig, attention_mask: torch.Tensor, visual_mask: torch.Tensor
+) -> torch.Tensor:
+    """(B, T) positions the drafter runs on: text only, or every position for a full prefix."""
+    keep = attention_mask.bool()
+    return keep if cfg.visual_prefix == "full" else keep & ~visual_mask
+
+
+def prompt_mask(
+    attention_mask: torch.Tensor,  # (B, T)
+    visual_mask: torch.Tensor,  # (B, T)
+    loss_mask: torch.Tensor | None = None,  # (B, T) answer tokens (training); None: all prompt
+) -> torch.Tensor:
+    """(B, T) the question's text positions: before the first answer token, never visual."""
+    ask = attention_mask.bool() & ~visual_mask
+    if loss_mask is not None:
+        ask &= loss_mask.long().cumsum(1) == 0
+    return ask
+
+
+def image_runs(visual_row: torch.Tensor) -> list[tuple[int, int]]:
+    """(T,) bool -> [(start, length)] of each contiguous run of visual positions (one image)."""
+    pos = visual_row.nonzero()[:, 0].tolist()
+    runs: list[tuple[int, int]] = []
+    for p in pos:
+        if runs and runs[-1][0] + runs[-1][1] == p:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((p, 1))
+    return runs
+
+
+def visual_prefix(
+    drafter: Drafter,
+    input_ids: torch.Tensor,  # (B, T)
+    hidden_states,  # HF-indexed target states: [0] merged embeddings (B, T, D), fused ids
+    visual_mask: torch.Tensor,  # (B, T)
+    ask: torch.Tensor,  # (B, T) the question's positions (`prompt_mask`)
+    temperature: float | None = None,
+    force: int | None = None,
+) -> VisualPrefix:
+    """The compressed visual prefix of every sample (`temperature`: Gumbel-softmax training;
+    None: the gate's argmax; `force`: one option for all)."""
+    cfg = drafter.config
+    if cfg.visual_prefix != "compressed":
+        raise ValueError(f"visual_prefix is {cfg.visual_prefix!r}; only 'compressed' builds one")
+    d = cfg.hidden_size
+    merged = hidden_states[0]  # (B, T, D)
+    fused = torch.cat([hidden_states[i] for i in cfg.fused_layer_ids], -1)  # (B, T, n*Ht)
+    embeds = drafter.embed(input_ids)  # (B, T, D)
+    prompts, images = [], []
+    for b in range(input_ids.shape[0]):
+        rows = ask[b]
+        if not rows.any():
+            raise ValueError(f"sample {b} has no question text to condition the gate on")
+        prompts.append(embeds[b, rows].mean(0))  # (D,)
+        sample = []
+        for start, n in image_runs(visual_mask[b]):
+            span = slice(start, start + n)
+            e = merged[b, span].to(drafter.dtype)  # (N, D)
+            f = drafter.project_features(fused[b, span], like=e)  # (N, D)
+            sample.append((torch.cat([e, f], -1), grid_for(n)))
+        if not sample:
+            raise ValueError(f"sample {b} has no visual tokens to compress")
+        images.append(sample)
+    prompt = torch.stack(prompts).to(drafter.dtype)
+    out = drafter.compressor(images, prompt, temperature=temperature, force=force)
+    return VisualPrefix(
+        out.tokens[..., :d], out.tokens[..., d:], out.valid, out.choice, out.probs, out.cost,
+        out.weight,
+    )  # fmt: skip

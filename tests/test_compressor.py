@@ -1,0 +1,243 @@
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from covspec.data.toy_world import make_sample
+from covspec.inference.roles import EdgeRole, Request
+from covspec.inference.runner import SpecRunner
+from covspec.inference.tree import DraftSettings
+from covspec.modeling.adapters import adapter_for
+from covspec.modeling.compressor import (
+    VisualCompressor,
+    VisualCompressorConfig,
+    grid_for,
+    option_tokens,
+    parse_option,
+)
+from covspec.modeling.drafter import Drafter, DrafterConfig
+from covspec.modeling.drafter_inputs import image_runs, prompt_mask, visual_prefix
+from tests.test_distill import _batch, _module
+
+ALL = ["none", "prune:0.25", "pool:2", "pool:4", "conv:2", "resampler:2", "resampler:8"]
+
+
+def _compressor(options=ALL, d=8, seed=0) -> VisualCompressor:
+    torch.manual_seed(seed)
+    return VisualCompressor(VisualCompressorConfig(hidden_size=d, options=options))
+
+
+@pytest.mark.parametrize("grid", [(9, 9), (3, 5), (1, 7), (2, 2)])
+def test_every_primitive_makes_its_token_count_on_odd_grids(grid):
+    comp = _compressor()
+    tokens = torch.randn(grid[0] * grid[1], 16)
+    prompt = torch.randn(8)
+    for i, option in enumerate(ALL):
+        out = comp.compress(i, tokens, grid, prompt)
+        assert out.shape == (option_tokens(option, grid), 16), option
+    # pooling keeps the odd edge: the last pooled token of a 9x9 grid is the corner alone
+    grid_tokens = torch.arange(81.0)[:, None].expand(81, 16)
+    pooled = comp.compress(ALL.index("pool:4"), grid_tokens, (9, 9), prompt)
+    assert pooled[0, 0] == grid_tokens.view(9, 9, 16)[:4, :4, 0].mean()
+    assert pooled[-1, 0] == 80.0
+    # the convolution starts as the pooling it learns from
+    torch.testing.assert_close(
+        comp.compress(ALL.index("conv:2"), tokens, grid, prompt),
+        comp.compress(ALL.index("pool:2"), tokens, grid, prompt),
+    )
+
+
+def test_prune_keeps_the_top_scored_tokens_in_grid_order_and_depends_on_the_question():
+    comp = _compressor(["prune:0.25", "none"])
+    tokens, i = torch.randn(81, 16), 0
+    kept = [comp.compress(i, tokens, (9, 9), torch.randn(8)) for _ in range(4)]
+    assert all(k.shape == (math.ceil(0.25 * 81), 16) for k in kept)
+    rows = [[int(torch.where((tokens == r).all(1))[0]) for r in k.detach()] for k in kept]
+    assert all(r == sorted(r) for r in rows), "kept tokens must stay in grid order"
+    assert len({tuple(r) for r in rows}) > 1, "the prompt never changed which tokens stay"
+
+
+def test_multi_image_samples_are_left_padded_and_force_picks_one_option():
+    comp = _compressor()
+    images = [
+        [(torch.randn(81, 16), (9, 9))],
+        [(torch.randn(81, 16), (9, 9)), (torch.randn(15, 16), (3, 5))],
+    ]
+    out = comp(images, torch.randn(2, 8), force=ALL.index("pool:2"))
+    counts = [25, 25 + 6]
+    assert out.valid.sum(1).tolist() == counts and out.tokens.shape == (2, 31, 16)
+    assert not out.valid[0, :6].any() and out.valid[0, 6:].all()  # left padding
+    assert out.choice.tolist() == [ALL.index("pool:2")] * 2
+    with pytest.raises(ValueError, match="grid"):
+        comp.compress(2, torch.randn(10, 16), (3, 3), torch.randn(8))
+
+
+def test_gate_gets_gradient_in_training_and_is_argmax_at_inference():
+    comp = _compressor(["pool:2", "pool:4", "resampler:2"])
+    with torch.no_grad():
+        comp.gate.net[2].weight.normal_()
+    images = [[(torch.randn(81, 16), (9, 9))] for _ in range(6)]
+    prompt = torch.randn(6, 8)
+    out = comp(images, prompt, temperature=1.0)
+    assert torch.equal(out.weight, torch.ones(6))  # straight-through: 1.0 forward
+    (out.weight * torch.randn(6)).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in comp.gate.parameters())
+    with torch.no_grad():
+        logits = comp.gate(
+            torch.cat([prompt, torch.stack([i[0][0][:, :8].mean(0) for i in images])], -1)
+        )
+        a, b = comp(images, prompt), comp(images, prompt)
+    assert torch.equal(a.choice, logits.argmax(-1)) and torch.equal(a.tokens, b.tokens)
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [([], "empty"), (["pool:0"], ">= 1"), (["prune:1.5"], "ratio"), (["blur:2"], "kind"),
+     (["pool:2", "pool:2"], "repeat"), (["none:3"], "no argument"), (["conv:x"], "number")],
+)  # fmt: skip
+def test_bad_options_are_refused(options, match):
+    with pytest.raises(ValueError, match=match):
+        VisualCompressorConfig(hidden_size=8, options=options)
+
+
+def test_grid_and_runs():
+    assert grid_for(81) == (9, 9) and grid_for(12) == (1, 12)
+    assert parse_option("resampler:8") == ("resampler", 8.0)
+    row = torch.tensor([0, 1, 1, 0, 1, 1, 1, 0], dtype=torch.bool)
+    assert image_runs(row) == [(1, 2), (4, 3)]
+
+
+def test_drafter_config_fields_replace_the_variant_enum(tmp_path):
+    old = DrafterConfig(hidden_size=8, num_attention_heads=2, variant="text_only").to_dict()
+    assert "variant" not in old and old["target_features"] is False
+    legacy = {**old, "variant": "full_visual"}
+    legacy.pop("target_features"), legacy.pop("visual_prefix")
+    cfg = DrafterConfig.from_dict(legacy)  # a config.json written before the two fields
+    assert (cfg.target_features, cfg.visual_prefix, cfg.variant) == (True, "full", "full_visual")
+    with pytest.raises(ValueError, match="compressor"):
+        DrafterConfig(hidden_size=8, num_attention_heads=2, visual_prefix="compressed")
+    with pytest.raises(ValueError, match="visual_prefix"):
+        DrafterConfig(hidden_size=8, num_attention_heads=2, visual_prefix="half")
+    both = DrafterConfig(
+        hidden_size=8, num_attention_heads=2, variant="text_only", visual_prefix="compressed",
+        compressor={"options": ["pool:2"]},
+    )  # fmt: skip
+    assert both.variant == "text_only_compressed" and not both.target_features
+
+
+@pytest.fixture(scope="module")
+def micro_model(micro_target_dir):
+    return AutoModelForImageTextToText.from_pretrained(micro_target_dir).eval()
+
+
+def test_compressed_drafter_save_load_round_trip(micro_model, tmp_path):
+    adapter = adapter_for(micro_model)
+    cfg = DrafterConfig.for_target(
+        adapter, visual_prefix="compressed", compressor={"options": ["pool:2", "resampler:2"]}
+    )
+    torch.manual_seed(0)
+    d = Drafter(cfg).attach_target(adapter)
+    d.save_pretrained(tmp_path)
+    back = Drafter.from_pretrained(tmp_path)
+    assert back.config.compressor == cfg.compressor
+    for (n, a), (_, b) in zip(d.state_dict().items(), back.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("option", ["prune:0.5", "conv:2", "resampler:2"])
+def test_joint_step_moves_every_compressor_and_drafter_parameter(micro_target_dir, option):
+    module = _module(micro_target_dir, visual_prefix="compressed", compressor={"options": [option]})
+    module.train()
+    before = {n: p.detach().clone() for n, p in module.drafter.named_parameters()}
+    opt = torch.optim.AdamW(module.drafter.parameters(), lr=1e-2)
+    loss = module.losses(_batch(micro_target_dir), module.train_agreement)
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    for n, p in module.drafter.named_parameters():
+        assert not torch.equal(p, before[n]), f"parameter {n} did not move"
+
+
+def test_training_and_the_edge_build_the_same_prefix(micro_target_dir, micro_model):
+    options = ["prune:0.25", "pool:2", "resampler:2"]
+    module = _module(micro_target_dir, visual_prefix="compressed", compressor={"options": options})
+    with torch.no_grad():
+        module.drafter.compressor.gate.net[2].weight.normal_()
+    module.eval()
+    batch = _batch(micro_target_dir, n=1, seed=5)
+    t = module.teacher(batch)
+    with torch.no_grad():
+        prefix = visual_prefix(module.drafter, **t["target"])
+    sample = make_sample(5, 0)
+    question = sample["messages"][0]["content"].replace("<image>\n", "")
+    processor = AutoProcessor.from_pretrained(micro_target_dir)
+    runner = SpecRunner(micro_model, processor, module.drafter)  # the same weights on both sides
+    req = Request(sample["image"], question, max_new_tokens=4)
+    down = EdgeRole(runner, runner.feature_encoder()).prefill(req)
+    assert req.gate_choice == options[int(prefix.choice[0])]
+    torch.testing.assert_close(down.visual.values, prefix.tokens[0][prefix.valid[0]])
+    # the question the gate reads is the same text on both sides
+    ask = t["target"]["ask"][0]
+    inputs = runner.encode(sample["image"], question)
+    mask = prompt_mask(inputs["attention_mask"], runner.adapter.visual_mask(inputs["input_ids"]))
+    assert batch["input_ids"][0][ask].tolist() == inputs["input_ids"][0][mask[0]].tolist()
+
+
+@pytest.mark.parametrize("options", [["pool:4"], ["resampler:2"], ["none", "prune:0.25"]])
+def test_compressed_prefix_runner_is_lossless(micro_model, micro_target_dir, options, tmp_path):
+    adapter = adapter_for(micro_model)
+    torch.manual_seed(0)
+    cfg = DrafterConfig.for_target(
+        adapter, visual_prefix="compressed", compressor={"options": options}
+    )
+    Drafter(cfg).save_pretrained(tmp_path)
+    runner = SpecRunner.from_folders(str(micro_target_dir), str(tmp_path))
+    s = make_sample(43, 0)
+    inputs = runner.encode(s["image"], "Describe the image.")
+    with torch.no_grad():
+        ref = micro_model.generate(
+            **inputs, do_sample=False, max_new_tokens=30, suppress_tokens=runner.suppress_tokens
+        )[0, inputs["input_ids"].shape[1] :].tolist()
+    for mode in ("chain", "tree"):
+        got = runner.generate(
+            s["image"], "Describe the image.", 30, DraftSettings(mode=mode, depth=4)
+        )
+        assert got.tokens == ref
+        assert got.prefix_tokens == option_tokens(got.gate_choice, grid_for(81))
+        assert got.draft_steps > 0
+
+
+@pytest.mark.parametrize(
+    "extra,suffix",
+    [
+        ([], "toy-drafter-elastic"),
+        (["--model.compressor", "{options: [pool:4]}"], "toy-drafter-pool4"),
+    ],
+)
+def test_elastic_recipe_names_its_exports(monkeypatch, extra, suffix):
+    from tests.test_distill import ROOT, ParseOnlyCLI, make_cli
+
+    monkeypatch.chdir(ROOT)
+    cli = make_cli(["--config", "recipes/toy/elastic.yaml", *extra], cli_class=ParseOnlyCLI)
+    assert cli.model.hparams.visual_prefix == "compressed"
+    export = [c for c in cli.config_init.trainer.callbacks if type(c).__name__ == "ExportDrafter"]
+    assert export[0].dirpath.endswith(suffix)
+
+
+def test_gate_term_prefers_choices_with_lower_loss():
+    from covspec.modeling.drafter_inputs import VisualPrefix
+    from covspec.training.distill import gate_term
+
+    logits = torch.zeros(4, 2, requires_grad=True)
+    probs = logits.softmax(-1)
+    choice = torch.tensor([0, 0, 1, 1])
+    weight = probs.gather(1, choice[:, None])[:, 0]
+    weight = weight + (1.0 - weight).detach()  # straight-through, 1.0 forward
+    z = torch.zeros(4, 0, 8)
+    prefix = VisualPrefix(z, z, z[..., 0].bool(), choice, probs, torch.zeros(4), weight)
+    per_sample = torch.tensor([[1.0, 1.0], [1.0, 1.0], [3.0, 1.0], [3.0, 1.0]])  # option 0 wins
+    term = gate_term(prefix, per_sample)
+    assert term.item() == 0.0
+    term.backward()
+    assert (logits.grad[:, 0] < 0).all(), "descending the loss must raise option 0's logit"

@@ -7,12 +7,23 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export WANDB_MODE="${WANDB_MODE:-offline}"
-pip install -q torch==2.13.0 -e .
-# the toy target with a shorter, hotter schedule than the full one (same model, >= 95% objects)
-covspec toy-target --out checkpoints/quick/toy-target \
+
+# stage NAME CMD...: run CMD and print its wall time
+stage() {
+  local name=$1 start=$SECONDS
+  shift
+  "$@"
+  echo "[quickstart] $name: $((SECONDS - start)) s"
+}
+
+stage install pip install -q torch==2.13.0 -e .
+# the toy target on a shorter, hotter schedule than the full one (same model)
+stage toy-target covspec toy-target --out checkpoints/quick/toy-target \
   --vision-steps 600 --vision-lr 3e-3 --lm-steps 600 --lm-lr 2e-3
 if [ ! -f checkpoints/quick/toy-drafter/model.safetensors ]; then
-  covspec train --config recipes/toy/drafter-quick.yaml
+  stage drafter covspec train --config recipes/toy/drafter-quick.yaml
 fi
-covspec bench --target checkpoints/quick/toy-target --drafter checkpoints/quick/toy-drafter \
-  --toy 40 --max-new-tokens 96 --out checkpoints/quick/bench.json
+stage bench covspec bench --target checkpoints/quick/toy-target \
+  --drafter checkpoints/quick/toy-drafter --toy 40 --max-new-tokens 96 \
+  --out checkpoints/quick/bench.json
+echo "[quickstart] total: $SECONDS s"

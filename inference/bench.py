@@ -195,7 +195,7 @@ def _report(target, samples, max_new_tokens, methods, rows) -> dict:
             "drafter_ms_per_step": 1000 * t.phases.get("draft", 0.0) / t.draft_steps
             if t.draft_steps
             else None,
-            "gate_choices": t.gate_choices or None,
+            "gate_choices": t.gate_choices if spec and _gated(t.drafter) else None,
         }
     return {
         "target": str(target),
@@ -209,6 +209,12 @@ def _report(target, samples, max_new_tokens, methods, rows) -> dict:
 
 
 PHASES = ("encode", "prefill", "drafter_prefill", "draft", "verify", "commit")
+
+
+def _gated(drafter: str | None) -> bool:
+    """Whether the drafter's compressor has a gate (more than one option to choose from)."""
+    cfg = DrafterConfig.from_pretrained(drafter) if drafter else None
+    return bool(cfg and cfg.compressor and len(cfg.compressor_config().options) > 1)
 
 
 def _visual_prefix(t: _Tally, n: int) -> float:

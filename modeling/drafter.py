@@ -211,9 +211,15 @@ class DrafterConfig(PretrainedConfig):
             "none": "text positions only, never visual tokens (cost and KV cache grow with the "
             "text alone)",
             "full": "every visual position too, with the merged visual embeddings (MSD style)",
-            "compressed": "a visual prefix compressed per input by a question-aware gate over "
-            f"{(self.compressor or {}).get('options')}",
+            "compressed": "a compressed visual prefix",
         }[self.visual_prefix]
+        if self.visual_prefix == "compressed":
+            options = self.compressor_config().options
+            prefix += (
+                f" made by the fixed `{options[0]}` primitive"
+                if len(options) == 1
+                else f" chosen per input by a question-aware gate over {options}"
+            )
         return f"{feats}; {prefix}"
 
     def compressor_config(self) -> VisualCompressorConfig:
@@ -487,14 +493,6 @@ class Drafter(PreTrainedModel):
             )
             h = h[0] if isinstance(h, tuple) else h
         return h
-
-
-def build_draft_vocab(counts: torch.Tensor, size: int) -> torch.Tensor:
-    """EAGLE-3 draft vocabulary: the `size` most frequent target ids, ascending. counts: (V,)."""
-    if not 0 < size <= counts.numel():
-        raise ValueError(f"draft vocab size must be in 1..{counts.numel()}, got {size}")
-    top = torch.argsort(-counts.double(), stable=True)[:size]  # ties keep the lower id
-    return torch.sort(top).values
 
 
 AutoConfig.register(DrafterConfig.model_type, DrafterConfig)

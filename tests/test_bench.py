@@ -117,3 +117,34 @@ def test_bench_in_bfloat16_states_its_dtype(micro_target_dir, drafter_dir):
     assert "bfloat16" in markdown_table(report)
     with pytest.raises(ValueError, match="dtype"):
         run_bench(str(micro_target_dir), [str(drafter_dir)], toy_prompts(1), 4, dtype="int8")
+
+
+def test_bench_reports_prefix_cost_gate_choices_and_the_pareto_plot(
+    micro_target_dir, drafter_dir, tmp_path
+):
+    from transformers import AutoModelForImageTextToText
+
+    adapter = adapter_for(AutoModelForImageTextToText.from_pretrained(micro_target_dir))
+    torch.manual_seed(0)
+    gated = DrafterConfig.for_target(
+        adapter, visual_prefix="compressed", compressor={"options": ["pool:4", "pool:2"]}
+    )
+    Drafter(gated).save_pretrained(tmp_path / "gated")
+    Drafter(DrafterConfig.for_target(adapter, variant="full_visual")).save_pretrained(
+        tmp_path / "full"
+    )
+    drafters = [str(drafter_dir), str(tmp_path / "gated"), str(tmp_path / "full")]
+    samples = toy_prompts(3, mixed=True)
+    report = run_bench(str(micro_target_dir), drafters, samples, 6, warmup=0)
+    m = report["methods"]
+    assert m["micro-drafter/tree"]["visual_prefix_tokens"] == 0.0
+    assert m["full/tree"]["visual_prefix_tokens"] == 81.0  # every visual token of a 9x9 grid
+    assert m["gated/tree"]["visual_prefix_tokens"] in (9.0, 25.0)  # the gate's pick, all alike
+    assert all(m[f"{d}/tree"]["drafter_ms_per_step"] > 0 for d in ("micro-drafter", "gated"))
+    choices = m["gated/tree"]["gate_choices"]
+    assert sum(sum(c.values()) for c in choices.values()) == 3
+    assert set(choices) == {s["kind"] for s in samples}
+    assert m["micro-drafter/tree"]["gate_choices"] is None
+    write_report(report, tmp_path / "b.json")
+    assert (tmp_path / "b-pareto.png").stat().st_size > 0
+    assert "Gate choices of" in (tmp_path / "b.md").read_text()

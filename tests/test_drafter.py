@@ -6,10 +6,10 @@ from covspec.modeling.adapters import TargetMismatchError, adapter_for
 from covspec.modeling.drafter import (
     Drafter,
     DrafterConfig,
-    build_draft_vocab,
     default_fused_layer_ids,
 )
 from covspec.modeling.ttt import ttt_unroll
+from covspec.modeling.vocab import build_draft_vocab
 from tests.tiny_vlms import llava
 
 

@@ -68,8 +68,13 @@ Trained by online-logit distillation with a {steps}-step training-time-test unro
         f"{cfg.feature_codec_rank} int8 values + one float16 scale per token)"
         if cfg.feature_codec_rank
         else ""
-    }. Embeddings (and a full-vocabulary LM head) are the target's and are not stored here;
-`covspec export --format speculators` writes a self-contained folder for vLLM / speculators.
+    }. Embeddings (and a full-vocabulary LM head) are the target's and are not stored here; {
+        "`covspec export --format speculators` writes a self-contained folder for vLLM / "
+        "speculators."
+        if cfg.target_features and cfg.visual_prefix != "compressed"
+        else "no EAGLE-3 export exists for it (serving engines run neither a compressor nor a "
+        "drafter without target features)."
+    }
 
 Load it with the project's code (no `trust_remote_code`):
 

@@ -28,7 +28,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from transformers import AutoModelForImageTextToText
 
 from covspec.modeling.adapters import adapter_for
-from covspec.modeling.drafter import VARIANTS, Drafter, DrafterConfig, build_draft_vocab
+from covspec.modeling.drafter import VARIANTS, Drafter, DrafterConfig
 from covspec.modeling.drafter_inputs import (
     VisualPrefix,
     drafter_rows,
@@ -39,6 +39,7 @@ from covspec.modeling.drafter_inputs import (
 from covspec.modeling.identity import resolve_source, target_identity
 from covspec.modeling.tokens import tokenizer_fingerprint
 from covspec.modeling.ttt import ttt_unroll
+from covspec.modeling.vocab import build_draft_vocab
 from covspec.training.guards import check_finite_weights, check_resumable, trainer_metrics
 from covspec.training.metrics import DepthAgreement, implied_tau
 

@@ -19,7 +19,7 @@ stage() {
 stage install pip install -q torch==2.13.0 -e .
 # the toy target on a shorter, hotter schedule than the full one (same model)
 stage toy-target covspec toy-target --out checkpoints/quick/toy-target \
-  --vision-steps 600 --vision-lr 3e-3 --lm-steps 600 --lm-lr 2e-3
+  --vision-steps 600 --vision-lr 3e-3 --lm-steps 700 --lm-lr 1e-3
 if [ ! -f checkpoints/quick/toy-drafter/model.safetensors ]; then
   stage drafter covspec train --config recipes/toy/drafter-quick.yaml
 fi

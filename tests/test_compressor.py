@@ -241,3 +241,47 @@ def test_gate_term_prefers_choices_with_lower_loss():
     assert term.item() == 0.0
     term.backward()
     assert (logits.grad[:, 0] < 0).all(), "descending the loss must raise option 0's logit"
+
+
+def test_device_puts_the_prefix_ahead_of_the_prompt_in_its_cache(micro_model, micro_target_dir):
+    from covspec.inference.roles import DeviceRole
+
+    adapter = adapter_for(micro_model)
+    torch.manual_seed(0)
+    cfg = DrafterConfig.for_target(
+        adapter, visual_prefix="compressed", compressor={"options": ["pool:4"]}
+    )
+    drafter = Drafter(cfg).attach_target(adapter).eval()
+    runner = SpecRunner(micro_model, AutoProcessor.from_pretrained(micro_target_dir), drafter)
+    s = make_sample(43, 0)
+    req = Request(s["image"], "Describe the image.", max_new_tokens=4)
+    down = EdgeRole(runner, runner.feature_encoder()).prefill(req)
+    DeviceRole(runner).prefill(req, down, capacity=256)
+    d = cfg.hidden_size
+    prefix = down.visual.values  # (9, 2D)
+    assert prefix.shape == (9, 2 * d)
+    with torch.no_grad():  # the reference: the drafter module over [prefix rows; prompt rows]
+        inputs = runner.encode(s["image"], "Describe the image.")
+        out = runner.adapter.forward(inputs, cfg.fused_layer_ids)
+        text = ~out.visual_mask[0]
+        fused = torch.cat([out.hidden_states[i][0][text] for i in cfg.fused_layer_ids], -1)
+        feats = drafter.project_features(fused, like=prefix[:, :d])
+        ids = torch.cat([down.token_ids[1:], torch.tensor([down.first_token])])
+        embeds = torch.cat([prefix[:, :d], drafter.embed(ids)])[None]
+        feats = torch.cat([prefix[:, d:], feats])[None]
+        n = embeds.shape[1]
+        mask = torch.full((n, n), torch.finfo(embeds.dtype).min).triu(1)[None, None]
+        ref = drafter(embeds, feats, torch.arange(n)[None], mask)[0, -1]
+    torch.testing.assert_close(req.source.hidden[0], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_gate_learns_from_the_distillation_loss_without_a_cost_term(micro_target_dir):
+    module = _module(
+        micro_target_dir, visual_prefix="compressed", compressor={"options": ["pool:4", "pool:2"]}
+    )
+    module.train()
+    gate = module.drafter.compressor.gate
+    loss = module.losses(_batch(micro_target_dir), module.train_agreement)  # cost_weight 0
+    loss.backward()
+    last = gate.net[2]  # zero at the start, so the first layer's gradient is zero at step 1
+    assert last.weight.grad.abs().sum() > 0 and last.bias.grad.abs().sum() > 0

@@ -319,8 +319,8 @@ class DrafterDistillation(L.LightningModule):
         pruned = bool(self.drafter.config.draft_vocab_size)
         total, weights = 0.0, 0.0
         positions = torch.arange(s, device=target_mask.device)
-        b = target_mask.shape[0]
-        per_sample = torch.zeros(b, 2, device=target_mask.device)  # weighted CE sum, weight sum
+        # each sample's weighted CE sum and weight sum, only where a gate learns from them
+        per_sample = None if prefix is None else target_mask.new_zeros(len(target_mask), 2).float()
         for k, h in enumerate(hidden, start=1):
             sel = target_mask & (positions >= k - 1)[None]  # depth k needs k-1 earlier positions
             if not sel.any():
@@ -334,10 +334,9 @@ class DrafterDistillation(L.LightningModule):
             w = self.hparams.step_decay ** (k - 1)
             total = total + w * (ce_rows.mean() + self.hparams.feature_loss_weight * feat)
             weights += w
-            rows = sel.nonzero()[:, 0]
-            per_sample.index_add_(
-                0, rows, torch.stack([w * ce_rows.detach(), ce_rows.new_full(ce_rows.shape, w)], -1)
-            )
+            if per_sample is not None:
+                pairs = torch.stack([w * ce_rows.detach(), ce_rows.new_full(ce_rows.shape, w)], -1)
+                per_sample.index_add_(0, sel.nonzero()[:, 0], pairs)
             agreement.update(k, self.drafter.to_target_ids(logits.argmax(-1)) == full.argmax(-1))
         if weights == 0.0:
             raise ValueError("batch has no answer tokens to train on (check the loss mask / data)")

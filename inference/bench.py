@@ -51,6 +51,7 @@ class _Tally:
     prefix_tokens: int = 0  # compressed visual prefix rows, summed over samples
     draft_steps: int = 0  # drafter forwards while drafting
     gate_choices: dict[str, dict[str, int]] = field(default_factory=dict)  # kind -> option -> n
+    kind_rounds: dict[str, list[int]] = field(default_factory=dict)  # kind -> [tokens, rounds]
 
 
 def _hf_method(model, processor, extra: dict):
@@ -157,6 +158,9 @@ def run_bench(
                 tally.visual_tokens += result.visual_tokens
                 tally.prefix_tokens += result.prefix_tokens
                 tally.draft_steps += result.draft_steps
+                per_kind = tally.kind_rounds.setdefault(s.get("kind", "all"), [0, 0])
+                per_kind[0] += max(0, len(result.tokens) - 1)
+                per_kind[1] += result.rounds
                 if result.gate_choice is not None:
                     kind = tally.gate_choices.setdefault(s.get("kind", "all"), {})
                     kind[result.gate_choice] = kind.get(result.gate_choice, 0) + 1
@@ -196,6 +200,9 @@ def _report(target, samples, max_new_tokens, methods, rows) -> dict:
             if t.draft_steps
             else None,
             "gate_choices": t.gate_choices if spec and _gated(t.drafter) else None,
+            "tau_per_kind": {k: n / r for k, (n, r) in sorted(t.kind_rounds.items()) if r}
+            if spec
+            else None,
         }
     return {
         "target": str(target),
@@ -264,7 +271,7 @@ def markdown_table(report: dict) -> str:
             f"| {name} | {m['tokens_per_s']:.1f} | {speedup} | {' | '.join(cells)} "
             f"| {m['identical_fraction']:.0%} |"
         )
-    lines += _gate_lines(report)
+    lines += _gate_lines(report) + _kind_lines(report)
     lines += [
         "",
         "Where the time goes, wall ms per sample (runner phases; `other` = the loop itself):",
@@ -281,6 +288,24 @@ def markdown_table(report: dict) -> str:
 
 def _fmt(value, spec: str) -> str:
     return spec.format(value) if value is not None else "-"
+
+
+def _kind_lines(report: dict) -> list[str]:
+    """tau per prompt kind for every drafter in tree mode, when the prompts have several kinds
+    (which kind profits from which visual prefix: what a question-aware gate can learn)."""
+    rows = {
+        n: m["tau_per_kind"]
+        for n, m in report["methods"].items()
+        if m.get("tau_per_kind") and m["mode"] == "tree"
+    }
+    kinds = sorted({k for per in rows.values() for k in per})
+    if len(kinds) < 2:
+        return []
+    lines = ["", "tau per prompt kind (tree):", ""]
+    lines += ["| method | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for name, per in rows.items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(per.get(k), "{:.2f}") for k in kinds) + " |")
+    return lines
 
 
 def _gate_lines(report: dict) -> list[str]:

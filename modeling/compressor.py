@@ -18,11 +18,16 @@ the question. Options, as strings so a recipe can list them:
 - `conv:S`: a learned depthwise S x S stride-S convolution then a pointwise one (starts as pooling);
 - `resampler:Q`: Q learned queries, shifted by the prompt, cross-attending to the tokens.
 
-The gate learns through `weight`, the straight-through value of each sample's hard Gumbel choice
-(1.0 forward, the soft probability's gradient backward): the trainer multiplies it with that
-sample's distillation loss relative to the batch (training/distill.py), since scaling the
-prefix rows themselves would teach nothing through the drafter's RMS norms. Samples are
-left-padded to the batch's longest prefix (`valid` marks real rows): the drafter's
+Two gates (`gate` in the config). `gumbel` learns through `weight`, the straight-through value
+of each sample's hard Gumbel choice (1.0 forward, the soft probability's gradient backward):
+the trainer multiplies it with that sample's distillation loss relative to the batch
+(training/distill.py), since scaling the prefix rows themselves would teach nothing through the
+drafter's RMS norms. `critic` outputs each option's predicted distillation loss (`scores`);
+training runs every sample under two uniformly drawn options and regresses the measured loss
+gap, so no option starves, and inference picks the lowest predicted loss plus `cost_weight` x
+prefix rows per visual token.
+
+Samples are left-padded to the batch's longest prefix (`valid` marks real rows): the drafter's
 rotary positions are relative, so a prefix always ends right before the text it precedes.
 """
 
@@ -39,6 +44,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 DEFAULT_OPTIONS = ("none", "prune:0.25", "pool:2", "pool:4", "conv:2", "resampler:8")
 KINDS = ("none", "prune", "pool", "conv", "resampler")
+GATES = ("gumbel", "critic")
 
 
 def parse_option(option: str) -> tuple[str, float]:
@@ -92,9 +98,15 @@ class VisualCompressorConfig(PretrainedConfig):
         gate_hidden_size: int = 128,
         score_size: int = 64,
         resampler_heads: int = 4,
+        gate: str = "gumbel",
+        cost_weight: float = 0.0,
         **kwargs,
     ) -> None:
         options = list(options)
+        if gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+        if cost_weight < 0:
+            raise ValueError(f"cost_weight must be >= 0, got {cost_weight}")
         if not options:
             raise ValueError("compressor options must not be empty")
         for option in options:
@@ -110,6 +122,8 @@ class VisualCompressorConfig(PretrainedConfig):
         self.gate_hidden_size = gate_hidden_size
         self.score_size = score_size
         self.resampler_heads = resampler_heads
+        self.gate = gate
+        self.cost_weight = float(cost_weight)  # the critic's price of a prefix row at inference
         super().__init__(**kwargs)
 
 
@@ -121,6 +135,7 @@ class CompressorOutput:
     probs: torch.Tensor  # (B, K) gate probabilities (softmax of the logits)
     cost: torch.Tensor  # (B,) expected prefix tokens / visual tokens under `probs`
     weight: torch.Tensor  # (B,) straight-through value of the choice: 1.0, gradient to the gate
+    scores: torch.Tensor  # (B, K) raw gate outputs: logits, or the critic's predicted losses
 
 
 class _Conv(nn.Module):
@@ -278,42 +293,53 @@ class VisualCompressor(PreTrainedModel):
         images: Sequence[Sequence[tuple[torch.Tensor, tuple[int, int]]]],
         prompt: torch.Tensor,  # (B, D)
         temperature: float | None = None,
-        force: int | None = None,
+        force: int | torch.Tensor | None = None,
     ) -> CompressorOutput:
-        """`temperature` set: Gumbel-softmax straight-through (training); None: argmax.
-        `force` picks one option index for every sample (a fixed-primitive evaluation)."""
+        """`temperature` set: Gumbel-softmax straight-through (a gumbel gate in training);
+        None: the gate's pick. `force` picks the option index for every sample (an int) or
+        per sample (a (B,) tensor): a fixed-primitive evaluation, or a critic's exploration."""
         b, d = prompt.shape
         if len(images) != b:
             raise ValueError(f"{len(images)} image lists for a batch of {b} prompts")
-        if len(self.parsed) > 1:
-            visual = [torch.cat([t[:, :d] for t, _ in imgs]).mean(0) for imgs in images]  # (D,)
-            logits = self.gate(torch.cat([prompt, torch.stack(visual).to(prompt)], -1))  # (B, K)
-        else:
-            logits = prompt.new_zeros(b, 1)
-        probs = logits.float().softmax(-1)
-        if force is not None:
-            weights = F.one_hot(torch.full((b,), force), len(self.parsed)).to(probs)
-        elif temperature is not None:
-            weights = F.gumbel_softmax(logits.float(), tau=temperature, hard=True)
-        else:
-            weights = F.one_hot(logits.argmax(-1), len(self.parsed)).to(probs)
-        choice = weights.argmax(-1)  # (B,)
+        k = len(self.parsed)
         sizes = torch.tensor(
             [
                 [sum(option_tokens(o, g) for _, g in imgs) for o in self.config.options]
                 for imgs in images
             ],
-            dtype=probs.dtype,
-            device=probs.device,
+            dtype=torch.float32,
+            device=prompt.device,
         )  # (B, K) prefix tokens per option
-        total = torch.tensor([sum(h * w for _, (h, w) in imgs) for imgs in images]).to(probs)
-        cost = (probs * sizes).sum(-1) / total.clamp_min(1.0)
+        total = torch.tensor([sum(h * w for _, (h, w) in imgs) for imgs in images]).to(sizes)
+        share = sizes / total.clamp_min(1.0)[:, None]  # (B, K) prefix rows per visual token
+        if k > 1:
+            visual = [torch.cat([t[:, :d] for t, _ in imgs]).mean(0) for imgs in images]  # (D,)
+            scores = self.gate(torch.cat([prompt, torch.stack(visual).to(prompt)], -1)).float()
+        else:
+            scores = sizes.new_zeros(b, 1)
+        # a critic predicts each option's distillation loss: the pick minimises loss + price
+        logits = -(scores + self.config.cost_weight * share) if self.critic else scores
+        probs = logits.softmax(-1)  # (B, K)
+        if force is not None:
+            forced = torch.as_tensor(force, device=probs.device).expand(b)
+            weights = F.one_hot(forced, k).to(probs)
+        elif temperature is not None and not self.critic:
+            weights = F.gumbel_softmax(logits, tau=temperature, hard=True)
+        else:
+            weights = F.one_hot(logits.argmax(-1), k).to(probs)
+        choice = weights.argmax(-1)  # (B,)
+        cost = (probs * share).sum(-1)
         rows = []
         for i, imgs in enumerate(images):
             c = int(choice[i])
             rows.append(torch.cat([self.compress(c, t, g, prompt[i]) for t, g in imgs]))
         weight = weights.gather(1, choice[:, None])[:, 0]  # (B,)
-        return CompressorOutput(*_left_pad(rows, 2 * d, prompt), choice, probs, cost, weight)
+        tokens, valid = _left_pad(rows, 2 * d, prompt)
+        return CompressorOutput(tokens, valid, choice, probs, cost, weight, scores)
+
+    @property
+    def critic(self) -> bool:
+        return self.config.gate == "critic" and len(self.parsed) > 1
 
 
 def _left_pad(rows: list[torch.Tensor], width: int, like: torch.Tensor):

@@ -37,6 +37,7 @@ class VisualPrefix:
     probs: torch.Tensor  # (B, K) gate probabilities
     cost: torch.Tensor  # (B,) expected prefix tokens per visual token under `probs`
     weight: torch.Tensor  # (B,) straight-through value of the gate's choice (1.0 forward)
+    scores: torch.Tensor  # (B, K) raw gate outputs (a critic's: predicted loss per option)
 
     @property
     def tokens(self) -> torch.Tensor:
@@ -92,7 +93,7 @@ def visual_prefix(
     visual_mask: torch.Tensor,  # (B, T)
     ask: torch.Tensor,  # (B, T) the question's positions (`prompt_mask`)
     temperature: float | None = None,
-    force: int | None = None,
+    force: int | torch.Tensor | None = None,
 ) -> VisualPrefix:
     """The compressed visual prefix of every sample (`temperature`: Gumbel-softmax training;
     None: the gate's argmax; `force`: one option for all)."""
@@ -122,5 +123,5 @@ def visual_prefix(
     out = drafter.compressor(images, prompt, temperature=temperature, force=force)
     return VisualPrefix(
         out.tokens[..., :d], out.tokens[..., d:], out.valid, out.choice, out.probs, out.cost,
-        out.weight,
+        out.weight, out.scores,
     )  # fmt: skip

@@ -145,6 +145,11 @@ def test_bench_reports_prefix_cost_gate_choices_and_the_pareto_plot(
     assert sum(sum(c.values()) for c in choices.values()) == 3
     assert set(choices) == {s["kind"] for s in samples}
     assert m["micro-drafter/tree"]["gate_choices"] is None
+    per_kind = m["gated/tree"]["tau_per_kind"]
+    assert set(per_kind) == {s["kind"] for s in samples}
+    assert min(per_kind.values()) <= m["gated/tree"]["tau"] <= max(per_kind.values())
+    assert m["hf_greedy"]["tau_per_kind"] is None
     write_report(report, tmp_path / "b.json")
     assert (tmp_path / "b-pareto.png").stat().st_size > 0
     assert "Gate choices of" in (tmp_path / "b.md").read_text()
+    assert "tau per prompt kind" in (tmp_path / "b.md").read_text()

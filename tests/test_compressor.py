@@ -235,7 +235,9 @@ def test_gate_term_prefers_choices_with_lower_loss():
     weight = probs.gather(1, choice[:, None])[:, 0]
     weight = weight + (1.0 - weight).detach()  # straight-through, 1.0 forward
     z = torch.zeros(4, 0, 8)
-    prefix = VisualPrefix(z, z, z[..., 0].bool(), choice, probs, torch.zeros(4), weight)
+    prefix = VisualPrefix(
+        z, z, z[..., 0].bool(), choice, probs, torch.zeros(4), weight, logits.detach()
+    )
     per_sample = torch.tensor([[1.0, 1.0], [1.0, 1.0], [3.0, 1.0], [3.0, 1.0]])  # option 0 wins
     term = gate_term(prefix, per_sample)
     assert term.item() == 0.0
@@ -285,3 +287,73 @@ def test_gate_learns_from_the_distillation_loss_without_a_cost_term(micro_target
     loss.backward()
     last = gate.net[2]  # zero at the start, so the first layer's gradient is zero at step 1
     assert last.weight.grad.abs().sum() > 0 and last.bias.grad.abs().sum() > 0
+
+
+def test_critic_gate_picks_the_lowest_predicted_loss_plus_the_price_of_its_rows():
+    comp = _compressor(["none", "pool:4", "pool:2"])
+    comp.config.gate = "critic"
+    images = [[(torch.randn(81, 16), (9, 9))] for _ in range(3)]
+    with torch.no_grad():
+        comp.gate.net[2].bias.copy_(torch.tensor([0.30, 0.10, 0.05]))  # predicted losses
+        assert comp(images, torch.randn(3, 8)).choice.tolist() == [2, 2, 2]  # free rows
+        comp.config.cost_weight = 0.5  # 0.10 + 0.5 * 9/81 < 0.05 + 0.5 * 25/81 < 0.30
+        out = comp(images, torch.randn(3, 8), temperature=1.0)  # a critic never samples
+    assert out.choice.tolist() == [1, 1, 1]
+    assert torch.allclose(out.scores, torch.tensor([0.30, 0.10, 0.05]).expand(3, 3))
+    forced = comp(images, torch.randn(3, 8), force=torch.tensor([0, 2, 1]))
+    assert forced.choice.tolist() == [0, 2, 1] and forced.valid.sum(1).tolist() == [0, 25, 9]
+    with pytest.raises(ValueError, match="gate"):
+        VisualCompressorConfig(hidden_size=8, gate="bandit")
+
+
+def test_critic_training_pairs_every_sample_with_two_options_and_regresses_their_gap(
+    micro_target_dir,
+):
+    from covspec.training.distill import explore_pairs
+
+    t = {"ids": torch.arange(6).view(3, 2), "embeds": None, "target": {"x": torch.ones(3, 4)}}
+    torch.manual_seed(0)
+    doubled, force = explore_pairs(t, 4)
+    assert doubled["ids"][:, 0].tolist() == [0, 0, 2, 2, 4, 4] and doubled["embeds"] is None
+    assert doubled["target"]["x"].shape == (6, 4)
+    assert (force.view(3, 2)[:, 0] != force.view(3, 2)[:, 1]).all()  # two distinct options
+
+    options = ["none", "pool:4", "resampler:2"]
+    module = _module(
+        micro_target_dir,
+        visual_prefix="compressed",
+        compressor={"options": options, "gate": "critic"},
+        cost_weight=0.05,
+    )
+    assert module.drafter.compressor.config.cost_weight == 0.05  # kept for inference
+    module.train()
+    before = {n: p.detach().clone() for n, p in module.drafter.named_parameters()}
+    opt = torch.optim.AdamW(module.drafter.parameters(), lr=1e-2)
+    for _ in range(3):  # three steps: each draws its own pairs, so every option gets trained
+        opt.zero_grad()
+        module.losses(_batch(micro_target_dir), module.train_agreement).backward()
+        opt.step()
+    for n, p in module.drafter.named_parameters():
+        assert not torch.equal(p, before[n]), f"parameter {n} did not move"
+    module.eval()
+    with torch.no_grad():
+        module.losses(_batch(micro_target_dir), module.val_agreement)  # argmin, no pairs
+
+
+def test_critic_term_fits_the_measured_loss_gap():
+    from covspec.modeling.drafter_inputs import VisualPrefix
+    from covspec.training.distill import critic_term
+
+    scores = torch.zeros(2, 3, requires_grad=True)
+    rows = scores.repeat_interleave(2, 0)  # the pairs share their sample's prediction
+    z = torch.zeros(4, 0, 8)
+    one = torch.ones(4)
+    prefix = VisualPrefix(z, z, z[..., 0].bool(), torch.zeros(4).long(), rows, one, one, rows)
+    force = torch.tensor([0, 1, 2, 0])
+    per_sample = torch.tensor([[2.0, 1.0], [1.0, 1.0], [1.0, 1.0], [1.5, 1.0]])
+    term = critic_term(prefix, per_sample, force)
+    assert math.isclose(term.item(), (1.0**2 + 0.5**2) / 2)
+    term.backward()
+    assert scores.grad[0, 0] < 0 < scores.grad[0, 1]  # option 0 lost more: its score rises
+    assert scores.grad[1, 2] > 0 > scores.grad[1, 0]
+    assert critic_term(prefix, per_sample, None).item() == 0.0

@@ -10,11 +10,15 @@ distribution plus SmoothL1 against the target's final features, weighted by `ste
 on assistant tokens only. The target's weights are never written into Lightning checkpoints.
 
 With `visual_prefix: compressed` the elastic compressor (modeling/compressor.py) is trained
-jointly with the drafter: its prefix rows go ahead of the text rows, its gate picks an option
-per sample by Gumbel-softmax straight-through (temperature annealed from `gate_temperature[0]`
-to `[1]`), and `cost_weight` times the expected prefix tokens per visual token is added to the
-loss, so the gate trades acceptance against the drafter's cost. A compressor with one option is
-that fixed primitive's baseline (`--model.compressor.options '[pool:4]'`).
+jointly with the drafter: its prefix rows go ahead of the text rows. A `gumbel` gate picks an
+option per sample by Gumbel-softmax straight-through (temperature annealed from
+`gate_temperature[0]` to `[1]`) and `cost_weight` times the expected prefix tokens per visual
+token is added to the loss. A `critic` gate (`compressor: {gate: critic}`) sees every sample
+twice, under two uniformly drawn options (`explore_pairs`), and regresses their loss gap
+(`critic_term`); `cost_weight` is then stored in the compressor, which weighs it against the
+predicted loss at inference. Either way the gate trades acceptance against the drafter's cost.
+A compressor with one option is that fixed primitive's baseline
+(`--model.compressor '{options: [pool:4]}'`).
 """
 
 from __future__ import annotations
@@ -72,6 +76,36 @@ def gate_term(prefix: VisualPrefix, per_sample: torch.Tensor) -> torch.Tensor:
     loss = per_sample[has, 0] / per_sample[has, 1]  # (B',) detached
     advantage = loss - loss.mean()
     return ((prefix.weight[has] - prefix.weight[has].detach()) * advantage).mean()
+
+
+def explore_pairs(t: dict, options: int) -> tuple[dict, torch.Tensor | None]:
+    """Each sample twice, under two distinct options drawn uniformly (a critic's exploration):
+    the pair's loss difference is the option's effect with the sample's difficulty removed."""
+    if options < 2:
+        return t, None
+    b = t["ids"].shape[0]
+    force = torch.stack([torch.randperm(options)[:2] for _ in range(b)]).flatten()  # (2B,)
+
+    def twice(x):
+        if isinstance(x, torch.Tensor):
+            return x.repeat_interleave(2, 0)
+        if isinstance(x, dict):
+            return {k: twice(v) for k, v in x.items()}
+        return x
+
+    return twice(t), force.to(t["ids"].device)
+
+
+def critic_term(prefix: VisualPrefix, per_sample: torch.Tensor, force: torch.Tensor | None):
+    """Squared error of the critic's predicted loss difference between a sample's two options
+    (`explore_pairs`) against the measured one. Zero without pairs (validation)."""
+    if force is None:
+        return prefix.scores.sum() * 0.0
+    has = (per_sample[:, 1] > 0).view(-1, 2).all(1)  # (B,)
+    loss = (per_sample[:, 0] / per_sample[:, 1].clamp_min(1e-9)).view(-1, 2)  # (B, 2) detached
+    pred = prefix.scores.gather(1, force[:, None]).view(-1, 2)  # (B, 2)
+    err = (pred[:, 0] - pred[:, 1]) - (loss[:, 0] - loss[:, 1])
+    return (err[has] ** 2).mean() if has.any() else prefix.scores.sum() * 0.0
 
 
 class DrafterDistillation(L.LightningModule):
@@ -143,7 +177,7 @@ class DrafterDistillation(L.LightningModule):
         overrides = {
             "variant": hp.variant,
             "visual_prefix": hp.visual_prefix or VARIANTS[hp.variant][1],
-            "compressor": dict(hp.compressor) if hp.compressor is not None else None,
+            "compressor": self._compressor_section(),
             "max_draft_steps": hp.unroll_steps,
             "num_hidden_layers": hp.drafter_layers,
             "step_bias": hp.step_bias,
@@ -162,6 +196,17 @@ class DrafterDistillation(L.LightningModule):
         )
         self.adapter.check_layer_ids(config.fused_layer_ids)  # refuse before any training
         self.drafter = Drafter(config).attach_target(self.adapter)
+
+    def _compressor_section(self) -> dict | None:
+        """The recipe's compressor section; a critic gate also keeps `cost_weight`, the price
+        of a prefix row it weighs against predicted loss at inference."""
+        section = self.hparams.compressor
+        if section is None:
+            return None
+        section = dict(section)
+        if section.get("gate") == "critic":
+            section["cost_weight"] = self.hparams.cost_weight
+        return section
 
     def _fine_tune_start(self, folder: str, fingerprint: str | None) -> Drafter:
         """A drafter that starts from a trained one (`init_from`): its architecture and weights,
@@ -184,7 +229,7 @@ class DrafterDistillation(L.LightningModule):
         config = DrafterConfig.from_dict(
             {**src.to_dict(), "feature_codec_rank": hp.feature_codec_rank,
              "max_draft_steps": hp.unroll_steps, "visual_prefix": prefix,
-             "compressor": dict(hp.compressor) if hp.compressor is not None else None}
+             "compressor": self._compressor_section()}
         )  # fmt: skip
         drafter = Drafter(config).attach_target(self.adapter)
         state = source.state_dict()
@@ -286,7 +331,7 @@ class DrafterDistillation(L.LightningModule):
         return start * (end / start) ** min(1.0, self.global_step / total)
 
     def unroll(
-        self, t: dict[str, torch.Tensor]
+        self, t: dict[str, torch.Tensor], force: torch.Tensor | None = None
     ) -> tuple[list[torch.Tensor], torch.Tensor, VisualPrefix | None]:
         """Drafter hidden per step over positions 0..S-2 (input: feature i, embedding of token
         i+1), after the compressed visual prefix's rows when the drafter carries one."""
@@ -299,7 +344,9 @@ class DrafterDistillation(L.LightningModule):
         prefix = None
         if "target" in t:
             temperature = self.gate_temperature() if self.training else None
-            prefix = visual_prefix(self.drafter, **t["target"], temperature=temperature)
+            prefix = visual_prefix(
+                self.drafter, **t["target"], temperature=temperature, force=force
+            )
             next_embeds = torch.cat([prefix.embeds.to(next_embeds), next_embeds], 1)
             feats = torch.cat([prefix.features.to(feats), feats], 1)
             valid = torch.cat([prefix.valid, valid], 1)
@@ -308,8 +355,10 @@ class DrafterDistillation(L.LightningModule):
         return [h[:, m:] for h in hidden], valid[:, m:], prefix
 
     def losses(self, batch: dict, agreement: DepthAgreement) -> torch.Tensor:
-        t = self.teacher(batch)
-        hidden, _, prefix = self.unroll(t)
+        t, force = self.teacher(batch), None
+        if self.training and "target" in t and self.drafter.compressor.critic:
+            t, force = explore_pairs(t, len(self.drafter.compressor.parsed))
+        hidden, _, prefix = self.unroll(t, force)
         s = hidden[0].shape[1]  # S-1 drafter positions; position i predicts token i+2
         target_mask = torch.zeros_like(t["loss_mask"][:, 1:])
         target_mask[:, : s - 1] = t["loss_mask"][:, 2:]
@@ -343,9 +392,11 @@ class DrafterDistillation(L.LightningModule):
         loss = total / weights
         if prefix is not None:
             self._log_prefix(prefix)
-            loss = (
-                loss + self.hparams.cost_weight * prefix.cost.mean() + gate_term(prefix, per_sample)
-            )
+            if self.drafter.compressor.critic:
+                loss = loss + critic_term(prefix, per_sample, force)
+            else:
+                cost = self.hparams.cost_weight * prefix.cost.mean()
+                loss = loss + cost + gate_term(prefix, per_sample)
         return loss
 
     def _log_prefix(self, prefix: VisualPrefix) -> None:

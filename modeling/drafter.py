@@ -418,6 +418,34 @@ class Drafter(PreTrainedModel):
         self.fc_down.weight.copy_(root[:, None] * vh[:r])
         self.fc_up.weight.copy_(u[:, :r] * root[None])
 
+    @torch.no_grad()
+    def init_from_target_layer(self, layer: nn.Module, final_norm: nn.Module) -> None:
+        """Start layer 0 and the final norm from a target decoder layer (its last) of the same
+        width: norms, MLP and o_proj copied; q/k/v read [embedding; feature] through the
+        layer's projection halved over the two, so both streams enter as the target's own
+        attention would read one of them; `fc` starts as the highest fused layer's state, a
+        residual stream the copied layer knows how to read. Other shapes: a ValueError."""
+        first, attn, src = self.layers[0], self.layers[0].self_attn, layer.self_attn
+        for name in ("q_proj", "k_proj", "v_proj"):
+            w = getattr(src, name).weight  # (O, D)
+            mine = getattr(attn, name).weight  # (O, 2D)
+            if mine.shape != (w.shape[0], 2 * w.shape[1]):
+                raise ValueError(
+                    f"target layer {name} {tuple(w.shape)} does not fit the drafter's "
+                    f"{tuple(mine.shape)}"
+                )
+            mine.copy_(torch.cat([w, w], dim=1) * 0.5)
+        pairs = [(attn.o_proj, src.o_proj), (first.mlp, layer.mlp), (self.norm, final_norm)]
+        pairs += [(first.input_layernorm, layer.input_layernorm),
+                  (first.hidden_norm, layer.input_layernorm),
+                  (first.post_attention_layernorm, layer.post_attention_layernorm)]  # fmt: skip
+        for mine, theirs in pairs:
+            mine.load_state_dict(theirs.state_dict())
+        if hasattr(self, "fc"):
+            d = self.config.hidden_size
+            self.fc.weight.zero_()
+            self.fc.weight[:, -d:].copy_(torch.eye(d))
+
     def step_feature(self, previous_hidden: torch.Tensor, step: int) -> torch.Tensor:
         """The feature fed at draft step `step` >= 2: the drafter's own previous output (plus the
         HiViS bias correction when enabled); zeros for the text-only baseline."""

@@ -305,3 +305,32 @@ def test_codec_fine_tune_starts_from_a_trained_drafter(micro_target_dir, tmp_pat
         assert not torch.equal(dict(small.drafter.named_parameters())[name], before[name])
     with pytest.raises(ValueError, match="visual_free"):
         _module(micro_target_dir, init_from=str(tmp_path), variant="text_only")
+
+
+def test_init_from_target_starts_the_drafter_at_the_targets_last_layer(micro_target_dir):
+    module = _module(micro_target_dir, init_from_target=True)
+    last, drafter = module.adapter.decoder_layers()[-1], module.drafter
+    first = drafter.layers[0]
+    assert torch.equal(first.mlp.down_proj.weight, last.mlp.down_proj.weight)
+    assert torch.equal(first.self_attn.o_proj.weight, last.self_attn.o_proj.weight)
+    assert torch.equal(drafter.norm.weight, module.adapter.language_model().norm.weight)
+    q = first.self_attn.q_proj.weight
+    d = q.shape[1] // 2
+    assert torch.equal(q[:, :d] + q[:, d:], last.self_attn.q_proj.weight)
+    states = torch.randn(2, 3, drafter.fc.in_features)
+    assert torch.equal(drafter.project_features(states, like=states), states[..., -d:])
+    fresh = _module(micro_target_dir)  # the default stays a random start
+    assert not torch.equal(fresh.drafter.layers[0].mlp.down_proj.weight, last.mlp.down_proj.weight)
+    narrow = _module(micro_target_dir).drafter
+    with pytest.raises(ValueError, match="does not fit"):
+        narrow.init_from_target_layer(_half_width(last), module.adapter.language_model().norm)
+
+
+def _half_width(layer):
+    """A decoder layer of half the width: its projections cannot fill the drafter's."""
+    import copy
+
+    odd = copy.deepcopy(layer)
+    w = odd.self_attn.q_proj.weight
+    odd.self_attn.q_proj = torch.nn.Linear(w.shape[1] // 2, w.shape[0], bias=False)
+    return odd

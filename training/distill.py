@@ -125,6 +125,7 @@ class DrafterDistillation(L.LightningModule):
         step_bias: bool = False,
         feature_codec_rank: int | None = None,
         init_from: str | None = None,
+        init_from_target: bool = False,
         draft_vocab_size: int | None = None,
         draft_vocab_batches: int = 200,
         lr: float = 5e-4,
@@ -196,6 +197,10 @@ class DrafterDistillation(L.LightningModule):
         )
         self.adapter.check_layer_ids(config.fused_layer_ids)  # refuse before any training
         self.drafter = Drafter(config).attach_target(self.adapter)
+        if hp.init_from_target:  # a head start: the target's last layer (quickstart recipe)
+            self.drafter.init_from_target_layer(
+                self.adapter.decoder_layers()[-1], self.adapter.language_model().norm
+            )
 
     def _compressor_section(self) -> dict | None:
         """The recipe's compressor section; a critic gate also keeps `cost_weight`, the price

@@ -1,6 +1,7 @@
 """The `covspec` command: one entry point, one subcommand per job.
 
     covspec toy-data   --out DIR --num N --seed S     # inspectable jsonl + PNGs of the toy world
+    covspec toy-data   --out DIR --video --frames 16  # toy video clips (mp4) + ground truth
     covspec toy-target --out checkpoints/toy-target   # train (or reuse) the toy target VLM
     covspec toy-eval   --target checkpoints/toy-target --num 200
     covspec train      --config recipes/toy/drafter.yaml [--model.variant text_only ...]
@@ -31,7 +32,14 @@ from covspec.scripts.args import Parser, at_least, between, debug_requested, run
 
 def _toy_data(args: argparse.Namespace) -> None:
     from covspec.data.readers import write_toy_jsonl
+    from covspec.data.toy_video import write_toy_video
 
+    if args.video:
+        path = write_toy_video(
+            args.out, args.num, args.seed, args.frames, args.image_size, args.format, args.overwrite
+        )
+        print(f"wrote {args.num} clips of {args.frames} frames to {path}")
+        return
     path = write_toy_jsonl(
         args.out, num=args.num, seed=args.seed, image_size=args.image_size, overwrite=args.overwrite
     )
@@ -366,6 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=at_least(36), default=72)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty foreign --out")
+    p.add_argument("--video", action="store_true", help="toy video clips instead of images")
+    p.add_argument("--frames", type=at_least(2), default=8, help="frames per clip (--video)")
+    p.add_argument(
+        "--format", choices=("mp4", "frames"), default="mp4", help="clip files (--video)"
+    )
     p.set_defaults(func=_toy_data)
 
     p = sub.add_parser("toy-target", help="train the toy target VLM (cached unless --force)")

@@ -1,0 +1,206 @@
+"""The toy video world: seeded clips of moving shapes whose questions need several frames.
+
+    >>> clip = make_clip(seed=0, index=3, num_frames=16)
+    >>> clip["frames"]        # 16 PIL frames, in time order
+    >>> clip["tracks"]        # per object: colour, shape, start/end cell, appear/leave frame
+    >>> clip["messages"]      # a caption or 1-3 questions with their answers (LLaVA chat form)
+
+An object keeps its colour name and shape for the whole clip, moves in a straight line from the
+centre of one grid cell to another between the frame it appears and the frame it leaves, and is
+drawn only in between. Captions and questions are about events, not one frame: where each
+object moves, which appears first, how many objects appear over the clip, which one leaves.
+Everything is a pure function of (seed, index, num_frames, image_size), so a clip can be
+rebuilt from its id and its ground truth (`tracks`) is plain JSON. `covspec toy-data --video`
+writes clips as mp4 files or frame folders beside a `data.jsonl` (`write_toy_video`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from PIL import Image
+from tqdm.auto import tqdm
+
+from covspec.data.toy_world import (
+    COLOURS,
+    DEFAULT_IMAGE_SIZE,
+    NUMBER_WORDS,
+    POSITIONS,
+    SHAPES,
+    ToyObject,
+    render,
+)
+from covspec.data.video import write_video
+from covspec.modeling.outputs import check_replaceable, write_folder
+
+MAX_TRACKS = 3
+VIDEO_DESCRIBE_PROMPTS = ("Describe the video.", "What happens in this clip?")
+
+
+@dataclass(frozen=True)
+class Track:
+    colour: str
+    shape: str
+    start: int  # row-major cell index into POSITIONS
+    end: int
+    appear: int  # first frame it is drawn on
+    leave: int | None  # first frame it is gone, None when it stays to the end
+    size: int  # pixels, full extent
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+    def at(self, frame: int, num_frames: int, image_size: int) -> ToyObject | None:
+        """The object as drawn on `frame`, or None when it is not in the frame."""
+        last = num_frames if self.leave is None else self.leave
+        if not self.appear <= frame < last:
+            return None
+        t = (frame - self.appear) / max(1, last - 1 - self.appear)  # 0 -> 1 over its life
+        (r0, c0), (r1, c1) = divmod(self.start, 3), divmod(self.end, 3)
+        cell = image_size / 3
+        cx = round((c0 + (c1 - c0) * t + 0.5) * cell)
+        cy = round((r0 + (r1 - r0) * t + 0.5) * cell)
+        near = round(r0 + (r1 - r0) * t) * 3 + round(c0 + (c1 - c0) * t)
+        return ToyObject(self.colour, self.shape, POSITIONS[near], near, self.size, cx, cy)
+
+
+def sample_tracks(rng: random.Random, num_frames: int, image_size: int) -> list[Track]:
+    """1..MAX_TRACKS objects with distinct (colour, shape) and start cells, each moving to
+    another cell; the first appears on frame 0, others may appear later, at most one leaves
+    early."""
+    if num_frames < 2:
+        raise ValueError(f"a clip needs at least 2 frames, got {num_frames}")
+    if image_size < 36:
+        raise ValueError(f"image_size must be >= 36 to draw recognisable shapes, got {image_size}")
+    kinds = rng.sample([(c, s) for c in COLOURS for s in SHAPES], rng.randint(1, MAX_TRACKS))
+    leaver = rng.randrange(len(kinds)) if len(kinds) > 1 and rng.random() < 0.5 else None
+    cell_px = image_size // 3
+    starts = rng.sample(range(9), len(kinds))  # distinct start cells
+    tracks = []
+    for i, ((colour, shape), start) in enumerate(zip(kinds, starts, strict=True)):
+        end = rng.choice([c for c in range(9) if c != start])
+        appear = 0 if i == 0 else rng.randrange(0, max(1, num_frames // 2))
+        leave = None
+        if i == leaver and num_frames - appear >= 3:
+            leave = rng.randrange(appear + 2, num_frames)
+        size = rng.randint(int(cell_px * 0.5), int(cell_px * 0.8))
+        tracks.append(Track(colour, shape, start, end, appear, leave, size))
+    return tracks
+
+
+def caption(tracks: list[Track]) -> str:
+    """What happens, in order of appearance: every motion, and who leaves."""
+    ordered = sorted(tracks, key=lambda t: (t.appear, t.name))
+    n = len(ordered)
+    parts = [f"The video shows {NUMBER_WORDS[n]} {'object' if n == 1 else 'objects'}."]
+    for t in ordered:
+        how = "starts" if t.appear == 0 else "appears"
+        article = "An" if t.name[0] in "aeiou" else "A"
+        parts.append(
+            f"{article} {t.name} {how} in the {POSITIONS[t.start]} and moves to the "
+            f"{POSITIONS[t.end]}."
+        )
+        if t.leave is not None:
+            parts.append(f"The {t.name} leaves.")
+    return " ".join(parts)
+
+
+def question_answer(tracks: list[Track], rng: random.Random) -> tuple[str, str]:
+    """One event question and its answer."""
+    kinds = ["where_to", "count"]
+    if len({t.appear for t in tracks}) == len(tracks) > 1:
+        kinds.append("first")
+    if any(t.leave is not None for t in tracks):
+        kinds.append("leaves")
+    kind = rng.choice(kinds)
+    if kind == "where_to":
+        t = rng.choice(tracks)
+        return f"Where does the {t.name} move to?", f"It moves to the {POSITIONS[t.end]}."
+    if kind == "count":
+        n = len(tracks)
+        return "How many objects appear in the video?", f"{NUMBER_WORDS[n].capitalize()}."
+    if kind == "first":
+        t = min(tracks, key=lambda x: x.appear)
+        return "Which object appears first?", f"The {t.name}."
+    t = next(t for t in tracks if t.leave is not None)
+    return "Which object leaves the video?", f"The {t.name}."
+
+
+def make_clip(
+    seed: int,
+    index: int,
+    num_frames: int = 8,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    describe_prob: float = 0.5,
+) -> dict:
+    """Clip `index` of the stream `seed`: {"id", "frames", "tracks", "messages"}; a caption turn
+    with probability `describe_prob`, else 1-2 event questions (`<video>` opens the first turn)."""
+    rng = random.Random((seed * 1_000_003 + index) * 131 + num_frames)
+    tracks = sample_tracks(rng, num_frames, image_size)
+    style = rng.getrandbits(32)  # one background and palette jitter for every frame
+    frames: list[Image.Image] = []
+    for f in range(num_frames):
+        drawn = [o for t in tracks if (o := t.at(f, num_frames, image_size)) is not None]
+        frames.append(render(drawn, random.Random(style), image_size))
+    if rng.random() < describe_prob:
+        turns = [(rng.choice(VIDEO_DESCRIBE_PROMPTS), caption(tracks))]
+    else:
+        wanted, turns = rng.randint(1, 2), []
+        for _ in range(8):  # a few tries to find distinct questions
+            qa = question_answer(tracks, rng)
+            if qa[0] not in {q for q, _ in turns}:
+                turns.append(qa)
+            if len(turns) == wanted:
+                break
+    messages = []
+    for i, (question, answer) in enumerate(turns):
+        messages.append({"role": "user", "content": ("<video>\n" if i == 0 else "") + question})
+        messages.append({"role": "assistant", "content": answer})
+    return {
+        "id": f"toyvideo-{seed}-{index}-{num_frames}",
+        "frames": frames,
+        "tracks": [asdict(t) for t in tracks],
+        "messages": messages,
+    }
+
+
+def write_toy_video(
+    out: str | Path,
+    num: int,
+    seed: int = 0,
+    num_frames: int = 8,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    fmt: str = "mp4",
+    overwrite: bool = False,
+) -> Path:
+    """Write `out/data.jsonl` and each clip as `videos/<id>.mp4` (`fmt="mp4"`) or as a folder
+    of PNG frames (`fmt="frames"`), the two inputs `data.video.sample_frames` reads; each
+    record holds its `video` path, `messages`, `tracks` (ground truth) and `num_frames`."""
+    if num < 1:
+        raise ValueError(f"num must be >= 1, got {num}")
+    if fmt not in ("mp4", "frames"):
+        raise ValueError(f"fmt must be 'mp4' or 'frames', got {fmt!r}")
+    out = Path(out)
+    check_replaceable(out, overwrite)  # before generating anything
+
+    def write(tmp: Path) -> None:
+        (tmp / "videos").mkdir()
+        with (tmp / "data.jsonl").open("w", encoding="utf-8") as f:
+            for i in tqdm(range(num), desc="toy video", unit="clip"):
+                clip = make_clip(seed, i, num_frames, image_size)
+                rel = f"videos/{clip['id']}" + (".mp4" if fmt == "mp4" else "")
+                if fmt == "mp4":
+                    write_video(tmp / rel, clip["frames"])
+                else:
+                    (tmp / rel).mkdir()
+                    for k, frame in enumerate(clip["frames"]):
+                        frame.save(tmp / rel / f"{k:05d}.png")
+                record = {key: clip[key] for key in ("id", "messages", "tracks")}
+                f.write(json.dumps({**record, "video": rel, "num_frames": num_frames}) + "\n")
+
+    write_folder(out, write, overwrite=overwrite, kind="toy-video")
+    return out / "data.jsonl"

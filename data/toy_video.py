@@ -31,6 +31,8 @@ from covspec.data.toy_world import (
     POSITIONS,
     SHAPES,
     ToyObject,
+    chat_messages,
+    distinct_turns,
     render,
 )
 from covspec.data.video import write_video
@@ -149,22 +151,12 @@ def make_clip(
     if rng.random() < describe_prob:
         turns = [(rng.choice(VIDEO_DESCRIBE_PROMPTS), caption(tracks))]
     else:
-        wanted, turns = rng.randint(1, 2), []
-        for _ in range(8):  # a few tries to find distinct questions
-            qa = question_answer(tracks, rng)
-            if qa[0] not in {q for q, _ in turns}:
-                turns.append(qa)
-            if len(turns) == wanted:
-                break
-    messages = []
-    for i, (question, answer) in enumerate(turns):
-        messages.append({"role": "user", "content": ("<video>\n" if i == 0 else "") + question})
-        messages.append({"role": "assistant", "content": answer})
+        turns = distinct_turns(lambda: question_answer(tracks, rng), rng.randint(1, 2))
     return {
         "id": f"toyvideo-{seed}-{index}-{num_frames}",
         "frames": frames,
         "tracks": [asdict(t) for t in tracks],
-        "messages": messages,
+        "messages": chat_messages(turns, "<video>"),
     }
 
 

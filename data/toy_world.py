@@ -24,6 +24,7 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -258,6 +259,28 @@ def prompt_kind(prompt: str) -> str:
     return next((k for head, k in PROMPT_KINDS.items() if prompt.startswith(head)), "other")
 
 
+def distinct_turns(draw: Callable[[], tuple[str, str]], wanted: int) -> list[tuple[str, str]]:
+    """Up to `wanted` (question, answer) pairs from `draw` with distinct questions (a few tries
+    each, so a scene with fewer distinct questions gives fewer turns)."""
+    turns: list[tuple[str, str]] = []
+    for _ in range(wanted * 4):
+        qa = draw()
+        if qa[0] not in {q for q, _ in turns}:
+            turns.append(qa)
+        if len(turns) == wanted:
+            break
+    return turns
+
+
+def chat_messages(turns: list[tuple[str, str]], placeholder: str) -> list[dict]:
+    """LLaVA-style messages; the media placeholder opens the first user turn."""
+    messages = []
+    for i, (question, answer) in enumerate(turns):
+        content = (f"{placeholder}\n" if i == 0 else "") + question
+        messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
+    return messages
+
+
 def make_sample(
     seed: int, index: int, image_size: int = DEFAULT_IMAGE_SIZE, describe_prob: float = 0.6
 ) -> dict:
@@ -273,21 +296,11 @@ def make_sample(
     if rng.random() < describe_prob:
         turns = [(rng.choice(DESCRIBE_PROMPTS), describe(objects, rng))]
     else:
-        wanted, turns = rng.randint(1, 3), []
-        for _ in range(wanted * 4):  # a few tries to find distinct questions
-            qa = question_answer(objects, rng)
-            if qa[0] not in {q for q, _ in turns}:
-                turns.append(qa)
-            if len(turns) == wanted:
-                break
-    messages = []
-    for i, (question, answer) in enumerate(turns):
-        messages.append({"role": "user", "content": ("<image>\n" if i == 0 else "") + question})
-        messages.append({"role": "assistant", "content": answer})
+        turns = distinct_turns(lambda: question_answer(objects, rng), rng.randint(1, 3))
     return {
         "id": f"toy-{seed}-{index}",
         "image": image,
-        "messages": messages,
+        "messages": chat_messages(turns, "<image>"),
         "objects": [asdict(o) for o in objects],
     }
 

@@ -144,7 +144,8 @@ def run_bench(
             token_ids[name] = [int(t) for t in tokens]
             outputs[name] = processor.tokenizer.decode(tokens, skip_special_tokens=True)
             if result is not None:
-                tally.decode_tokens += max(0, len(result.tokens) - 1)
+                decoded = max(0, len(result.tokens) - 1)  # the prefill's token is not decoded
+                tally.decode_tokens += decoded
                 tally.rounds += result.rounds
                 tally.drafted += result.drafted
                 tally.attempts = [
@@ -159,7 +160,7 @@ def run_bench(
                 tally.prefix_tokens += result.prefix_tokens
                 tally.draft_steps += result.draft_steps
                 per_kind = tally.kind_rounds.setdefault(s.get("kind", "all"), [0, 0])
-                per_kind[0] += max(0, len(result.tokens) - 1)
+                per_kind[0] += decoded
                 per_kind[1] += result.rounds
                 if result.gate_choice is not None:
                     kind = tally.gate_choices.setdefault(s.get("kind", "all"), {})

@@ -96,7 +96,7 @@ def visual_prefix(
     force: int | torch.Tensor | None = None,
 ) -> VisualPrefix:
     """The compressed visual prefix of every sample (`temperature`: Gumbel-softmax training;
-    None: the gate's argmax; `force`: one option for all)."""
+    None: the gate's pick; `force`: one option index for all, or a (B,) tensor of them)."""
     cfg = drafter.config
     if cfg.visual_prefix != "compressed":
         raise ValueError(f"visual_prefix is {cfg.visual_prefix!r}; only 'compressed' builds one")

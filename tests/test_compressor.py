@@ -357,3 +357,22 @@ def test_critic_term_fits_the_measured_loss_gap():
     assert scores.grad[0, 0] < 0 < scores.grad[0, 1]  # option 0 lost more: its score rises
     assert scores.grad[1, 2] > 0 > scores.grad[1, 0]
     assert critic_term(prefix, per_sample, None).item() == 0.0
+
+
+def test_paired_rows_share_one_teacher_logits_pass(micro_target_dir):
+    module = _module(
+        micro_target_dir,
+        visual_prefix="compressed",
+        compressor={"options": ["none", "pool:4"], "gate": "critic"},
+    )
+    torch.manual_seed(1)
+    hidden = torch.randn(3, 7, module.adapter.hidden_size).repeat_interleave(2, 0)  # (2B, S, D)
+    mask = torch.rand(3, 7).lt(0.6).repeat_interleave(2, 0)
+    mask[0] = False  # a sample without answer positions keeps the others aligned
+    mask[1] = False
+    logits, rows = module._teacher_logits(hidden, mask, torch.zeros(6, dtype=torch.long))
+    assert len(logits) == mask[0::2].sum()  # one pass per sample, not per row
+    expected = module.adapter.logits_from_hidden(hidden[mask]).float()
+    assert torch.allclose(logits[rows], expected)
+    plain, identity = module._teacher_logits(hidden, mask, None)
+    assert torch.allclose(plain[identity], expected)

@@ -368,8 +368,7 @@ class DrafterDistillation(L.LightningModule):
         target_mask = torch.zeros_like(t["loss_mask"][:, 1:])
         target_mask[:, : s - 1] = t["loss_mask"][:, 2:]
         teacher_hidden = t["teacher_hidden"][:, 1:]  # row i: the state that predicts token i+2
-        with torch.no_grad():  # (N, V) teacher logits at answer positions only
-            teacher_logits = self.adapter.logits_from_hidden(teacher_hidden[target_mask]).float()
+        teacher_logits, answer_row = self._teacher_logits(teacher_hidden, target_mask, force)
         pruned = bool(self.drafter.config.draft_vocab_size)
         total, weights = 0.0, 0.0
         positions = torch.arange(s, device=target_mask.device)
@@ -380,7 +379,7 @@ class DrafterDistillation(L.LightningModule):
             if not sel.any():
                 continue
             logits = self.drafter.logits(h[sel]).float()  # (N_k, V_draft)
-            full = teacher_logits[sel[target_mask]]  # (N_k, V); sel is a subset of target_mask
+            full = teacher_logits[answer_row[sel[target_mask]]]  # (N_k, V); sel within the mask
             # A pruned vocabulary renormalises the teacher over the draft tokens (EAGLE-3).
             p_teacher = (full[:, self.drafter.draft_token_ids()] if pruned else full).softmax(-1)
             ce_rows = -(p_teacher * logits.log_softmax(-1)).sum(-1)  # (N_k,)
@@ -403,6 +402,21 @@ class DrafterDistillation(L.LightningModule):
                 cost = self.hparams.cost_weight * prefix.cost.mean()
                 loss = loss + cost + gate_term(prefix, per_sample)
         return loss
+
+    @torch.no_grad()
+    def _teacher_logits(
+        self, teacher_hidden: torch.Tensor, target_mask: torch.Tensor, force: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, V) teacher logits at answer positions only (see `teacher`), and each answer
+        position's row in them. Paired rows (`explore_pairs`) hold one sample twice: one LM-head
+        pass per sample, not per row."""
+        if force is None:
+            logits = self.adapter.logits_from_hidden(teacher_hidden[target_mask]).float()
+            return logits, torch.arange(len(logits), device=logits.device)
+        once = target_mask[0::2]
+        logits = self.adapter.logits_from_hidden(teacher_hidden[0::2][once]).float()
+        rows = torch.arange(len(logits), device=logits.device).split(once.sum(1).tolist())
+        return logits, torch.cat([r for r in rows for _ in range(2)])
 
     def _log_prefix(self, prefix: VisualPrefix) -> None:
         """Mean prefix tokens and the gate's choice histogram (argmax in validation)."""

@@ -64,6 +64,22 @@ def to_content_items(messages: list[dict], placeholder: str = "<image>") -> list
     return out
 
 
+def frames_as_images(
+    messages: list[dict], num_frames: int, placeholder: str = "<video>"
+) -> list[dict]:
+    """A video placeholder -> `num_frames` image placeholders, one per line: how a clip is
+    shown to a target without a video processor (the runner and lmms-eval do the same)."""
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    images = "\n".join(["<image>"] * num_frames)
+    return [
+        {**m, "content": m["content"].replace(placeholder, images)}
+        if isinstance(m["content"], str)
+        else m
+        for m in messages
+    ]
+
+
 def assistant_char_spans(processor, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the (start, end) char span of every assistant turn."""
     render = processor.apply_chat_template

@@ -27,16 +27,35 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoProcessor
 
-from covspec.data.chat import ConversationError, encode_conversation, pad_batch, truncate_encoding
+from covspec.data.chat import (
+    ConversationError,
+    encode_conversation,
+    frames_as_images,
+    pad_batch,
+    truncate_encoding,
+)
 from covspec.data.readers import read_conversations_jsonl, toy_dataset
 from covspec.data.resumable import ResumableLoader, ResumableSampler
+from covspec.data.toy_video import ToyVideoClips
 from covspec.modeling.identity import resolve_source
 
 
 def load_conversations(
     spec: str, image_root: str | None = None, default_seed: int = 0, verify_images: bool = True
 ):
-    """`toy:N[:SEED]` or a jsonl path -> datasets.Dataset in the conversation schema."""
+    """`toy:N[:SEED]`, `toyvideo:N[:SEED[:MIN-MAX]]` (N clips of MIN..MAX frames, default
+    2-16, drawn on access) or a jsonl path -> a dataset in the conversation schema."""
+    if spec.startswith("toyvideo:"):
+        parts = spec.split(":")
+        try:
+            num = int(parts[1])
+            seed = int(parts[2]) if len(parts) > 2 else default_seed
+            lo, hi = (int(x) for x in parts[3].split("-")) if len(parts) > 3 else (2, 16)
+        except (IndexError, ValueError) as e:
+            raise ValueError(
+                f"toy video data spec must be 'toyvideo:N[:SEED[:MIN-MAX]]', got {spec!r}"
+            ) from e
+        return ToyVideoClips(num, seed, lo, hi)
     if spec.startswith("toy:"):
         parts = spec.split(":")
         try:
@@ -85,8 +104,16 @@ class Collator:
 
     def _encode(self, row: dict) -> dict:
         images = [row["image"]] if row.get("image") is not None else None
+        messages = row["messages"]
+        if row.get("video") is not None:
+            if getattr(self.processor, "video_processor", None) is not None:
+                raise ConversationError(
+                    f"row {row.get('id')!r}: training on video through a video processor is not "
+                    "supported; this target's processor would need frames as images"
+                )
+            images, messages = list(row["video"]), frames_as_images(messages, len(row["video"]))
         try:
-            return encode_conversation(self.processor, row["messages"], images)
+            return encode_conversation(self.processor, messages, images)
         except Exception as e:  # name the row: the reader cannot see what the processor refuses
             raise ConversationError(f"row {row.get('id')!r}: {e}") from e
 
@@ -151,7 +178,7 @@ class ConversationDataModule(L.LightningDataModule):
         """Local rank 0 only: read every data file once with image verification, so a missing
         or corrupt image fails here naming file:line, before any rank starts training."""
         for spec in (self.hparams.train_data, self.hparams.val_data):
-            if spec and not spec.startswith("toy:"):
+            if spec and not spec.startswith(("toy:", "toyvideo:")):
                 load_conversations(spec, self.hparams.image_root, verify_images=True)
 
     def setup(self, stage: str | None = None) -> None:

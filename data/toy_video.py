@@ -21,6 +21,7 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -111,6 +112,32 @@ def caption(tracks: list[Track]) -> str:
     return " ".join(parts)
 
 
+def event_questions(tracks: list[Track]) -> list[tuple[str, str, str]]:
+    """Every (kind, question, answer) the clip supports: where each object moves to, the
+    count, and which appears first / leaves where that is defined; what evaluation asks."""
+    out = [
+        ("where_to", f"Where does the {t.name} move to?", f"It moves to the {POSITIONS[t.end]}.")
+        for t in tracks
+    ]
+    n = len(tracks)
+    out.append(
+        ("count", "How many objects appear in the video?", f"{NUMBER_WORDS[n].capitalize()}.")
+    )
+    if len({t.appear for t in tracks}) == n > 1:
+        first = min(tracks, key=lambda x: x.appear)
+        out.append(("first", "Which object appears first?", f"The {first.name}."))
+    leaver = next((t for t in tracks if t.leave is not None), None)
+    if leaver is not None:
+        out.append(("leaves", "Which object leaves the video?", f"The {leaver.name}."))
+    return out
+
+
+def frame_objects(tracks: list[dict], frame: int, num_frames: int, image_size: int) -> list[dict]:
+    """The objects drawn on `frame` of a clip, from its ground truth (`clip["tracks"]`)."""
+    drawn = [Track(**t).at(frame, num_frames, image_size) for t in tracks]
+    return [asdict(o) for o in drawn if o is not None]
+
+
 def question_answer(tracks: list[Track], rng: random.Random) -> tuple[str, str]:
     """One event question and its answer."""
     kinds = ["where_to", "count"]
@@ -138,9 +165,11 @@ def make_clip(
     num_frames: int = 8,
     image_size: int = DEFAULT_IMAGE_SIZE,
     describe_prob: float = 0.5,
+    max_questions: int = 2,
 ) -> dict:
     """Clip `index` of the stream `seed`: {"id", "frames", "tracks", "messages"}; a caption turn
-    with probability `describe_prob`, else 1-2 event questions (`<video>` opens the first turn)."""
+    with probability `describe_prob`, else 1..max_questions event questions (`<video>` opens
+    the first turn)."""
     rng = random.Random((seed * 1_000_003 + index) * 131 + num_frames)
     tracks = sample_tracks(rng, num_frames, image_size)
     style = rng.getrandbits(32)  # one background and palette jitter for every frame
@@ -151,13 +180,69 @@ def make_clip(
     if rng.random() < describe_prob:
         turns = [(rng.choice(VIDEO_DESCRIBE_PROMPTS), caption(tracks))]
     else:
-        turns = distinct_turns(lambda: question_answer(tracks, rng), rng.randint(1, 2))
+        turns = distinct_turns(lambda: question_answer(tracks, rng), rng.randint(1, max_questions))
     return {
         "id": f"toyvideo-{seed}-{index}-{num_frames}",
         "frames": frames,
         "tracks": [asdict(t) for t in tracks],
         "messages": chat_messages(turns, "<video>"),
     }
+
+
+class ToyVideoClips(torch.utils.data.Dataset):
+    """`num` clips of stream `seed`, each built when it is read (clips are cheap to draw and
+    heavy to hold), with min_frames..max_frames frames drawn per index. Rows follow the
+    conversation schema with `video` (the frames) in place of `image`."""
+
+    def __init__(
+        self,
+        num: int,
+        seed: int = 0,
+        min_frames: int = 2,
+        max_frames: int = 16,
+        image_size: int = DEFAULT_IMAGE_SIZE,
+    ) -> None:
+        if num < 1:
+            raise ValueError(f"num must be >= 1, got {num}")
+        if not 2 <= min_frames <= max_frames:
+            raise ValueError(f"need 2 <= min_frames <= max_frames, got {min_frames}, {max_frames}")
+        self.num, self.seed, self.image_size = num, seed, image_size
+        self.min_frames, self.max_frames = min_frames, max_frames
+
+    def __len__(self) -> int:
+        return self.num
+
+    def num_frames(self, index: int) -> int:
+        rng = random.Random(index * 7919 + self.seed)
+        return rng.randint(self.min_frames, self.max_frames)
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.num:
+            raise IndexError(f"clip {index} of {self.num}")
+        clip = make_clip(self.seed, index, self.num_frames(index), self.image_size)
+        return {"id": clip["id"], "video": clip["frames"], "messages": clip["messages"]}
+
+
+def toy_video_prompts(
+    num: int, num_frames: int, seed: int = 31_337, image_size: int = DEFAULT_IMAGE_SIZE
+) -> list[dict]:
+    """`num` unseen clips of `num_frames` frames with "Describe the video." (the long answer),
+    each with its `frames` and ground-truth `tracks`, for the bench's video length sweep."""
+    if num < 1:
+        raise ValueError(f"num must be >= 1, got {num}")
+    out = []
+    for i in range(num):
+        clip = make_clip(seed, i, num_frames, image_size)
+        out.append(
+            {
+                "id": clip["id"],
+                "frames": clip["frames"],
+                "prompt": VIDEO_DESCRIBE_PROMPTS[0],
+                "kind": "description",
+                "tracks": clip["tracks"],
+            }
+        )
+    return out
 
 
 def write_toy_video(

@@ -4,6 +4,9 @@
     covspec toy-data   --out DIR --video --frames 16  # toy video clips (mp4) + ground truth
     covspec toy-target --out checkpoints/toy-target   # train (or reuse) the toy target VLM
     covspec toy-eval   --target checkpoints/toy-target --num 200
+    covspec toy-target --video                        # the toy video target (clips as frames)
+    covspec toy-eval   --video --target checkpoints/toy-video-target --num 100 --frames 4 16
+    covspec video-sweep --target DIR --drafter DIR [...] --frames 8 64 576 --out F.json
     covspec train      --config recipes/toy/drafter.yaml [--model.variant text_only ...]
     covspec bench      --target DIR --drafter DIR [--drafter DIR ...] [--data F.jsonl | --toy N] --out F.json
     covspec simulate   --target DIR --drafter DIR [--channel good|medium|bad|PRESET@rttMS|TRACE.csv ...] --out F.json
@@ -28,6 +31,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from covspec.scripts.args import Parser, at_least, between, debug_requested, run_guarded
+from covspec.scripts.video_sweep import add_video_sweep_parser
 
 
 def _toy_data(args: argparse.Namespace) -> None:
@@ -47,19 +51,26 @@ def _toy_data(args: argparse.Namespace) -> None:
 
 
 def _toy_target(args: argparse.Namespace) -> None:
-    from covspec.modeling.toy_vlm import ToyVLMSpec
-    from covspec.training.toy_target import ToyTargetSettings, build_toy_target
+    from dataclasses import replace
 
-    spec_keys = {f.name for f in fields(ToyVLMSpec)}
+    from covspec.training.toy_target import ToyTargetSettings, build_toy_target
+    from covspec.training.toy_video_target import ToyVideoTargetSettings
+
+    base = ToyVideoTargetSettings() if args.video else ToyTargetSettings()
     overrides = {k: v for k, v in vars(args).items() if v is not None}
-    spec = ToyVLMSpec(**{k: v for k, v in overrides.items() if k in spec_keys})
-    setting_keys = {f.name for f in fields(ToyTargetSettings)} - {"spec"}
-    settings = ToyTargetSettings(
-        spec=spec, **{k: v for k, v in overrides.items() if k in setting_keys}
+    spec_keys = {f.name for f in fields(base.spec)}
+    spec = replace(base.spec, **{k: v for k, v in overrides.items() if k in spec_keys})
+    setting_keys = {f.name for f in fields(base)} - {"spec"}
+    settings = replace(base, spec=spec, **{k: v for k, v in overrides.items() if k in setting_keys})
+    out = args.out or ("checkpoints/toy-video-target" if args.video else "checkpoints/toy-target")
+    report = build_toy_target(out, settings, force=args.force, overwrite=args.overwrite)
+    keys = (
+        ("event_accuracy", "event_accuracy_by")
+        if args.video
+        else ("object_accuracy", "recall", "precision")
     )
-    report = build_toy_target(args.out, settings, force=args.force, overwrite=args.overwrite)
-    summary = {k: report[k] for k in ("object_accuracy", "recall", "precision", "train_seconds")}
-    print(f"toy target in {args.out}: {json.dumps(summary)}")
+    summary = {k: report[k] for k in (*keys, "train_seconds")}
+    print(f"toy target in {out}: {json.dumps(summary)}")
 
 
 def _toy_eval(args: argparse.Namespace) -> None:
@@ -67,13 +78,17 @@ def _toy_eval(args: argparse.Namespace) -> None:
 
     from covspec.modeling.identity import resolve_source
     from covspec.training.toy_target import EVAL_SEED, object_accuracy
+    from covspec.training.toy_video_target import event_accuracy
 
     target = resolve_source(args.target, "target")
     processor = AutoProcessor.from_pretrained(target)
     model = AutoModelForImageTextToText.from_pretrained(target).eval()
-    metrics = object_accuracy(
-        model, processor, args.num, seed=args.seed if args.seed is not None else EVAL_SEED
-    )
+    seed = args.seed if args.seed is not None else EVAL_SEED
+    if args.video:
+        size = processor.image_processor.size["height"]
+        metrics = event_accuracy(model, processor, args.num, tuple(args.frames), size, seed)
+    else:
+        metrics = object_accuracy(model, processor, args.num, seed=seed)
     print(json.dumps(metrics, indent=2))
 
 
@@ -382,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_toy_data)
 
     p = sub.add_parser("toy-target", help="train the toy target VLM (cached unless --force)")
-    p.add_argument("--out", default="checkpoints/toy-target")
+    p.add_argument("--out", help="default: checkpoints/toy-target (--video: toy-video-target)")
+    p.add_argument("--video", action="store_true", help="the toy video target (clips as frames)")
     p.add_argument("--force", action="store_true", help="retrain even if a matching one exists")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty foreign --out")
     p.add_argument("--seed", type=int)
@@ -430,8 +446,14 @@ def build_parser() -> argparse.ArgumentParser:
         "toy-eval", help="object accuracy of a target's descriptions on unseen scenes"
     )
     p.add_argument("--target", default="checkpoints/toy-target")
-    p.add_argument("--num", type=at_least(1), default=200)
+    p.add_argument(
+        "--num", type=at_least(1), default=200, help="scenes (--video: clips per length)"
+    )
     p.add_argument("--seed", type=int, help="scene stream (default: the held-out evaluation seed)")
+    p.add_argument("--video", action="store_true", help="event accuracy of a toy video target")
+    p.add_argument(
+        "--frames", type=at_least(2), nargs="+", default=[4, 16], help="clip lengths (--video)"
+    )
     p.set_defaults(func=_toy_eval)
 
     p = sub.add_parser("publish", help="push an exported drafter folder to the Hugging Face Hub")
@@ -451,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_simulate_parser(sub)
     _add_eval_parser(sub)
     _add_collect_parser(sub)
+    add_video_sweep_parser(sub)
     return parser
 
 

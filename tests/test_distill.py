@@ -149,6 +149,9 @@ def test_every_recipe_parses_through_the_cli(recipe, monkeypatch):
     callbacks = cli.config_init.trainer.callbacks
     export = [c for c in callbacks if type(c).__name__ == "ExportDrafter"][0]
     assert "-text-only" in export.dirpath, "variant suffix not resolved"
+    if recipe.startswith("recipes/toy/") and "quick" not in recipe:  # named after their target
+        stem = Path(cli.model.hparams.target).name.removesuffix("-target")
+        assert export.dirpath.startswith(f"checkpoints/{stem}-drafter-text-only")
     if cli.model.hparams.feature_codec_rank:  # a codec run never overwrites its start drafter
         assert export.dirpath.endswith(f"-r{cli.model.hparams.feature_codec_rank}")
     if "toy" not in recipe:

@@ -8,8 +8,8 @@ The data module's `target` is linked to the model's, so a recipe names its targe
 in the trainer section may hold `{variant}`, `{variant_suffix}` ("" for visual_free, else
 "-full-visual" / "-text-only"; then "-elastic" for a compressed visual prefix, or the fixed
 primitive, e.g. "-pool4"), `{codec_suffix}` ("" or "-r16" for a feature codec of rank
-16) and `{recipe}` (the folder of the recipe given last with
---config, e.g. "llava-1.5-7b"), so checkpoints, exports and run names follow `--model.variant`
+16), `{target_stem}` (the target folder's name without "-target", e.g. "toy-video") and
+`{recipe}` (the folder of the recipe given last with --config, e.g. "llava-1.5-7b"), so checkpoints, exports and run names follow `--model.variant`
 and the target, and a baseline never resumes from another variant's checkpoint. A recipe may
 start with `config: ../_shared/BASE.yaml` to inherit a shared base (jsonargparse nesting). By default training resumes from
 the `last.ckpt` of the recipe's ModelCheckpoint when there is one: exactly (the data loader
@@ -79,6 +79,9 @@ class CovspecCLI(LightningCLI):
             "variant_suffix": suffix,
             "recipe": recipe,
             "codec_suffix": f"-r{rank}" if rank else "",
+            # the target folder's name without "-target": toy-target -> toy, toy-video-target ->
+            # toy-video, so one recipe names the drafters of several toy targets apart
+            "target_stem": Path(str(model.target)).name.removesuffix("-target"),
         }
         _format(self.config.trainer, names)
 

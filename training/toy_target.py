@@ -73,6 +73,19 @@ class ToyTargetSettings:
         blob = json.dumps(asdict(self), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
+    # The world the target learns; the toy video target's settings override these four.
+    def corpus(self) -> list[str]:
+        return corpus_text(self.seed, 4000)
+
+    def vision_draw(self, processor):
+        return None  # train_vision's default: toy scenes
+
+    def lm_encode(self, processor):
+        return None  # train_language's default: toy-scene conversations
+
+    def evaluate(self, model, processor) -> dict:
+        return object_accuracy(model, processor, self.eval_samples)
+
 
 def _lr_lambda(total: int, warmup: int):
     def f(step: int) -> float:
@@ -110,7 +123,15 @@ def _step(opt, sched, params, loss: torch.Tensor, bar: tqdm, stage: str) -> None
     bar.set_postfix(stage=stage, loss=f"{loss.item():.3f}")
 
 
-def train_vision(model, processor, s: ToyTargetSettings, bar: tqdm) -> None:
+def _scene(seed: int, index: int) -> tuple:
+    x = make_sample(seed, index)
+    return x["image"], x["objects"]
+
+
+def train_vision(model, processor, s: ToyTargetSettings, bar: tqdm, draw=None) -> None:
+    """Per-patch colour / shape / cell heads on the tower. `draw(index) -> (image, objects)`
+    gives the training images (default: toy scenes of stream seed + 1)."""
+    draw = draw or (lambda k: _scene(s.seed + 1, k))
     tower = model.model.vision_tower
     grid = s.spec.image_size // s.spec.patch_size
     heads = torch.nn.ModuleList(
@@ -121,11 +142,9 @@ def train_vision(model, processor, s: ToyTargetSettings, bar: tqdm) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s.vision_steps, s.warmup_steps))
     tower.train()
     for step in range(s.vision_steps):
-        samples = [
-            make_sample(s.seed + 1, step * s.vision_batch + i) for i in range(s.vision_batch)
-        ]
-        pixels = processor.image_processor([x["image"] for x in samples], return_tensors="pt")
-        labels = torch.stack([_patch_labels(x["objects"], grid) for x in samples])  # (B, P, 3)
+        drawn = [draw(step * s.vision_batch + i) for i in range(s.vision_batch)]
+        pixels = processor.image_processor([im for im, _ in drawn], return_tensors="pt")
+        labels = torch.stack([_patch_labels(objs, grid) for _, objs in drawn])  # (B, P, 3)
         feats = tower(pixel_values=pixels["pixel_values"]).last_hidden_state[:, 1:]  # (B, P, D)
         loss = sum(
             F.cross_entropy(h(feats).flatten(0, 1), labels[..., k].flatten())
@@ -151,7 +170,10 @@ def lm_loss(model, batch: dict) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), ignore_index=-100)
 
 
-def train_language(model, processor, s: ToyTargetSettings, bar: tqdm) -> None:
+def train_language(model, processor, s: ToyTargetSettings, bar: tqdm, encode=None) -> None:
+    """Assistant-token loss with the tower frozen. `encode(index) -> encoding` gives the
+    training conversations (default: toy scenes of stream seed)."""
+    encode = encode or (lambda k: _encode(processor, make_sample(s.seed, k)))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=s.lm_lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s.lm_steps, s.warmup_steps))
@@ -159,8 +181,8 @@ def train_language(model, processor, s: ToyTargetSettings, bar: tqdm) -> None:
     model.train()
     model.model.vision_tower.eval()
     for step in range(s.lm_steps):
-        samples = [make_sample(s.seed, step * s.lm_batch + i) for i in range(s.lm_batch)]
-        loss = lm_loss(model, pad_batch([_encode(processor, x) for x in samples], pad))
+        encs = [encode(step * s.lm_batch + i) for i in range(s.lm_batch)]
+        loss = lm_loss(model, pad_batch(encs, pad))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"toy target loss is {loss.item()} at language step {step}")
         _step(opt, sched, params, loss, bar, "language")
@@ -168,23 +190,19 @@ def train_language(model, processor, s: ToyTargetSettings, bar: tqdm) -> None:
 
 
 @torch.no_grad()
-def describe_images(
-    model, processor, images: list, max_new_tokens: int = 96, batch: int = 25
+def greedy_answers(
+    model, processor, prompts: list[str], images: list[list], max_new_tokens: int, batch: int = 25
 ) -> list[str]:
-    """Greedy answers to "Describe the image." for each image (left-padded batches)."""
-    prompt = processor.apply_chat_template(
-        [{"role": "user", "content": "<image>\n" + DESCRIBE_PROMPTS[0]}],
-        tokenize=False,
-        add_generation_prompt=True,
-    )
+    """Greedy answers to chat-templated `prompts`, each with its list of images (left-padded
+    batches; a batch's prompts should show equally many images to waste no compute)."""
     tok = processor.tokenizer
     side, tok.padding_side = tok.padding_side, "left"
     texts = []
     try:
-        for i in range(0, len(images), batch):
-            chunk = images[i : i + batch]
+        for i in range(0, len(prompts), batch):
+            flat = [im for ims in images[i : i + batch] for im in ims]
             inputs = processor(
-                images=chunk, text=[prompt] * len(chunk), return_tensors="pt", padding=True
+                images=flat, text=prompts[i : i + batch], return_tensors="pt", padding=True
             )
             out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
             texts += tok.batch_decode(
@@ -193,6 +211,18 @@ def describe_images(
     finally:
         tok.padding_side = side
     return texts
+
+
+def describe_images(model, processor, images: list, max_new_tokens: int = 96) -> list[str]:
+    """Greedy answers to "Describe the image." for each image."""
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": "<image>\n" + DESCRIBE_PROMPTS[0]}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    return greedy_answers(
+        model, processor, [prompt] * len(images), [[im] for im in images], max_new_tokens
+    )
 
 
 def object_accuracy(model, processor, num: int, seed: int = EVAL_SEED) -> dict:
@@ -253,14 +283,14 @@ def build_toy_target(
     check_replaceable(out, overwrite, _is_toy_target)
     torch.manual_seed(s.seed)
     start = time.time()
-    tokenizer = train_tokenizer(corpus_text(s.seed, 4000), s.spec.vocab_size)
+    tokenizer = train_tokenizer(s.corpus(), s.spec.vocab_size)
     processor = build_processor(tokenizer, s.spec)
     model = LlavaForConditionalGeneration(build_config(s.spec, tokenizer))
     with tqdm(total=s.vision_steps + s.lm_steps, desc="toy target", unit="step") as bar:
-        train_vision(model, processor, s, bar)
-        train_language(model, processor, s, bar)
+        train_vision(model, processor, s, bar, s.vision_draw(processor))
+        train_language(model, processor, s, bar, s.lm_encode(processor))
     train_s = time.time() - start
-    metrics = object_accuracy(model, processor, s.eval_samples)
+    metrics = s.evaluate(model, processor)
     report = {
         "settings": asdict(s),
         "settings_digest": s.digest(),

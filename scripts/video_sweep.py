@@ -1,0 +1,82 @@
+"""`covspec video-sweep`: every drafter (and the keep-or-offload policy) over clip lengths.
+
+    covspec video-sweep --target checkpoints/toy-video-target \\
+        --drafter checkpoints/toy-video-drafter --drafter checkpoints/toy-video-drafter-pool3 \\
+        --frames 8 32 128 576 --clips 6 --out docs/results/video-sweep.json
+    # then the policy, its threshold measured by that sweep:
+    covspec video-sweep ... --visual-policy auto --keep toy-video-drafter-pool3 \\
+        --offload toy-video-drafter --threshold-from docs/results/video-sweep.json --out F.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from covspec.scripts.args import at_least
+
+
+def _video_sweep(args: argparse.Namespace) -> None:
+    from covspec.inference.sweep import markdown_table, run_sweep, threshold_from, write_sweep
+    from covspec.inference.visual_policy import AutoVisualPolicy
+    from covspec.modeling.identity import resolve_source
+    from covspec.scripts.cli import _draft_settings
+
+    target = resolve_source(args.target, "target")
+    drafters = [resolve_source(d, "drafter") for d in args.drafter]
+    names = {Path(d).name for d in drafters}
+    policies, threshold = None, None
+    if args.visual_policy == "auto":
+        for role, name in (("--keep", args.keep), ("--offload", args.offload)):
+            if name not in names:
+                raise ValueError(
+                    f"{role} {name!r} is not one of the --drafter folders {sorted(names)}"
+                )
+        if args.threshold is not None:
+            threshold = args.threshold
+        elif args.threshold_from:
+            measured = json.loads(Path(args.threshold_from).read_text())
+            threshold = threshold_from(measured, args.keep, args.offload)
+        else:
+            raise ValueError(
+                "--visual-policy auto needs --threshold-from SWEEP.json (or --threshold N)"
+            )
+        policies = {
+            "auto": lambda runners: AutoVisualPolicy(
+                runners[args.keep], runners[args.offload], threshold
+            )
+        }
+    report = run_sweep(
+        target, drafters, args.frames, args.clips, args.max_new_tokens, _draft_settings(args),
+        policies=policies,
+    )  # fmt: skip
+    if policies:
+        report["policy"] = {
+            "keep": args.keep, "offload": args.offload, "threshold_visual_tokens": threshold,
+            "threshold_from": args.threshold_from,
+        }  # fmt: skip
+    print(markdown_table(report))
+    path = write_sweep(report, args.out)
+    print(f"wrote {path}, {path.with_suffix('.md')}, {path.with_suffix('.png')}")
+
+
+def add_video_sweep_parser(sub) -> None:
+    from covspec.scripts.cli import _add_draft_arguments
+
+    p = sub.add_parser(
+        "video-sweep", help="drafters over toy clip lengths (80 to 5000+ visual tokens)"
+    )
+    p.add_argument("--target", default="checkpoints/toy-video-target")
+    p.add_argument("--drafter", action="append", default=[], help="drafter folder (repeatable)")
+    p.add_argument("--frames", type=at_least(2), nargs="+", default=[8, 32, 128, 576])
+    p.add_argument("--clips", type=at_least(1), default=6, help="unseen clips per length")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=64)
+    p.add_argument("--visual-policy", choices=("none", "auto"), default="none")
+    p.add_argument("--keep", help="drafter folder name that keeps a visual prefix (auto)")
+    p.add_argument("--offload", help="visual-token-free drafter folder name (auto)")
+    p.add_argument("--threshold-from", help="a sweep report of keep and offload (auto)")
+    p.add_argument("--threshold", type=at_least(0), help="visual tokens; overrides the measurement")
+    p.add_argument("--out", default="checkpoints/bench/video-sweep.json")
+    _add_draft_arguments(p)
+    p.set_defaults(func=_video_sweep)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from covspec.inference.roles import now
-from covspec.inference.runner import SpecRunner, build_prompt, suppressed_tokens
+from covspec.inference.runner import SpecRunner, suppressed_tokens
 from covspec.inference.tree import DraftSettings
 from covspec.modeling.adapters import adapter_for
 from covspec.modeling.drafter import DrafterConfig
@@ -50,15 +50,16 @@ class _Tally:
     visual_tokens: int = 0  # the target's visual tokens, summed over samples
     prefix_tokens: int = 0  # compressed visual prefix rows, summed over samples
     draft_steps: int = 0  # drafter forwards while drafting
+    kv_bytes: int = 0  # the drafter's KV cache at the end of each sample, summed
     gate_choices: dict[str, dict[str, int]] = field(default_factory=dict)  # kind -> option -> n
     kind_rounds: dict[str, list[int]] = field(default_factory=dict)  # kind -> [tokens, rounds]
 
 
-def _hf_method(model, processor, extra: dict):
+def _hf_method(encoder: SpecRunner, extra: dict):
+    model = encoder.model
+
     def run(image, prompt, max_new_tokens):
-        inputs = processor(
-            images=[image], text=build_prompt(processor, prompt), return_tensors="pt"
-        ).to(model.device)
+        inputs = encoder.encode(image, prompt)  # the runner's prompt: same tokens, same media
         if max_new_tokens <= 0:
             return [], None
         out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, **extra)
@@ -75,21 +76,35 @@ def _spec_method(runner: SpecRunner, settings: DraftSettings):
     return run
 
 
-def build_methods(model, processor, drafters: list[str], chain: DraftSettings, tree: DraftSettings):
+def build_methods(
+    model,
+    processor,
+    drafters: list[str],
+    chain: DraftSettings,
+    tree: DraftSettings,
+    modes: tuple[str, ...] = ("chain", "tree"),
+    policies: dict | None = None,
+):
+    """hf_greedy, hf_prompt_lookup, every drafter in each of `modes`, and each of `policies`
+    ({name: factory(runners by drafter folder name) -> object with the runner's `generate`},
+    run in tree mode)."""
     # Same suppressed tokens as the runner (visual placeholders); it also keeps prompt lookup
     # from proposing image tokens copied out of the prompt, which crashes transformers' VLMs.
     suppress = {"suppress_tokens": suppressed_tokens(model, adapter_for(model))}
+    encoder = SpecRunner(model, processor, None)
     methods = {
-        "hf_greedy": (_Tally("baseline"), _hf_method(model, processor, suppress)),
+        "hf_greedy": (_Tally("baseline"), _hf_method(encoder, suppress)),
         "hf_prompt_lookup": (
             _Tally("baseline"),
-            _hf_method(model, processor, {**suppress, "prompt_lookup_num_tokens": 10}),
+            _hf_method(encoder, {**suppress, "prompt_lookup_num_tokens": 10}),
         ),
     }
+    runners = {}
     for path in drafters:
         runner = SpecRunner.for_drafter_folder(model, processor, path)
         name = Path(path).name
-        for settings in (chain, tree):
+        runners[name] = runner
+        for settings in (s for s in (chain, tree) if s.mode in modes):
             methods[f"{name}/{settings.mode}"] = (
                 _Tally(
                     "speculative",
@@ -100,6 +115,10 @@ def build_methods(model, processor, drafters: list[str], chain: DraftSettings, t
                 ),
                 _spec_method(runner, settings),
             )
+    for name, factory in (policies or {}).items():
+        tally = _Tally("speculative", None, tree.mode, attempts=[0] * tree.depth)
+        tally.accepted = [0] * tree.depth
+        methods[f"{name}/{tree.mode}"] = (tally, _spec_method(factory(runners), tree))
     return methods
 
 
@@ -114,6 +133,8 @@ def run_bench(
     warmup: int = 1,
     device: str = "cpu",
     dtype: str = "float32",
+    modes: tuple[str, ...] = ("chain", "tree"),
+    policies: dict | None = None,
 ) -> dict:
     """samples: [{"id", "image": PIL.Image, "prompt"}]. Returns the report dict (see module doc)."""
     if max_new_tokens < 1:  # zero tokens would make every method "identical" to the baseline
@@ -127,7 +148,7 @@ def run_bench(
     model = AutoModelForImageTextToText.from_pretrained(target, dtype=getattr(torch, dtype))
     model = model.to(device).eval()
     processor = AutoProcessor.from_pretrained(target)
-    methods = build_methods(model, processor, drafters, chain, tree)
+    methods = build_methods(model, processor, drafters, chain, tree, modes, policies)
     names = list(methods)
     for s in samples[:warmup]:
         for name in names:
@@ -159,6 +180,7 @@ def run_bench(
                 tally.visual_tokens += result.visual_tokens
                 tally.prefix_tokens += result.prefix_tokens
                 tally.draft_steps += result.draft_steps
+                tally.kv_bytes += result.drafter_kv_bytes
                 per_kind = tally.kind_rounds.setdefault(s.get("kind", "all"), [0, 0])
                 per_kind[0] += decoded
                 per_kind[1] += result.rounds
@@ -200,6 +222,8 @@ def _report(target, samples, max_new_tokens, methods, rows) -> dict:
             "drafter_ms_per_step": 1000 * t.phases.get("draft", 0.0) / t.draft_steps
             if t.draft_steps
             else None,
+            "drafter_kv_bytes": t.kv_bytes / max(1, len(samples)) if spec else None,
+            "visual_tokens": t.visual_tokens / max(1, len(samples)) if spec else None,
             "gate_choices": t.gate_choices if spec and _gated(t.drafter) else None,
             "tau_per_kind": {k: n / r for k, (n, r) in sorted(t.kind_rounds.items()) if r}
             if spec
@@ -228,8 +252,8 @@ def _gated(drafter: str | None) -> bool:
 def _visual_prefix(t: _Tally, n: int) -> float:
     """Mean visual rows in the drafter's cache: every visual token for a full prefix, the
     compressor's rows for a compressed one, none for a visual-token-free drafter."""
-    if t.drafter is None:
-        return 0.0
+    if t.drafter is None:  # a policy over several drafters: what each sample's choice carried
+        return t.prefix_tokens / max(1, n)
     prefix = DrafterConfig.from_pretrained(t.drafter).visual_prefix
     if prefix == "full":
         return t.visual_tokens / max(1, n)

@@ -81,6 +81,11 @@ class KVBuffer:
     def capacity(self) -> int:
         return self.keys.shape[2]
 
+    def nbytes(self, length: int) -> int:
+        """Bytes of keys + values held for the first `length` positions."""
+        per_row = self.keys[:, :, :1].numel() * self.keys.element_size()
+        return 2 * per_row * length
+
     def truncate(self, length: int) -> None:
         assert 0 <= length <= self.length, (length, self.length)
         self.length = length

@@ -39,6 +39,19 @@ class Media:
             im.save(fp, format=format)
 
 
+@dataclass
+class Encoded:
+    """A prompt already through the target's processor: the runner uses `inputs` as they are
+    (a policy that had to look at the tokens first does not pay the processor twice)."""
+
+    media: Media | None
+    inputs: Any  # the processor's BatchFeature, on the target's device
+
+    def save(self, fp: Any, format: str = "PNG") -> None:  # the link accounting prices media
+        if self.media is not None:
+            self.media.save(fp, format=format)
+
+
 def as_media(visual: Any) -> Media | None:
     """None, a PIL image, a sequence of them, or a Media -> Media (None when nothing to show)."""
     if visual is None:

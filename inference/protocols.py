@@ -37,6 +37,7 @@ import torch
 
 from covspec.inference.acceptance import nominal_state
 from covspec.inference.compute import MEASURED, Op
+from covspec.inference.drafting import DrafterSide
 from covspec.inference.messages import (
     DraftUpload,
     HiddenRequest,
@@ -178,6 +179,8 @@ class _Run:
         r.visual_tokens, r.prefix_tokens = req.visual_tokens, req.prefix_tokens
         r.gate_choice = req.gate_choice
         r.draft_steps = getattr(req.source, "steps", 0)
+        if isinstance(req.source, DrafterSide):
+            r.drafter_kv_bytes = req.source.cache.nbytes(req.source.length)
         return r
 
 

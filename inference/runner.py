@@ -26,7 +26,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from covspec.inference.features import FeatureEncoder
 from covspec.inference.kernel import DrafterKernel
-from covspec.inference.media import Media, as_media
+from covspec.inference.media import Encoded, Media, as_media
 from covspec.inference.protocols import run_protocol
 from covspec.inference.roles import Request
 from covspec.inference.timeline import GenerationResult, Timeline
@@ -158,7 +158,9 @@ class SpecRunner:
 
     def encode(self, image, prompt: str) -> dict:
         """Processor inputs for one prompt, on the model's device. `image`: None, a PIL image,
-        a list of them, or a Media (images and one video's frames)."""
+        a list of them, a Media (images and one video's frames) or an already Encoded prompt."""
+        if isinstance(image, Encoded):
+            return image.inputs
         media = as_media(image)
         images = list(media.images) if media else []
         video = media.video if media else None

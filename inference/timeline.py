@@ -56,6 +56,7 @@ class GenerationResult:
     prefix_tokens: int = 0  # compressed visual prefix rows in the drafter's cache
     gate_choice: str | None = None  # the compressor option the gate picked
     draft_steps: int = 0  # drafter forwards while drafting (one per tree level)
+    drafter_kv_bytes: int = 0  # the drafter's KV cache at the end: committed rows, keys + values
 
     @property
     def tau(self) -> float:

@@ -16,7 +16,9 @@ the question. Options, as strings so a recipe can list them:
 - `prune:R`: the top ceil(R * N) tokens by a learned question-aware score, in grid order;
 - `pool:S`: S x S average pooling over the patch grid (ceil mode: odd grids keep their edges);
 - `conv:S`: a learned depthwise S x S stride-S convolution then a pointwise one (starts as pooling);
-- `resampler:Q`: Q learned queries, shifted by the prompt, cross-attending to the tokens.
+- `resampler:Q`: Q learned queries, shifted by the prompt, cross-attending to the tokens;
+- `tpool:K`: temporal average pooling: each run of consecutive images of one grid (a video's
+  frames) is cut into chunks of K, averaged position by position (one grid per chunk).
 
 Two gates (`gate` in the config). `gumbel` learns through `weight`, the straight-through value
 of each sample's hard Gumbel choice (1.0 forward, the soft probability's gradient backward):
@@ -43,7 +45,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 DEFAULT_OPTIONS = ("none", "prune:0.25", "pool:2", "pool:4", "conv:2", "resampler:8")
-KINDS = ("none", "prune", "pool", "conv", "resampler")
+KINDS = ("none", "prune", "pool", "conv", "resampler", "tpool")
 GATES = ("gumbel", "critic")
 
 
@@ -85,7 +87,29 @@ def option_tokens(option: str, grid: tuple[int, int]) -> int:
     if kind in ("pool", "conv"):
         s = int(value)
         return math.ceil(h / s) * math.ceil(w / s)
+    if kind == "tpool":
+        return h * w  # per chunk of frames; `sample_tokens` counts the chunks
     return int(value)
+
+
+def frame_chunks(grids: Sequence[tuple[int, int]], k: int) -> list[list[int]]:
+    """Image indices grouped for `tpool:k`: consecutive images of one grid, k at a time."""
+    chunks: list[list[int]] = []
+    for i, g in enumerate(grids):
+        last = chunks[-1] if chunks else None
+        if last is not None and len(last) < k and grids[last[-1]] == g and last[-1] == i - 1:
+            last.append(i)
+        else:
+            chunks.append([i])
+    return chunks
+
+
+def sample_tokens(option: str, grids: Sequence[tuple[int, int]]) -> int:
+    """How many prefix tokens `option` makes of one sample's images."""
+    kind, value = parse_option(option)
+    if kind == "tpool":
+        return sum(grids[c[0]][0] * grids[c[0]][1] for c in frame_chunks(grids, int(value)))
+    return sum(option_tokens(option, g) for g in grids)
 
 
 class VisualCompressorConfig(PretrainedConfig):
@@ -274,6 +298,8 @@ class VisualCompressor(PreTrainedModel):
             raise ValueError(f"image has {tokens.shape[0]} visual tokens, its grid {grid} {h * w}")
         if kind == "none":
             return tokens[:0]
+        if kind == "tpool":  # one image is a chunk of its own
+            return tokens
         if kind == "prune":
             scores = self.scorer(tokens, prompt)  # (N,)
             keep = torch.topk(scores, option_tokens(self.config.options[option], grid)).indices
@@ -304,7 +330,7 @@ class VisualCompressor(PreTrainedModel):
         k = len(self.parsed)
         sizes = torch.tensor(
             [
-                [sum(option_tokens(o, g) for _, g in imgs) for o in self.config.options]
+                [sample_tokens(o, [g for _, g in imgs]) for o in self.config.options]
                 for imgs in images
             ],
             dtype=torch.float32,
@@ -331,11 +357,17 @@ class VisualCompressor(PreTrainedModel):
         cost = (probs * share).sum(-1)
         rows = []
         for i, imgs in enumerate(images):
-            c = int(choice[i])
-            rows.append(torch.cat([self.compress(c, t, g, prompt[i]) for t, g in imgs]))
+            rows.append(self._compress_sample(int(choice[i]), imgs, prompt[i]))
         weight = weights.gather(1, choice[:, None])[:, 0]  # (B,)
         tokens, valid = _left_pad(rows, 2 * d, prompt)
         return CompressorOutput(tokens, valid, choice, probs, cost, weight, scores)
+
+    def _compress_sample(self, option: int, imgs, prompt: torch.Tensor) -> torch.Tensor:
+        kind, value = self.parsed[option]
+        if kind == "tpool":  # (chunks * h * w, 2D): frames averaged position by position
+            chunks = frame_chunks([g for _, g in imgs], int(value))
+            return torch.cat([torch.stack([imgs[j][0] for j in c]).mean(0) for c in chunks])
+        return torch.cat([self.compress(option, t, g, prompt) for t, g in imgs])
 
     @property
     def critic(self) -> bool:

@@ -34,6 +34,13 @@ for opt in none pool:4 resampler:8 conv:2 prune:0.25; do
     --model.compressor "{options: [$opt]}"                                         # 7.5-9 min each
 done
 train recipes/toy/elastic.yaml checkpoints/toy-drafter-elastic                      # ~23 min
+# video mode: the toy video target and its drafters
+covspec toy-target --video --out checkpoints/toy-video-target                      # ~25 min
+train recipes/toy/video-drafter.yaml checkpoints/toy-video-drafter                  # ~8 min
+train recipes/toy/video-drafter.yaml checkpoints/toy-video-drafter-pool3 \
+  --model.visual_prefix compressed --model.compressor '{options: [pool:3]}'        # ~8 min
+train recipes/toy/video-drafter.yaml checkpoints/toy-video-drafter-full-visual \
+  --model.variant full_visual                                                      # ~10 min
 
 # README: results on the toy world
 covspec bench --target checkpoints/toy-target --drafter checkpoints/toy-drafter \

@@ -12,9 +12,11 @@ from covspec.modeling.adapters import adapter_for
 from covspec.modeling.compressor import (
     VisualCompressor,
     VisualCompressorConfig,
+    frame_chunks,
     grid_for,
     option_tokens,
     parse_option,
+    sample_tokens,
 )
 from covspec.modeling.drafter import Drafter, DrafterConfig
 from covspec.modeling.drafter_inputs import image_runs, prompt_mask, visual_prefix
@@ -46,6 +48,20 @@ def test_every_primitive_makes_its_token_count_on_odd_grids(grid):
         comp.compress(ALL.index("conv:2"), tokens, grid, prompt),
         comp.compress(ALL.index("pool:2"), tokens, grid, prompt),
     )
+
+
+def test_temporal_pooling_averages_consecutive_frames_of_one_grid():
+    grids = [(3, 3)] * 5 + [(2, 2)] + [(3, 3)] * 2
+    assert frame_chunks(grids, 2) == [[0, 1], [2, 3], [4], [5], [6, 7]]
+    assert frame_chunks(grids, 1) == [[i] for i in range(8)]
+    assert sample_tokens("tpool:2", grids) == 9 * 4 + 4
+    assert sample_tokens("pool:2", grids) == option_tokens("pool:2", (3, 3)) * 7 + 1
+    comp = _compressor(["none", "tpool:2"])
+    frames = [torch.randn(9, 16) for _ in range(5)]
+    out = comp([[(f, (3, 3)) for f in frames]], torch.randn(1, 8), force=1)
+    assert out.valid.sum().item() == 27  # chunks [0, 1], [2, 3], [4]
+    torch.testing.assert_close(out.tokens[0, :9], (frames[0] + frames[1]) / 2)
+    torch.testing.assert_close(out.tokens[0, 18:], frames[4])
 
 
 def test_prune_keeps_the_top_scored_tokens_in_grid_order_and_depends_on_the_question():

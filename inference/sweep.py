@@ -1,0 +1,198 @@
+"""Video length sweep: every method at several clip lengths, side by side, on one target.
+
+    >>> report = run_sweep("checkpoints/toy-video-target", drafters, frames=[8, 64, 576],
+    ...                    clips=6, max_new_tokens=64)
+    >>> write_sweep(report, "docs/results/video-sweep.json")   # + .md table + .png plots
+    >>> threshold_from(report, keep="video-pool", offload="video-drafter")
+
+Each length is one `run_bench` over the same number of unseen toy clips (interleaved methods,
+a warm-up, token-for-token comparison with `generate`). Per method and length the report keeps
+the target's visual tokens, tau, the drafter's ms per draft step and its KV cache at the end,
+the end-to-end speedup over `generate` (processor and prefill included) and the decode-phase
+speedup: `generate`'s time minus the prompt's encode + prefill (as the runner measured them on
+the same prompts, the same computation) against the runner's time minus its encode, prefill
+and drafter prefill. An `auto` policy (inference/visual_policy.py) appears as one more method.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from covspec.data.toy_video import toy_video_prompts
+from covspec.inference.bench import run_bench
+from covspec.inference.media import Media
+from covspec.inference.simulate import write_json
+from covspec.inference.tree import DraftSettings
+
+FIELDS = (
+    "visual_tokens",
+    "tau",
+    "drafter_ms_per_step",
+    "drafter_kv_bytes",
+    "speedup",
+    "decode_speedup",
+    "identical_fraction",
+)
+
+
+def _decode_speedups(methods: dict) -> dict[str, float | None]:
+    spec = {k: m for k, m in methods.items() if m["kind"] == "speculative"}
+    if not spec:
+        return {}
+    # the prompt's encode + prefill: the same computation for generate and the runner
+    prompt_ms = sum(
+        m["ms_per_sample"]["encode"] + m["ms_per_sample"]["prefill"] for m in spec.values()
+    )
+    prompt_ms /= len(spec)
+    hf_decode = methods["hf_greedy"]["ms_per_sample"]["total"] - prompt_ms
+    out = {}
+    for name, m in spec.items():
+        ms = m["ms_per_sample"]
+        decode = ms["total"] - ms["encode"] - ms["prefill"] - ms["drafter_prefill"]
+        out[name] = hf_decode / decode if decode > 0 else None
+    return out
+
+
+def run_sweep(
+    target: str,
+    drafters: list[str],
+    frames: list[int],
+    clips: int,
+    max_new_tokens: int,
+    tree: DraftSettings | None = None,
+    policies: dict[str, object] | None = None,
+    warmup: int = 1,
+) -> dict:
+    """One bench per frame count (tree mode only: the chain runs add time, not information).
+    `policies`: extra named methods (`auto`), each a callable runner factory for run_bench."""
+    if not frames or min(frames) < 2:
+        raise ValueError(f"frames must be frame counts >= 2, got {frames}")
+    tree = tree or DraftSettings(mode="tree", depth=6)
+    points = []
+    for num_frames in frames:
+        samples = [
+            {**s, "image": Media(video=s.pop("frames"))}
+            for s in toy_video_prompts(clips, num_frames)
+        ]
+        report = run_bench(
+            target, drafters, samples, max_new_tokens, tree=tree, warmup=warmup,
+            modes=("tree",), policies=policies,
+        )  # fmt: skip
+        decode = _decode_speedups(report["methods"])
+        methods = {}
+        for name, m in report["methods"].items():
+            if m["kind"] != "speculative":
+                continue
+            row = {k: m.get(k) for k in FIELDS if k != "decode_speedup"}
+            row["decode_speedup"] = decode[name]
+            methods[name.removesuffix("/tree")] = row
+        points.append(
+            {
+                "frames": num_frames,
+                "visual_tokens": next(iter(methods.values()))["visual_tokens"] if methods else None,
+                "hf_ms_per_sample": report["methods"]["hf_greedy"]["ms_per_sample"]["total"],
+                "methods": methods,
+            }
+        )
+    return {
+        "target": target,
+        "clips_per_length": clips,
+        "max_new_tokens": max_new_tokens,
+        "depth": tree.depth,
+        "points": points,
+    }
+
+
+def threshold_from(report: dict, keep: str, offload: str) -> int | None:
+    """Visual tokens from which offloading is at least as fast end to end as keeping: the
+    midpoint between the last length where `keep` wins and the first where `offload` wins for
+    good (None when keep wins everywhere: then always keep; 0 when offload always wins)."""
+    rows = [
+        (p["visual_tokens"], p["methods"][keep]["speedup"], p["methods"][offload]["speedup"])
+        for p in report["points"]
+    ]
+    rows.sort()
+    first = None
+    for i in range(len(rows)):
+        if all(o >= k for _, k, o in rows[i:]):
+            first = i
+            break
+    if first is None:
+        return None
+    if first == 0:
+        return 0
+    return int((rows[first - 1][0] + rows[first][0]) / 2)
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def markdown_table(report: dict) -> str:
+    """One row per length and method; with a policy, the threshold and what `auto` ran."""
+    names = sorted({n for p in report["points"] for n in p["methods"]})
+    head = "| frames | visual tokens | method | tau | drafter ms/step | drafter KV (KiB) | decode speedup | end-to-end speedup | identical |"
+    lines = [head, "|" + "---|" * 9]
+    for p in report["points"]:
+        for n in names:
+            m = p["methods"].get(n)
+            if m is None:
+                continue
+            lines.append(
+                f"| {p['frames']} | {p['visual_tokens']:.0f} | {n} | {m['tau']:.2f} | "
+                f"{m['drafter_ms_per_step']:.2f} | {m['drafter_kv_bytes'] / 1024:.0f} | "
+                f"{_x(m['decode_speedup'])} | {_x(m['speedup'])} | "
+                f"{100 * m['identical_fraction']:.0f}% |"
+            )
+    policy = report.get("policy")
+    if policy:
+        t = policy["threshold_visual_tokens"]
+        lines += [
+            "",
+            f"`auto`: keep `{policy['keep']}` up to {t} visual tokens, above that offload to "
+            f"`{policy['offload']}` (threshold from `{policy['threshold_from']}`).",
+        ]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({n for p in report["points"] for n in p["methods"]})
+    panels = ("tau", "drafter_ms_per_step", "drafter_kv_bytes", "decode_speedup", "speedup")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
+    for ax, key in zip(axes, panels, strict=True):
+        for n in names:
+            pts = [
+                (p["visual_tokens"], p["methods"][n][key])
+                for p in report["points"]
+                if n in p["methods"] and p["methods"][n][key] is not None
+            ]
+            ax.plot(*zip(*pts, strict=True), marker="o", label=n)
+        ax.set_xscale("log")
+        ax.set_xlabel("visual tokens")
+        ax.set_title(key.replace("_", " "))
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_sweep(report: dict, out: str | Path) -> Path:
+    """`out` (.json) plus a markdown table and a plot beside it, each written whole."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(report, out)
+    md = out.with_suffix(".md")
+    tmp = md.with_name(f".{md.name}.tmp")
+    tmp.write_text(
+        f"# Video length sweep\n\nTarget `{report['target']}`, {report['clips_per_length']} unseen "
+        f"clips per length, up to {report['max_new_tokens']} new tokens, tree depth "
+        f"{report['depth']}.\n\n{markdown_table(report)}\n"
+    )
+    tmp.rename(md)
+    plot(report, out.with_suffix(".png"))
+    return out

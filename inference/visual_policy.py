@@ -1,0 +1,59 @@
+"""Keep or offload the visual input: a drafter with a visual prefix for short visual sequences,
+the visual-token-free drafter for long ones (Sparrow's observation, CoVSpec's routing).
+
+    >>> keep = SpecRunner.for_drafter_folder(model, processor, "checkpoints/toy-video-drafter-pool3")
+    >>> offload = SpecRunner.for_drafter_folder(model, processor, "checkpoints/toy-video-drafter")
+    >>> auto = AutoVisualPolicy(keep, offload, threshold=sweep_threshold)   # from the sweep
+    >>> result = auto.generate(Media(video=frames), "Describe the video.", 64, settings)
+    >>> auto.choices                      # Counter({"keep": 3, "offload": 5})
+
+The prompt goes through the processor once; its visual token count picks the runner, which
+then decodes from those same inputs. The threshold is a measurement (`sweep.threshold_from`
+over a length sweep of the two drafters on this target and machine), not a constant: where
+offloading starts to pay depends on the drafter's per-step cost against the target's.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from covspec.inference.media import Encoded, as_media
+from covspec.inference.roles import now
+from covspec.inference.timeline import GenerationResult
+from covspec.inference.tree import DraftSettings
+
+
+class AutoVisualPolicy:
+    def __init__(self, keep, offload, threshold: int | None) -> None:
+        """keep / offload: SpecRunners on one target; threshold: visual tokens above which
+        the prompt is offloaded (None: always keep)."""
+        if keep.model is not offload.model:
+            raise ValueError("keep and offload runners must share one loaded target")
+        if threshold is not None and threshold < 0:
+            raise ValueError(f"threshold must be >= 0 visual tokens or None, got {threshold}")
+        self.keep, self.offload, self.threshold = keep, offload, threshold
+        self.choices: Counter[str] = Counter()
+
+    def choose(self, visual_tokens: int) -> str:
+        if self.threshold is None or visual_tokens <= self.threshold:
+            return "keep"
+        return "offload"
+
+    @torch.inference_mode()
+    def generate(
+        self, image, prompt: str, max_new_tokens: int, settings: DraftSettings
+    ) -> GenerationResult:
+        start = now(self.keep.device)
+        media = as_media(image)
+        inputs = self.keep.encode(media, prompt)
+        ids = inputs["input_ids"][0]
+        visual = int(torch.isin(ids, self.keep.visual_ids.to(ids.device)).sum())
+        choice = self.choose(visual)
+        self.choices[choice] += 1
+        encode_s = now(self.keep.device) - start
+        runner = self.keep if choice == "keep" else self.offload
+        result = runner.generate(Encoded(media, inputs), prompt, max_new_tokens, settings)
+        result.seconds["encode"] = result.seconds.get("encode", 0.0) + encode_s
+        return result

@@ -1,0 +1,272 @@
+"""Video mode end to end on a micro toy video target: its folder, training batches of clips,
+the runner on a clip against `generate`, the length sweep's report and the keep-or-offload
+policy."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from covspec.data.chat import frames_as_images
+from covspec.data.datamodule import Collator, load_conversations
+from covspec.data.toy_video import (
+    ToyVideoClips,
+    Track,
+    event_questions,
+    frame_objects,
+    make_clip,
+    toy_video_prompts,
+)
+from covspec.inference.media import Media
+from covspec.inference.runner import SpecRunner
+from covspec.inference.sweep import markdown_table, run_sweep, threshold_from, write_sweep
+from covspec.inference.tree import DraftSettings
+from covspec.inference.visual_policy import AutoVisualPolicy
+from covspec.modeling.adapters import adapter_for
+from covspec.modeling.drafter import Drafter, DrafterConfig
+from covspec.modeling.toy_vlm import ToyVLMSpec
+from covspec.training.toy_target import REPORT_NAME, build_toy_target
+from covspec.training.toy_video_target import ToyVideoTargetSettings
+
+MICRO_VIDEO = ToyVideoTargetSettings(
+    spec=ToyVLMSpec(
+        patch_size=24,
+        vision_hidden=32,
+        vision_layers=1,
+        vision_heads=2,
+        text_hidden=32,
+        text_layers=2,
+        text_heads=2,
+        text_intermediate=64,
+        vocab_size=320,
+        max_position_embeddings=1024,
+    ),
+    vision_steps=2,
+    vision_batch=4,
+    lm_steps=20,
+    lm_batch=4,
+    warmup_steps=1,
+    max_frames=4,
+    eval_samples=1,
+    eval_frames=(2, 3),
+)
+TOKENS_PER_FRAME = 9  # 72 px frames in 24 px patches
+
+
+@pytest.fixture(scope="module")
+def video_target(tmp_path_factory):
+    out = tmp_path_factory.mktemp("targets") / "micro-video"
+    report = build_toy_target(out, MICRO_VIDEO)
+    return out, report
+
+
+@pytest.fixture(scope="module")
+def loaded(video_target):
+    out, _ = video_target
+    model = AutoModelForImageTextToText.from_pretrained(out).eval()
+    return model, AutoProcessor.from_pretrained(out)
+
+
+@pytest.fixture(scope="module")
+def drafters(video_target, loaded, tmp_path_factory):
+    """A visual-token-free, a full-visual and a one-row-per-frame drafter (random weights)."""
+    adapter = adapter_for(loaded[0])
+    root = tmp_path_factory.mktemp("video-drafters")
+    torch.manual_seed(0)
+    kinds = {
+        "free": {},
+        "full": {"variant": "full_visual"},
+        "pool3": {"visual_prefix": "compressed", "compressor": {"options": ["pool:3"]}},
+    }
+    for name, kw in kinds.items():
+        Drafter(DrafterConfig.for_target(adapter, **kw)).save_pretrained(root / name)
+    return {name: root / name for name in kinds}
+
+
+def test_event_questions_and_frame_objects_follow_the_ground_truth():
+    clip = make_clip(3, 1, 6)
+    tracks = [Track(**t) for t in clip["tracks"]]
+    kinds = [k for k, _, _ in event_questions(tracks)]
+    assert kinds.count("where_to") == len(tracks) and kinds.count("count") == 1
+    assert ("leaves" in kinds) == any(t.leave is not None for t in tracks)
+    for f in range(6):
+        names = {f"{o['colour']} {o['shape']}" for o in frame_objects(clip["tracks"], f, 6, 72)}
+        assert names == {t.name for t in tracks if t.at(f, 6, 72) is not None}
+
+
+def test_frames_as_images_puts_one_image_slot_per_frame():
+    msgs = [
+        {"role": "user", "content": "<video>\nWhat happens?"},
+        {"role": "assistant", "content": "x"},
+    ]
+    out = frames_as_images(msgs, 3)
+    assert out[0]["content"] == "<image>\n<image>\n<image>\nWhat happens?"
+    assert out[1] == msgs[1] and msgs[0]["content"].startswith("<video>")
+    with pytest.raises(ValueError, match="num_frames"):
+        frames_as_images(msgs, 0)
+
+
+def test_video_target_folder_loads_with_auto_classes_and_reports_event_accuracy(
+    video_target, loaded
+):
+    out, report = video_target
+    assert json.loads((out / REPORT_NAME).read_text())["settings_digest"] == MICRO_VIDEO.digest()
+    assert 0.0 <= report["event_accuracy"] <= 1.0
+    assert {"frames=2", "frames=3", "where_to", "count"} <= set(report["event_accuracy_by"])
+    assert loaded[0].config.text_config.max_position_embeddings == 1024
+    assert build_toy_target(out, MICRO_VIDEO)["train_seconds"] == report["train_seconds"]  # cached
+
+
+def test_bad_video_target_settings_are_refused():
+    with pytest.raises(ValueError, match="min_frames"):
+        ToyVideoTargetSettings(min_frames=5, max_frames=3)
+    with pytest.raises(ValueError, match="eval_frames"):
+        ToyVideoTargetSettings(eval_frames=(1,))
+
+
+def test_toyvideo_spec_gives_lazy_deterministic_clips_of_mixed_length():
+    ds = load_conversations("toyvideo:50:4:2-5")
+    assert isinstance(ds, ToyVideoClips) and len(ds) == 50
+    lengths = {len(ds[i]["video"]) for i in range(50)}
+    assert lengths <= {2, 3, 4, 5} and len(lengths) > 1
+    assert [f.tobytes() for f in ds[7]["video"]] == [f.tobytes() for f in ds[7]["video"]]
+    for bad in ("toyvideo:x", "toyvideo:5:1:9"):
+        with pytest.raises(ValueError, match="toyvideo"):
+            load_conversations(bad)
+    with pytest.raises(IndexError):
+        ds[50]
+
+
+def test_collator_shows_a_clip_as_its_frames(loaded):
+    _, processor = loaded
+    rows = [ToyVideoClips(4, seed=1, max_frames=4)[i] for i in range(2)]
+    batch = Collator(processor, max_length=None)(rows)
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    for i, row in enumerate(rows):
+        assert int((batch["input_ids"][i] == image_id).sum()) == TOKENS_PER_FRAME * len(
+            row["video"]
+        )
+    assert batch["pixel_values"].shape[0] == sum(len(r["video"]) for r in rows)
+    assert batch["loss_mask"].any(1).all()
+
+
+@pytest.mark.parametrize("name", ["free", "full", "pool3"])
+def test_runner_on_a_clip_is_identical_to_generate(loaded, drafters, name):
+    model, processor = loaded
+    runner = SpecRunner.for_drafter_folder(model, processor, str(drafters[name]))
+    prompt = toy_video_prompts(1, 3)[0]
+    media = Media(video=prompt["frames"])
+    inputs = runner.encode(media, prompt["prompt"])
+    assert int(torch.isin(inputs["input_ids"], runner.visual_ids).sum()) == 3 * TOKENS_PER_FRAME
+    want = model.generate(
+        **inputs, do_sample=False, max_new_tokens=12, suppress_tokens=runner.suppress_tokens
+    )[0, inputs["input_ids"].shape[1] :].tolist()
+    result = runner.generate(media, prompt["prompt"], 12, DraftSettings(mode="tree", depth=3))
+    assert result.tokens == want
+    assert result.visual_tokens == 3 * TOKENS_PER_FRAME
+    expected_prefix = {"free": 0, "full": 0, "pool3": 3}[name]  # pool:3 = one row per frame
+    assert result.prefix_tokens == expected_prefix
+    assert result.drafter_kv_bytes > 0
+
+
+def test_drafter_kv_cache_grows_with_frames_only_for_a_visual_prefix(loaded, drafters):
+    model, processor = loaded
+    sizes = {}
+    for name in ("free", "full"):
+        runner = SpecRunner.for_drafter_folder(model, processor, str(drafters[name]))
+        for frames in (2, 6):
+            p = toy_video_prompts(1, frames)[0]
+            r = runner.generate(Media(video=p["frames"]), p["prompt"], 1, DraftSettings("chain", 2))
+            sizes[name, frames] = r.drafter_kv_bytes
+    cfg = DrafterConfig.from_pretrained(drafters["full"])
+    row = 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    # full: every visual token is a row; free: one "\n" text row per extra frame
+    assert sizes["full", 6] - sizes["full", 2] == row * 4 * (TOKENS_PER_FRAME + 1)
+    assert sizes["free", 6] - sizes["free", 2] == row * 4
+
+
+def test_auto_policy_keeps_short_and_offloads_long_clips(loaded, drafters):
+    model, processor = loaded
+    keep = SpecRunner.for_drafter_folder(model, processor, str(drafters["pool3"]))
+    offload = SpecRunner.for_drafter_folder(model, processor, str(drafters["free"]))
+    auto = AutoVisualPolicy(keep, offload, threshold=3 * TOKENS_PER_FRAME)
+    settings = DraftSettings(mode="tree", depth=3)
+    for frames, choice in ((3, "keep"), (4, "offload")):
+        p = toy_video_prompts(1, frames)[0]
+        media = Media(video=p["frames"])
+        result = auto.generate(media, p["prompt"], 8, settings)
+        alone = (keep if choice == "keep" else offload).generate(media, p["prompt"], 8, settings)
+        assert result.tokens == alone.tokens and result.prefix_tokens == alone.prefix_tokens
+        assert result.seconds["encode"] > 0
+    assert auto.choices == {"keep": 1, "offload": 1}
+    assert AutoVisualPolicy(keep, offload, None).choose(10**6) == "keep"
+    with pytest.raises(ValueError, match="threshold"):
+        AutoVisualPolicy(keep, offload, -1)
+
+
+def test_sweep_report_schema_table_plot_and_policy(video_target, drafters, tmp_path):
+    out, _ = video_target
+    paths = [str(drafters["free"]), str(drafters["pool3"])]
+    policies = {"auto": lambda r: AutoVisualPolicy(r["pool3"], r["free"], 2 * TOKENS_PER_FRAME)}
+    report = run_sweep(
+        str(out), paths, [2, 3], clips=1, max_new_tokens=6, policies=policies, warmup=0
+    )
+    assert [p["frames"] for p in report["points"]] == [2, 3]
+    assert [p["visual_tokens"] for p in report["points"]] == [18.0, 27.0]
+    for p in report["points"]:
+        assert set(p["methods"]) == {"free", "pool3", "auto"}
+        for m in p["methods"].values():
+            assert m["identical_fraction"] == 1.0 and m["tau"] >= 1.0
+            assert m["drafter_ms_per_step"] > 0 and m["drafter_kv_bytes"] > 0
+            assert m["speedup"] > 0 and m["decode_speedup"] > 0
+    assert "| 3 | 27 | auto |" in markdown_table(report)
+    write_sweep(report, tmp_path / "s.json")
+    assert (tmp_path / "s.png").stat().st_size > 0 and (tmp_path / "s.md").is_file()
+    assert json.loads((tmp_path / "s.json").read_text())["points"][0]["frames"] == 2
+    with pytest.raises(ValueError, match="frames"):
+        run_sweep(str(out), paths, [1], clips=1, max_new_tokens=2)
+
+
+def _fake(rows):
+    return {
+        "points": [
+            {"visual_tokens": v, "methods": {"k": {"speedup": k}, "o": {"speedup": o}}}
+            for v, k, o in rows
+        ]
+    }
+
+
+def test_threshold_is_where_offloading_starts_to_win_for_good():
+    assert (
+        threshold_from(
+            _fake([(80, 2.0, 1.5), (300, 1.8, 1.7), (1000, 1.2, 1.6), (5000, 0.6, 1.5)]), "k", "o"
+        )
+        == 650
+    )
+    assert threshold_from(_fake([(80, 2.0, 1.5), (5000, 1.9, 1.5)]), "k", "o") is None
+    assert threshold_from(_fake([(80, 1.0, 1.5), (5000, 0.5, 1.5)]), "k", "o") == 0
+    # a noisy early win of offload does not set the threshold; the last crossing does
+    assert (
+        threshold_from(_fake([(80, 1.4, 1.5), (300, 1.8, 1.7), (1000, 1.2, 1.6)]), "k", "o") == 650
+    )
+
+
+def test_video_sweep_command_refuses_an_auto_policy_it_cannot_build(tmp_path, capsys):
+    from covspec.scripts.cli import main
+
+    target, drafter = tmp_path / "t", tmp_path / "d"
+    target.mkdir(), drafter.mkdir()
+    base = [
+        "video-sweep",
+        "--target",
+        str(target),
+        "--drafter",
+        str(drafter),
+        "--visual-policy",
+        "auto",
+    ]
+    assert main([*base, "--keep", "d", "--offload", "other", "--threshold", "5"]) == 2
+    assert "--offload 'other' is not one of the --drafter folders" in capsys.readouterr().err
+    assert main([*base, "--keep", "d", "--offload", "d"]) == 2
+    assert "needs --threshold-from" in capsys.readouterr().err

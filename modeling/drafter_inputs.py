@@ -57,9 +57,19 @@ def target_layer_ids(cfg: DrafterConfig, extra: tuple[int, ...] = ()) -> list[in
 def drafter_rows(
     cfg: DrafterConfig, attention_mask: torch.Tensor, visual_mask: torch.Tensor
 ) -> torch.Tensor:
-    """(B, T) positions the drafter runs on: text only, or every position for a full prefix."""
+    """(B, T) positions the drafter runs on: every position for a full prefix; text for a
+    compressed one; for a drafter without visual prefix (visual-token-free, text-only) the text
+    outside the visual block: separators between images or frames are dropped too, so its
+    cache and inputs do not grow with the number of frames (Sparrow's point about video)."""
     keep = attention_mask.bool()
-    return keep if cfg.visual_prefix == "full" else keep & ~visual_mask
+    if cfg.visual_prefix == "full":
+        return keep
+    keep = keep & ~visual_mask
+    if cfg.visual_prefix == "none":
+        seen = visual_mask.long()
+        inside = (seen.cumsum(1) > 0) & (seen.flip(1).cumsum(1).flip(1) > 0)  # between runs
+        keep &= ~inside
+    return keep
 
 
 def prompt_mask(

@@ -79,8 +79,11 @@ class ToyVLMSpec:
         return (self.image_size // self.patch_size) ** 2
 
 
-def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE on the given corpus: any UTF-8 text tokenizes, no unknown token exists."""
+def train_tokenizer(
+    texts: list[str], vocab_size: int, max_length: int = 512
+) -> PreTrainedTokenizerFast:
+    """Byte-level BPE on the given corpus: any UTF-8 text tokenizes, no unknown token exists.
+    `max_length`: the model's context, what the tokenizer warns beyond."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -98,7 +101,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
         extra_special_tokens={"image_token": IMAGE_TOKEN},
-        model_max_length=512,
+        model_max_length=max_length,
         padding_side="right",
         chat_template=CHAT_TEMPLATE,
     )

@@ -3,6 +3,7 @@ the runner on a clip against `generate`, the length sweep's report and the keep-
 policy."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -115,6 +116,7 @@ def test_video_target_folder_loads_with_auto_classes_and_reports_event_accuracy(
     assert 0.0 <= report["event_accuracy"] <= 1.0
     assert {"frames=2", "frames=3", "where_to", "count"} <= set(report["event_accuracy_by"])
     assert loaded[0].config.text_config.max_position_embeddings == 1024
+    assert loaded[1].tokenizer.model_max_length == 1024  # no false "too long" warnings
     assert build_toy_target(out, MICRO_VIDEO)["train_seconds"] == report["train_seconds"]  # cached
 
 
@@ -181,9 +183,9 @@ def test_drafter_kv_cache_grows_with_frames_only_for_a_visual_prefix(loaded, dra
             sizes[name, frames] = r.drafter_kv_bytes
     cfg = DrafterConfig.from_pretrained(drafters["full"])
     row = 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
-    # full: every visual token is a row; free: one "\n" text row per extra frame
+    # full: every visual token and separator is a row; free: neither (same text, same cache)
     assert sizes["full", 6] - sizes["full", 2] == row * 4 * (TOKENS_PER_FRAME + 1)
-    assert sizes["free", 6] - sizes["free", 2] == row * 4
+    assert sizes["free", 6] == sizes["free", 2] > 0
 
 
 def test_auto_policy_keeps_short_and_offloads_long_clips(loaded, drafters):
@@ -270,3 +272,18 @@ def test_video_sweep_command_refuses_an_auto_policy_it_cannot_build(tmp_path, ca
     assert "--offload 'other' is not one of the --drafter folders" in capsys.readouterr().err
     assert main([*base, "--keep", "d", "--offload", "d"]) == 2
     assert "needs --threshold-from" in capsys.readouterr().err
+
+
+def test_a_drafter_without_visual_prefix_skips_the_separators_between_frames():
+    from covspec.modeling.drafter_inputs import drafter_rows
+
+    visual = torch.tensor([[0, 1, 1, 0, 1, 1, 0, 1, 0, 0]], dtype=torch.bool)
+    attention = torch.ones_like(visual)
+    attention[0, -1] = False
+    rows = {
+        prefix: drafter_rows(SimpleNamespace(visual_prefix=prefix), attention, visual)[0].tolist()
+        for prefix in ("none", "compressed", "full")
+    }
+    assert rows["none"] == [1, 0, 0, 0, 0, 0, 0, 0, 1, 0]
+    assert rows["compressed"] == [1, 0, 0, 1, 0, 0, 1, 0, 1, 0]
+    assert rows["full"] == [1] * 9 + [0]

@@ -283,7 +283,7 @@ def build_toy_target(
     check_replaceable(out, overwrite, _is_toy_target)
     torch.manual_seed(s.seed)
     start = time.time()
-    tokenizer = train_tokenizer(s.corpus(), s.spec.vocab_size)
+    tokenizer = train_tokenizer(s.corpus(), s.spec.vocab_size, s.spec.max_position_embeddings)
     processor = build_processor(tokenizer, s.spec)
     model = LlavaForConditionalGeneration(build_config(s.spec, tokenizer))
     with tqdm(total=s.vision_steps + s.lm_steps, desc="toy target", unit="step") as bar:

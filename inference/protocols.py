@@ -115,7 +115,10 @@ class _Run:
     def prefill(self, settings: DraftSettings | None, extra_depth: int = 0) -> None:
         """Prompt upload, target prefill and (with `settings`) the drafter's prefill."""
         req, t = self.req, self.t
-        arrival = t.send("up", PromptUpload(image_size(req.image), req.prompt), 0.0)
+        # priced only over a simulated link: PNG-encoding every frame of a long clip would
+        # otherwise cost the in-process runner more than its own work
+        media_bytes = image_size(req.image) if t.link is not None else 0
+        arrival = t.send("up", PromptUpload(media_bytes, req.prompt), 0.0)
         start = now(req.device)
         down = self.edge.prefill(req)
         measured = _elapsed(start, req.device)

@@ -85,12 +85,16 @@ def run_sweep(
                 continue
             row = {k: m.get(k) for k in FIELDS if k != "decode_speedup"}
             row["decode_speedup"] = decode[name]
+            row["ms_per_sample"] = m["ms_per_sample"]  # by runner phase
             methods[name.removesuffix("/tree")] = row
         points.append(
             {
                 "frames": num_frames,
                 "visual_tokens": next(iter(methods.values()))["visual_tokens"] if methods else None,
                 "hf_ms_per_sample": report["methods"]["hf_greedy"]["ms_per_sample"]["total"],
+                # the target's own answers: how long they are says how much decode there is
+                "answer_tokens": sum(len(r["token_ids"]["hf_greedy"]) for r in report["samples"])
+                / max(1, len(report["samples"])),
                 "methods": methods,
             }
         )
@@ -131,15 +135,16 @@ def _x(value: float | None) -> str:
 def markdown_table(report: dict) -> str:
     """One row per length and method; with a policy, the threshold and what `auto` ran."""
     names = sorted({n for p in report["points"] for n in p["methods"]})
-    head = "| frames | visual tokens | method | tau | drafter ms/step | drafter KV (KiB) | decode speedup | end-to-end speedup | identical |"
-    lines = [head, "|" + "---|" * 9]
+    head = "| frames | visual tokens | answer tokens | method | tau | drafter ms/step | drafter KV (KiB) | decode speedup | end-to-end speedup | identical |"
+    lines = [head, "|" + "---|" * 10]
     for p in report["points"]:
         for n in names:
             m = p["methods"].get(n)
             if m is None:
                 continue
             lines.append(
-                f"| {p['frames']} | {p['visual_tokens']:.0f} | {n} | {m['tau']:.2f} | "
+                f"| {p['frames']} | {p['visual_tokens']:.0f} | {p['answer_tokens']:.1f} | {n} | "
+                f"{m['tau']:.2f} | "
                 f"{m['drafter_ms_per_step']:.2f} | {m['drafter_kv_bytes'] / 1024:.0f} | "
                 f"{_x(m['decode_speedup'])} | {_x(m['speedup'])} | "
                 f"{100 * m['identical_fraction']:.0f}% |"

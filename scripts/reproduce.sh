@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every table of the README and its pages under docs/results, in order, on the toy world.
 # Each training step is skipped when its export exists and resumes from its last checkpoint
-# otherwise, so a rerun picks up where it stopped. About 3 h 50 min on a 2-core CPU VM (the
+# otherwise, so a rerun picks up where it stopped. About 4 h 50 min on a 2-core CPU VM (the
 # measured stage times are in the README); run it alone: the speed tables are ratios measured
 # on this machine and the other stages would disturb them.
 set -euo pipefail
@@ -36,11 +36,11 @@ done
 train recipes/toy/elastic.yaml checkpoints/toy-drafter-elastic                      # ~23 min
 # video mode: the toy video target and its drafters
 covspec toy-target --video --out checkpoints/toy-video-target                      # ~25 min
-train recipes/toy/video-drafter.yaml checkpoints/toy-video-drafter                  # ~8 min
+train recipes/toy/video-drafter.yaml checkpoints/toy-video-drafter                  # ~7 min
 train recipes/toy/video-drafter.yaml checkpoints/toy-video-drafter-pool3 \
   --model.visual_prefix compressed --model.compressor '{options: [pool:3]}'        # ~8 min
 train recipes/toy/video-drafter.yaml checkpoints/toy-video-drafter-full-visual \
-  --model.variant full_visual                                                      # ~10 min
+  --model.variant full_visual                                                      # ~15 min
 
 # README: results on the toy world
 covspec bench --target checkpoints/toy-target --drafter checkpoints/toy-drafter \
@@ -78,4 +78,14 @@ covspec simulate --drafter checkpoints/toy-drafter-text-only \
   --accept-head checkpoints/acceptance-head-text-only --protocol sync --channel good \
   --channel bad --compute a40-orin-7b --rtt-sweep '' --toy 200 --toy-mixed --mode chain \
   --out "$OUT/simulate-head.json"
+# README: video mode, the length sweep (the threshold's run, then every drafter beside auto)
+video=(--target checkpoints/toy-video-target --frames 8 16 32 64 128 256 576 --clips 10
+  --max-new-tokens 64)
+for d in toy-video-drafter toy-video-drafter-pool3 toy-video-drafter-full-visual; do
+  video+=(--drafter "checkpoints/$d")
+done
+covspec video-sweep "${video[@]}" --out "$OUT/video-sweep.json"                      # ~3 min
+covspec video-sweep "${video[@]}" --visual-policy auto --keep toy-video-drafter-full-visual \
+  --offload toy-video-drafter --threshold-from "$OUT/video-sweep.json" \
+  --out "$OUT/video-sweep-auto.json"                                               # ~3 min
 echo "tables and figures in $OUT"

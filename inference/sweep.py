@@ -86,6 +86,7 @@ def run_sweep(
             row = {k: m.get(k) for k in FIELDS if k != "decode_speedup"}
             row["decode_speedup"] = decode[name]
             row["ms_per_sample"] = m["ms_per_sample"]  # by runner phase
+            row["gate_choices"] = m["gate_choices"]  # an elastic compressor's picks
             methods[name.removesuffix("/tree")] = row
         points.append(
             {

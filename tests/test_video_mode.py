@@ -224,6 +224,7 @@ def test_sweep_report_schema_table_plot_and_policy(video_target, drafters, tmp_p
             assert m["speedup"] > 0 and m["decode_speedup"] > 0
     assert "| 3 | 27 |" in markdown_table(report) and "| auto |" in markdown_table(report)
     assert all(0 < p["answer_tokens"] <= 6 for p in report["points"])
+    assert all(p["methods"]["pool3"]["gate_choices"] is None for p in report["points"])
     write_sweep(report, tmp_path / "s.json")
     assert (tmp_path / "s.png").stat().st_size > 0 and (tmp_path / "s.md").is_file()
     assert json.loads((tmp_path / "s.json").read_text())["points"][0]["frames"] == 2

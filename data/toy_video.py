@@ -139,24 +139,40 @@ def frame_objects(tracks: list[dict], frame: int, num_frames: int, image_size: i
 
 
 def question_answer(tracks: list[Track], rng: random.Random) -> tuple[str, str]:
-    """One event question and its answer."""
-    kinds = ["where_to", "count"]
-    if len({t.appear for t in tracks}) == len(tracks) > 1:
-        kinds.append("first")
-    if any(t.leave is not None for t in tracks):
-        kinds.append("leaves")
-    kind = rng.choice(kinds)
-    if kind == "where_to":
-        t = rng.choice(tracks)
-        return f"Where does the {t.name} move to?", f"It moves to the {POSITIONS[t.end]}."
-    if kind == "count":
-        n = len(tracks)
-        return "How many objects appear in the video?", f"{NUMBER_WORDS[n].capitalize()}."
-    if kind == "first":
-        t = min(tracks, key=lambda x: x.appear)
-        return "Which object appears first?", f"The {t.name}."
-    t = next(t for t in tracks if t.leave is not None)
-    return "Which object leaves the video?", f"The {t.name}."
+    """One event question and its answer: a kind drawn uniformly, then (where_to) an object."""
+    by_kind: dict[str, list[tuple[str, str]]] = {}
+    for kind, question, answer in event_questions(tracks):
+        by_kind.setdefault(kind, []).append((question, answer))
+    kind = rng.choice(list(by_kind))
+    return rng.choice(by_kind[kind]) if kind == "where_to" else by_kind[kind][0]
+
+
+def clip_length(seed: int, index: int, min_frames: int, max_frames: int) -> int:
+    """The frame count of clip `index` in a stream of mixed-length clips."""
+    return random.Random(index * 7919 + seed).randint(min_frames, max_frames)
+
+
+def _clip_world(seed: int, index: int, num_frames: int, image_size: int):
+    """(rng, tracks, style) of a clip: what its frames and its conversation are drawn from."""
+    rng = random.Random((seed * 1_000_003 + index) * 131 + num_frames)
+    tracks = sample_tracks(rng, num_frames, image_size)
+    style = rng.getrandbits(32)  # one background and palette jitter for every frame
+    return rng, tracks, style
+
+
+def _frame(tracks: list[Track], style: int, f: int, num_frames: int, image_size: int) -> tuple:
+    drawn = [o for t in tracks if (o := t.at(f, num_frames, image_size)) is not None]
+    return render(drawn, random.Random(style), image_size), drawn
+
+
+def clip_frame(
+    seed: int, index: int, num_frames: int, frame: int, image_size: int = DEFAULT_IMAGE_SIZE
+) -> tuple[Image.Image, list[dict]]:
+    """Frame `frame` of `make_clip(seed, index, num_frames, image_size)` and the objects on it,
+    drawn alone (the vision stage of the toy video target needs one frame per clip)."""
+    _, tracks, style = _clip_world(seed, index, num_frames, image_size)
+    image, drawn = _frame(tracks, style, frame, num_frames, image_size)
+    return image, [asdict(o) for o in drawn]
 
 
 def make_clip(
@@ -170,13 +186,8 @@ def make_clip(
     """Clip `index` of the stream `seed`: {"id", "frames", "tracks", "messages"}; a caption turn
     with probability `describe_prob`, else 1..max_questions event questions (`<video>` opens
     the first turn)."""
-    rng = random.Random((seed * 1_000_003 + index) * 131 + num_frames)
-    tracks = sample_tracks(rng, num_frames, image_size)
-    style = rng.getrandbits(32)  # one background and palette jitter for every frame
-    frames: list[Image.Image] = []
-    for f in range(num_frames):
-        drawn = [o for t in tracks if (o := t.at(f, num_frames, image_size)) is not None]
-        frames.append(render(drawn, random.Random(style), image_size))
+    rng, tracks, style = _clip_world(seed, index, num_frames, image_size)
+    frames = [_frame(tracks, style, f, num_frames, image_size)[0] for f in range(num_frames)]
     if rng.random() < describe_prob:
         turns = [(rng.choice(VIDEO_DESCRIBE_PROMPTS), caption(tracks))]
     else:
@@ -213,8 +224,7 @@ class ToyVideoClips(torch.utils.data.Dataset):
         return self.num
 
     def num_frames(self, index: int) -> int:
-        rng = random.Random(index * 7919 + self.seed)
-        return rng.randint(self.min_frames, self.max_frames)
+        return clip_length(self.seed, index, self.min_frames, self.max_frames)
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.num:

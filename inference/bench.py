@@ -116,8 +116,9 @@ def build_methods(
                 _spec_method(runner, settings),
             )
     for name, factory in (policies or {}).items():
-        tally = _Tally("speculative", None, tree.mode, attempts=[0] * tree.depth)
-        tally.accepted = [0] * tree.depth
+        tally = _Tally(
+            "speculative", None, tree.mode, attempts=[0] * tree.depth, accepted=[0] * tree.depth
+        )
         methods[f"{name}/{tree.mode}"] = (tally, _spec_method(factory(runners), tree))
     return methods
 
@@ -249,11 +250,12 @@ def _gated(drafter: str | None) -> bool:
     return bool(cfg and cfg.compressor and len(cfg.compressor_config().options) > 1)
 
 
-def _visual_prefix(t: _Tally, n: int) -> float:
+def _visual_prefix(t: _Tally, n: int) -> float | None:
     """Mean visual rows in the drafter's cache: every visual token for a full prefix, the
-    compressor's rows for a compressed one, none for a visual-token-free drafter."""
-    if t.drafter is None:  # a policy over several drafters: what each sample's choice carried
-        return t.prefix_tokens / max(1, n)
+    compressor's rows for a compressed one, none for a visual-token-free drafter; None for a
+    policy over several drafters (its drafter_kv_bytes says what its choices carried)."""
+    if t.drafter is None:
+        return None
     prefix = DrafterConfig.from_pretrained(t.drafter).visual_prefix
     if prefix == "full":
         return t.visual_tokens / max(1, n)

@@ -70,10 +70,9 @@ def run_sweep(
     tree = tree or DraftSettings(mode="tree", depth=6)
     points = []
     for num_frames in frames:
-        samples = [
-            {**s, "image": Media(video=s.pop("frames"))}
-            for s in toy_video_prompts(clips, num_frames)
-        ]
+        samples = toy_video_prompts(clips, num_frames)
+        for s in samples:  # the runner's video input
+            s["image"] = Media(video=s.pop("frames"))
         report = run_bench(
             target, drafters, samples, max_new_tokens, tree=tree, warmup=warmup,
             modes=("tree",), policies=policies,
@@ -117,11 +116,7 @@ def threshold_from(report: dict, keep: str, offload: str) -> int | None:
         for p in report["points"]
     ]
     rows.sort()
-    first = None
-    for i in range(len(rows)):
-        if all(o >= k for _, k, o in rows[i:]):
-            first = i
-            break
+    first = next((i for i in range(len(rows)) if all(o >= k for _, k, o in rows[i:])), None)
     if first is None:
         return None
     if first == 0:

@@ -44,7 +44,7 @@ train recipes/toy/video-drafter.yaml checkpoints/toy-video-drafter-full-visual \
 train recipes/toy/video-drafter.yaml checkpoints/toy-video-drafter-elastic \
   --model.visual_prefix compressed \
   --model.compressor '{options: [none, pool:3, tpool:4], gate: critic}' \
-  --model.cost_weight 0.02                                                         # ~18 min
+  --model.cost_weight 0.02                                                         # ~15 min
 
 # README: results on the toy world
 covspec bench --target checkpoints/toy-target --drafter checkpoints/toy-drafter \

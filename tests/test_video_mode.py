@@ -14,6 +14,7 @@ from covspec.data.datamodule import Collator, load_conversations
 from covspec.data.toy_video import (
     ToyVideoClips,
     Track,
+    clip_frame,
     event_questions,
     frame_objects,
     make_clip,
@@ -94,6 +95,14 @@ def test_event_questions_and_frame_objects_follow_the_ground_truth():
     for f in range(6):
         names = {f"{o['colour']} {o['shape']}" for o in frame_objects(clip["tracks"], f, 6, 72)}
         assert names == {t.name for t in tracks if t.at(f, 6, 72) is not None}
+
+
+def test_one_frame_drawn_alone_is_the_clips_frame():
+    clip = make_clip(4, 2, 7)
+    for f in (0, 3, 6):
+        image, objects = clip_frame(4, 2, 7, f)
+        assert image.tobytes() == clip["frames"][f].tobytes()
+        assert objects == frame_objects(clip["tracks"], f, 7, 72)
 
 
 def test_frames_as_images_puts_one_image_slot_per_frame():
@@ -289,3 +298,16 @@ def test_a_drafter_without_visual_prefix_skips_the_separators_between_frames():
     assert rows["none"] == [1, 0, 0, 0, 0, 0, 0, 0, 1, 0]
     assert rows["compressed"] == [1, 0, 0, 1, 0, 0, 1, 0, 1, 0]
     assert rows["full"] == [1] * 9 + [0]
+
+
+def test_decode_speedup_leaves_out_the_prompt_work_both_sides_share():
+    from covspec.inference.sweep import _decode_speedups
+
+    runner = {"encode": 5.0, "prefill": 45.0, "drafter_prefill": 10.0}
+    methods = {
+        "hf_greedy": {"kind": "baseline", "ms_per_sample": {"total": 250.0}},
+        "d/tree": {"kind": "speculative", "ms_per_sample": {"total": 160.0, **runner}},
+        "stuck/tree": {"kind": "speculative", "ms_per_sample": {"total": 60.0, **runner}},
+    }
+    # generate decodes for 250 - (5 + 45) = 200 ms, the runner for 160 - 60 = 100 ms
+    assert _decode_speedups(methods) == {"d/tree": 2.0, "stuck/tree": None}

@@ -77,7 +77,7 @@ class ToyTargetSettings:
     def corpus(self) -> list[str]:
         return corpus_text(self.seed, 4000)
 
-    def vision_draw(self, processor):
+    def vision_draw(self):
         return None  # train_vision's default: toy scenes
 
     def lm_encode(self, processor):
@@ -287,7 +287,7 @@ def build_toy_target(
     processor = build_processor(tokenizer, s.spec)
     model = LlavaForConditionalGeneration(build_config(s.spec, tokenizer))
     with tqdm(total=s.vision_steps + s.lm_steps, desc="toy target", unit="step") as bar:
-        train_vision(model, processor, s, bar, s.vision_draw(processor))
+        train_vision(model, processor, s, bar, s.vision_draw())
         train_language(model, processor, s, bar, s.lm_encode(processor))
     train_s = time.time() - start
     metrics = s.evaluate(model, processor)

@@ -21,7 +21,6 @@ first, which leaves) on unseen clips and compares the greedy answer with the gro
 
 from __future__ import annotations
 
-import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -30,8 +29,9 @@ from covspec.data.toy_video import (
     VIDEO_DESCRIBE_PROMPTS,
     Track,
     caption,
+    clip_frame,
+    clip_length,
     event_questions,
-    frame_objects,
     make_clip,
 )
 from covspec.data.toy_world import corpus_text
@@ -72,7 +72,7 @@ class ToyVideoTargetSettings(ToyTargetSettings):
             raise ValueError(f"eval_frames must be frame counts >= 2, got {self.eval_frames}")
 
     def num_frames(self, index: int) -> int:
-        return random.Random(index * 7919 + self.seed).randint(self.min_frames, self.max_frames)
+        return clip_length(self.seed, index, self.min_frames, self.max_frames)
 
     def corpus(self) -> list[str]:
         texts = corpus_text(self.seed, 1000) + list(VIDEO_DESCRIBE_PROMPTS)
@@ -83,14 +83,10 @@ class ToyVideoTargetSettings(ToyTargetSettings):
             texts += [f"{q} {a}" for _, q, a in event_questions(tracks)]
         return texts
 
-    def vision_draw(self, processor):
-        size = self.spec.image_size
-
+    def vision_draw(self):
         def draw(k: int) -> tuple:
             num = self.num_frames(k)
-            clip = make_clip(self.seed + 1, k, num, size)
-            f = k % num
-            return clip["frames"][f], frame_objects(clip["tracks"], f, num, size)
+            return clip_frame(self.seed + 1, k, num, k % num, self.spec.image_size)
 
         return draw
 

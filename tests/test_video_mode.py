@@ -2,6 +2,7 @@
 the runner on a clip against `generate`, the length sweep's report and the keep-or-offload
 policy."""
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -27,23 +28,12 @@ from covspec.inference.tree import DraftSettings
 from covspec.inference.visual_policy import AutoVisualPolicy
 from covspec.modeling.adapters import adapter_for
 from covspec.modeling.drafter import Drafter, DrafterConfig
-from covspec.modeling.toy_vlm import ToyVLMSpec
 from covspec.training.toy_target import REPORT_NAME, build_toy_target
 from covspec.training.toy_video_target import ToyVideoTargetSettings
+from tests.test_toy_target import MICRO
 
-MICRO_VIDEO = ToyVideoTargetSettings(
-    spec=ToyVLMSpec(
-        patch_size=24,
-        vision_hidden=32,
-        vision_layers=1,
-        vision_heads=2,
-        text_hidden=32,
-        text_layers=2,
-        text_heads=2,
-        text_intermediate=64,
-        vocab_size=320,
-        max_position_embeddings=1024,
-    ),
+MICRO_VIDEO = ToyVideoTargetSettings(  # the micro image target's sizes, 9 tokens a frame
+    spec=dataclasses.replace(MICRO.spec, patch_size=24, max_position_embeddings=1024),
     vision_steps=2,
     vision_batch=4,
     lm_steps=20,

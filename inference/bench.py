@@ -203,6 +203,7 @@ def _report(target, samples, max_new_tokens, methods, rows) -> dict:
     for name, (t, _) in methods.items():
         tps = t.tokens / t.seconds if t.seconds else 0.0
         spec = t.kind == "speculative"
+        kind = _prefix_kind(t.drafter) if spec else None
         out[name] = {
             "kind": t.kind,
             "drafter": t.drafter,
@@ -225,7 +226,8 @@ def _report(target, samples, max_new_tokens, methods, rows) -> dict:
             else None,
             "drafter_kv_bytes": t.kv_bytes / max(1, len(samples)) if spec else None,
             "visual_tokens": t.visual_tokens / max(1, len(samples)) if spec else None,
-            "gate_choices": t.gate_choices if spec and _gated(t.drafter) else None,
+            "gate_choices": t.gate_choices if kind == "gated" else None,
+            "prefix_kind": kind,
             "tau_per_kind": {k: n / r for k, (n, r) in sorted(t.kind_rounds.items()) if r}
             if spec
             else None,
@@ -244,10 +246,19 @@ def _report(target, samples, max_new_tokens, methods, rows) -> dict:
 PHASES = ("encode", "prefill", "drafter_prefill", "draft", "verify", "commit")
 
 
-def _gated(drafter: str | None) -> bool:
-    """Whether the drafter's compressor has a gate (more than one option to choose from)."""
-    cfg = DrafterConfig.from_pretrained(drafter) if drafter else None
-    return bool(cfg and cfg.compressor and len(cfg.compressor_config().options) > 1)
+def _prefix_kind(drafter: str | None) -> str | None:
+    """What visual rows a drafter carries: "free" (none: visual-token-free, or a compressor
+    whose one option is `none`), "full", "primitive" (one fixed compressor option) or "gated"
+    (a gate over several); None for a policy over several drafters."""
+    if drafter is None:
+        return None
+    cfg = DrafterConfig.from_pretrained(drafter)
+    if cfg.visual_prefix != "compressed":
+        return "full" if cfg.visual_prefix == "full" else "free"
+    options = cfg.compressor_config().options
+    if len(options) > 1:
+        return "gated"
+    return "free" if options[0] == "none" else "primitive"
 
 
 def _visual_prefix(t: _Tally, n: int) -> float | None:
@@ -298,7 +309,7 @@ def markdown_table(report: dict) -> str:
             f"| {name} | {m['tokens_per_s']:.1f} | {speedup} | {' | '.join(cells)} "
             f"| {m['identical_fraction']:.0%} |"
         )
-    lines += _gate_lines(report) + _kind_lines(report)
+    lines += pareto_lines(report) + _gate_lines(report) + _kind_lines(report)
     lines += [
         "",
         "Where the time goes, wall ms per sample (runner phases; `other` = the loop itself):",
@@ -332,6 +343,39 @@ def _kind_lines(report: dict) -> list[str]:
     lines += ["| method | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
     for name, per in rows.items():
         lines.append(f"| {name} | " + " | ".join(_fmt(per.get(k), "{:.2f}") for k in kinds) + " |")
+    return lines
+
+
+def pareto_lines(report: dict, mode: str = "tree") -> list[str]:
+    """Where each gated drafter stands: its tau against the best fixed primitive carrying at
+    least as many visual rows (the full visual prefix counts as one: it is `pool:1`), on or
+    above that Pareto front or below it, and its speedup against the best drafter with no
+    visual rows."""
+    ms = {n: m for n, m in report["methods"].items() if m["mode"] == mode and m.get("prefix_kind")}
+
+    def best(kinds: tuple[str, ...], key: str, rows: float = 0.0):
+        pool = [
+            (m[key], n) for n, m in ms.items()
+            if m["prefix_kind"] in kinds and m[key] is not None
+            and m["visual_prefix_tokens"] >= rows
+        ]  # fmt: skip
+        return max(pool) if pool else (None, None)
+
+    lines = []
+    for name, g in ms.items():
+        if g["prefix_kind"] != "gated":
+            continue
+        rows = g["visual_prefix_tokens"]
+        tau, rival = best(("primitive", "full"), "tau", rows)
+        speed, free = best(("free",), "speedup")
+        verdict = "no fixed primitive carries as many rows" if rival is None else (
+            f"{'on or above' if g['tau'] >= tau else 'below'} the fixed primitives' front: "
+            f"the best with >= {rows:.1f} rows is `{rival}` at {tau:.3f}"
+        )  # fmt: skip
+        text = f"`{name}` carries {rows:.1f} rows for tau {g['tau']:.3f}, {verdict}"
+        if speed is not None:
+            text += f"; speedup {g['speedup']:.2f}x vs {speed:.2f}x for `{free}` (no visual rows)"
+        lines += ["", text + "."]
     return lines
 
 

@@ -58,6 +58,10 @@ def _toy_target(args: argparse.Namespace) -> None:
 
     base = ToyVideoTargetSettings() if args.video else ToyTargetSettings()
     overrides = {k: v for k, v in vars(args).items() if v is not None}
+    video_only = sorted(k for k in ("describe_prob", "max_questions") if k in overrides)
+    if video_only and not args.video:
+        flags = ", ".join("--" + k.replace("_", "-") for k in video_only)
+        raise ValueError(f"{flags} set the toy video target's conversations: add --video")
     spec_keys = {f.name for f in fields(base.spec)}
     spec = replace(base.spec, **{k: v for k, v in overrides.items() if k in spec_keys})
     setting_keys = {f.name for f in fields(base)} - {"spec"}
@@ -414,6 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--" + name.replace("_", "-"), type=at_least(1), dest=name)
     for name in ("vision_lr", "lm_lr"):
         p.add_argument("--" + name.replace("_", "-"), type=between(1e-6, 1.0), dest=name)
+    p.add_argument(
+        "--describe-prob", type=between(0, 1), dest="describe_prob",
+        help="--video: share of training clips whose conversation is their caption",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-questions", type=at_least(1), dest="max_questions",
+        help="--video: event questions per question conversation (at most)",
+    )  # fmt: skip
     p.set_defaults(func=_toy_target)
 
     sub.add_parser(

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every table of the README and its pages under docs/results, in order, on the toy world.
 # Each training step is skipped when its export exists and resumes from its last checkpoint
-# otherwise, so a rerun picks up where it stopped. About 5 h 10 min on a 2-core CPU VM (the
+# otherwise, so a rerun picks up where it stopped. About 6 h on a 2-core CPU VM (the
 # measured stage times are in the README); run it alone: the speed tables are ratios measured
 # on this machine and the other stages would disturb them.
 set -euo pipefail
@@ -28,12 +28,13 @@ done
 covspec toy-target --out checkpoints/toy-small --text-layers 2 --text-hidden 128 \
   --vision-steps 300 --lm-steps 400                                                 # ~3 min
 train recipes/toy/device-vlm.yaml checkpoints/toy-device-vlm                        # ~3 min
-# the elastic compressor and one fixed primitive per run, each from scratch for 1000 steps
-for opt in none pool:4 resampler:8 conv:2 prune:0.25; do
+# one fixed primitive per run, each from scratch for 1000 steps, then the elastic compressor
+# for 2000 (two options per sample: each option sees as many samples as a fixed primitive)
+for opt in none pool:4 pool:2 resampler:2 resampler:8 resampler:32 conv:2 prune:0.25; do
   train recipes/toy/elastic.yaml "checkpoints/toy-drafter-${opt//:/}" \
-    --model.compressor "{options: [$opt]}"                                         # 7.5-9 min each
+    --model.compressor "{options: [$opt]}" --trainer.max_steps 1000                 # 7.5-9 min each
 done
-train recipes/toy/elastic.yaml checkpoints/toy-drafter-elastic                      # ~23 min
+train recipes/toy/elastic.yaml checkpoints/toy-drafter-elastic                      # ~45 min
 # video mode: the toy video target and its drafters
 covspec toy-target --video --out checkpoints/toy-video-target                      # ~25 min
 train recipes/toy/video-drafter.yaml checkpoints/toy-video-drafter                  # ~7 min
@@ -52,8 +53,9 @@ covspec bench --target checkpoints/toy-target --drafter checkpoints/toy-drafter 
   --toy 40 --max-new-tokens 96 --out "$OUT/bench-toy.json"
 # README: the elastic compressor's Pareto table (mixed prompts)
 elastic=()
-for d in toy-drafter toy-drafter-none toy-drafter-pool4 toy-drafter-resampler8 toy-drafter-conv2 \
-  toy-drafter-prune0.25 toy-drafter-elastic toy-drafter-full-visual; do
+for d in toy-drafter toy-drafter-none toy-drafter-resampler2 toy-drafter-resampler8 \
+  toy-drafter-pool4 toy-drafter-prune0.25 toy-drafter-pool2 toy-drafter-conv2 \
+  toy-drafter-resampler32 toy-drafter-elastic toy-drafter-full-visual; do
   elastic+=(--drafter "checkpoints/$d")
 done
 covspec bench --target checkpoints/toy-target "${elastic[@]}" --toy 120 --toy-mixed \

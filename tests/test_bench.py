@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from covspec.data.readers import DataFileError, read_prompts_jsonl, toy_prompts
-from covspec.inference.bench import run_bench, write_report
+from covspec.inference.bench import pareto_lines, run_bench, write_report
 from covspec.inference.tree import DraftSettings
 from covspec.modeling.adapters import adapter_for
 from covspec.modeling.drafter import Drafter, DrafterConfig
@@ -133,7 +133,12 @@ def test_bench_reports_prefix_cost_gate_choices_and_the_pareto_plot(
     Drafter(DrafterConfig.for_target(adapter, variant="full_visual")).save_pretrained(
         tmp_path / "full"
     )
+    fixed = DrafterConfig.for_target(
+        adapter, visual_prefix="compressed", compressor={"options": ["pool:2"]}
+    )
+    Drafter(fixed).save_pretrained(tmp_path / "pool2")
     drafters = [str(drafter_dir), str(tmp_path / "gated"), str(tmp_path / "full")]
+    drafters.append(str(tmp_path / "pool2"))
     samples = toy_prompts(3, mixed=True)
     report = run_bench(str(micro_target_dir), drafters, samples, 6, warmup=0)
     m = report["methods"]
@@ -149,7 +154,51 @@ def test_bench_reports_prefix_cost_gate_choices_and_the_pareto_plot(
     assert set(per_kind) == {s["kind"] for s in samples}
     assert min(per_kind.values()) <= m["gated/tree"]["tau"] <= max(per_kind.values())
     assert m["hf_greedy"]["tau_per_kind"] is None
+    kinds = {d: m[f"{d}/tree"]["prefix_kind"] for d in ("micro-drafter", "gated", "full", "pool2")}
+    assert kinds == {
+        "micro-drafter": "free",
+        "gated": "gated",
+        "full": "full",
+        "pool2": "primitive",
+    }
+    (line,) = [x for x in pareto_lines(report) if x]
+    rival = max(("pool2", "full"), key=lambda d: m[f"{d}/tree"]["tau"])  # both carry >= rows
+    verdict = "on or above" if m["gated/tree"]["tau"] >= m[f"{rival}/tree"]["tau"] else "below"
+    assert f"{verdict} the fixed primitives' front" in line and f"`{rival}/tree` at" in line
+    assert "for `micro-drafter/tree` (no visual rows)" in line
     write_report(report, tmp_path / "b.json")
     assert (tmp_path / "b-pareto.png").stat().st_size > 0
     assert "Gate choices of" in (tmp_path / "b.md").read_text()
     assert "tau per prompt kind" in (tmp_path / "b.md").read_text()
+
+
+def test_pareto_lines_compare_only_with_primitives_carrying_as_many_rows():
+    def m(kind, rows, tau, speedup, mode="tree"):
+        return {"mode": mode, "prefix_kind": kind, "visual_prefix_tokens": rows, "tau": tau,
+                "speedup": speedup}  # fmt: skip
+
+    report = {
+        "methods": {
+            "g/tree": m("gated", 10.0, 6.0, 2.0),
+            "g/chain": m("gated", 10.0, 5.0, 1.0, "chain"),
+            "small/tree": m("primitive", 9.0, 6.5, 2.1),  # fewer rows: not a rival
+            "big/tree": m("primitive", 25.0, 5.9, 1.9),
+            "free/tree": m("free", 0.0, 5.7, 1.96),
+            "full/tree": m("full", 81.0, 6.01, 1.99),
+            "hf_greedy": {"mode": None, "prefix_kind": None},
+        }
+    }
+    (line,) = [x for x in pareto_lines(report) if x]
+    assert line.startswith("`g/tree` carries 10.0 rows for tau 6.000, below")
+    assert "`full/tree` at 6.010" in line and "2.00x vs 1.96x for `free/tree`" in line
+    report["methods"]["full/tree"]["tau"] = 5.95  # the full prefix is the 81-row primitive
+    assert "on or above the fixed primitives' front" in pareto_lines(report)[1]
+    assert "`full/tree` at 5.950" in pareto_lines(report)[1]
+    report["methods"]["big/tree"]["tau"] = 6.2
+    assert (
+        "below the fixed primitives' front: the best with >= 10.0 rows is `big/tree`"
+        in (pareto_lines(report)[1])
+    )
+    for name in ("big/tree", "full/tree"):
+        del report["methods"][name]
+    assert "no fixed primitive carries as many rows" in pareto_lines(report)[1]

@@ -308,6 +308,10 @@ def test_codec_fine_tune_starts_from_a_trained_drafter(micro_target_dir, tmp_pat
         assert not torch.equal(dict(small.drafter.named_parameters())[name], before[name])
     with pytest.raises(ValueError, match="visual_free"):
         _module(micro_target_dir, init_from=str(tmp_path), variant="text_only")
+    with pytest.raises(ValueError, match="exclusive"):  # two starts: refused, not one ignored
+        DrafterDistillation(
+            target=str(micro_target_dir), init_from=str(tmp_path), init_from_target=True
+        )
 
 
 def test_init_from_target_starts_the_drafter_at_the_targets_last_layer(micro_target_dir):

@@ -149,6 +149,11 @@ class DrafterDistillation(L.LightningModule):
             )
         if unroll_steps < 1:
             raise ValueError(f"unroll_steps must be >= 1, got {unroll_steps}")
+        if init_from and init_from_target:  # one start only: a trained drafter's layer wins
+            raise ValueError(
+                f"init_from ({init_from!r}) and init_from_target are exclusive: a drafter that "
+                "starts from a trained one already has its layer"
+            )
         self.save_hyperparameters()
         self.strict_loading = False  # checkpoints hold the drafter only, never the frozen target
         self.run_recipe: dict | None = None  # the resolved recipe, set by `covspec train`

@@ -220,7 +220,7 @@ def _report(target, samples, max_new_tokens, methods, rows) -> dict:
             "identical_fraction": t.identical / max(1, len(samples)),
             "ms_per_sample": _ms_per_sample(t, len(samples)),
             # what the drafter carries and what one of its steps costs (Pareto plot)
-            "visual_prefix_tokens": _visual_prefix(t, len(samples)) if spec else None,
+            "visual_prefix_tokens": _visual_prefix(t, kind, len(samples)),
             "drafter_ms_per_step": 1000 * t.phases.get("draft", 0.0) / t.draft_steps
             if t.draft_steps
             else None,
@@ -261,16 +261,14 @@ def _prefix_kind(drafter: str | None) -> str | None:
     return "free" if options[0] == "none" else "primitive"
 
 
-def _visual_prefix(t: _Tally, n: int) -> float | None:
-    """Mean visual rows in the drafter's cache: every visual token for a full prefix, the
-    compressor's rows for a compressed one, none for a visual-token-free drafter; None for a
-    policy over several drafters (its drafter_kv_bytes says what its choices carried)."""
-    if t.drafter is None:
+def _visual_prefix(t: _Tally, kind: str | None, n: int) -> float | None:
+    """Mean visual rows in the drafter's cache (`kind` from `_prefix_kind`): every visual
+    token for a full prefix, the compressor's rows otherwise (none for a visual-token-free
+    drafter); None for a policy over several drafters (its drafter_kv_bytes says what its
+    choices carried) and for the baselines."""
+    if kind is None:
         return None
-    prefix = DrafterConfig.from_pretrained(t.drafter).visual_prefix
-    if prefix == "full":
-        return t.visual_tokens / max(1, n)
-    return t.prefix_tokens / max(1, n)
+    return (t.visual_tokens if kind == "full" else t.prefix_tokens) / max(1, n)
 
 
 def _ms_per_sample(t: _Tally, n: int) -> dict[str, float]:

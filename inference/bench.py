@@ -156,7 +156,7 @@ def run_bench(
             methods[name][1](s["image"], s["prompt"], max_new_tokens)
     rows = []
     for i, s in enumerate(tqdm(samples, desc="bench", unit="sample")):
-        outputs, token_ids = {}, {}
+        outputs, token_ids, decode = {}, {}, {}
         for name in names[i % len(names) :] + names[: i % len(names)]:  # rotate the order
             tally, run = methods[name]
             start = now(model.device)
@@ -169,6 +169,7 @@ def run_bench(
                 decoded = max(0, len(result.tokens) - 1)  # the prefill's token is not decoded
                 tally.decode_tokens += decoded
                 tally.rounds += result.rounds
+                decode[name] = [decoded, result.rounds]
                 tally.drafted += result.drafted
                 tally.attempts = [
                     a + b for a, b in zip(tally.attempts, result.attempts_per_depth, strict=True)
@@ -190,7 +191,7 @@ def run_bench(
                     kind[result.gate_choice] = kind.get(result.gate_choice, 0) + 1
         for name in names:  # token for token: decoded text hides special tokens and spacing
             methods[name][0].identical += token_ids[name] == token_ids["hf_greedy"]
-        rows.append({"id": s["id"], "outputs": outputs, "token_ids": token_ids})
+        rows.append({"id": s["id"], "outputs": outputs, "token_ids": token_ids, "decode": decode})
     report = _report(target, samples, max_new_tokens, methods, rows)
     report["device"], report["dtype"] = str(model.device), dtype
     return report
@@ -369,12 +370,57 @@ def pareto_lines(report: dict, mode: str = "tree") -> list[str]:
         verdict = "no fixed primitive carries as many rows" if rival is None else (
             f"{'on or above' if g['tau'] >= tau else 'below'} the fixed primitives' front: "
             f"the best with >= {rows:.1f} rows is `{rival}` at {tau:.3f}"
+            + _paired_interval(report.get("samples", []), name, rival)
         )  # fmt: skip
         text = f"`{name}` carries {rows:.1f} rows for tau {g['tau']:.3f}, {verdict}"
+        fixed = [n for n, m in ms.items() if m["prefix_kind"] in ("primitive", "full")]
+        oracle = per_prompt_oracle_tau(report.get("samples", []), fixed)
+        if oracle is not None:
+            text += (
+                f"; a per-prompt oracle over the {len(fixed)} fixed drafters reaches {oracle:.3f}"
+            )
         if speed is not None:
             text += f"; speedup {g['speedup']:.2f}x vs {speed:.2f}x for `{free}` (no visual rows)"
         lines += ["", text + "."]
     return lines
+
+
+def tau_difference_interval(
+    samples: list[dict], a: str, b: str, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float] | None:
+    """Tau of method `a` minus method `b` and its 95% paired bootstrap interval over samples
+    (each resample draws samples, both methods keep their own rounds on them); None when the
+    samples do not record both methods' decode tokens and rounds."""
+    pairs = [s["decode"] for s in samples if a in s.get("decode", {}) and b in s["decode"]]
+    if len(pairs) < 2:
+        return None
+    x = torch.tensor([[p[a][0], p[a][1], p[b][0], p[b][1]] for p in pairs], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(pairs), (resamples, len(pairs)), generator=gen)
+    sums = x[idx].sum(1)  # (R, 4)
+    diffs = sums[:, 0] / sums[:, 1] - sums[:, 2] / sums[:, 3]
+    total = x.sum(0)
+    low, high = torch.quantile(diffs, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return float(total[0] / total[1] - total[2] / total[3]), low, high
+
+
+def per_prompt_oracle_tau(samples: list[dict], methods: list[str]) -> float | None:
+    """Tau if every prompt were decoded by whichever of `methods` needed the fewest rounds on
+    it: the ceiling of a per-prompt gate over them. None without per-sample records."""
+    rows = [
+        s["decode"] for s in samples if methods and all(m in s.get("decode", {}) for m in methods)
+    ]
+    if not rows:
+        return None
+    best = [min((r[m] for m in methods), key=lambda x: x[1]) for r in rows]  # same tokens each
+    return sum(b[0] for b in best) / max(1, sum(b[1] for b in best))
+
+
+def _paired_interval(samples: list[dict], a: str, b: str) -> str:
+    ci = tau_difference_interval(samples, a, b)
+    if ci is None:
+        return ""
+    return f" (difference {ci[0]:+.3f}, 95% paired bootstrap interval [{ci[1]:+.3f}, {ci[2]:+.3f}])"
 
 
 def _gate_lines(report: dict) -> list[str]:

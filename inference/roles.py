@@ -218,7 +218,7 @@ class EdgeRole:
                 self.runner.drafter, inputs["input_ids"], out.hidden_states, out.visual_mask, ask
             )
             req.prefix_tokens = int(prefix.valid.sum())
-            req.gate_choice = cfg.compressor_config().options[int(prefix.choice[0])]
+            req.gate_choice = self.runner.drafter.compressor.config.options[int(prefix.choice[0])]
             visual = FeaturePayload(values=prefix.tokens[0].to(self.encoder.wire_dtype))
         return FeatureDownlink(ids[positions], self._features(out, positions), first, visual)
 

@@ -6,6 +6,8 @@ chosen per input by a question-aware gate.
     >>> out = comp(images, prompt, temperature=1.0)   # training: Gumbel-softmax straight-through
     >>> out = comp(images, prompt)                      # inference: argmax
     >>> out.tokens, out.valid, out.choice               # (B, M, 2D), (B, M), (B,)
+    >>> choice, *_ = comp.choose(prompt, visual, grids)  # the gate alone, before any row
+    >>> rows = comp.sample_rows(int(choice[0]), images[0], prompt[0])   # (m, 2D), one option
 
 `images[b]` lists sample b's images as (tokens (N, 2D), grid (h, w)) with N == h * w; a token
 is the drafter's pair [embedding; projected target feature] of one visual position, so one
@@ -28,6 +30,11 @@ drafter's RMS norms. `critic` outputs each option's predicted distillation loss 
 training runs every sample under two uniformly drawn options and regresses the measured loss
 gap, so no option starves, and inference picks the lowest predicted loss plus `cost_weight` x
 prefix rows per visual token.
+
+`choose` and `sample_rows` split `forward` so the drafter's input builder
+(modeling/drafter_inputs.py) computes only the chosen option's rows, averaging raw target states
+before projecting them where the option only averages. `option_embedding: true` adds a learned
+row per option to its rows (a gated compressor only).
 
 Samples are left-padded to the batch's longest prefix (`valid` marks real rows): the drafter's
 rotary positions are relative, so a prefix always ends right before the text it precedes.
@@ -124,6 +131,7 @@ class VisualCompressorConfig(PretrainedConfig):
         resampler_heads: int = 4,
         gate: str = "gumbel",
         cost_weight: float = 0.0,
+        option_embedding: bool = False,
         **kwargs,
     ) -> None:
         options = list(options)
@@ -148,6 +156,7 @@ class VisualCompressorConfig(PretrainedConfig):
         self.resampler_heads = resampler_heads
         self.gate = gate
         self.cost_weight = float(cost_weight)  # the critic's price of a prefix row at inference
+        self.option_embedding = bool(option_embedding)
         super().__init__(**kwargs)
 
 
@@ -212,9 +221,20 @@ class _Resampler(nn.Module):
         self.attn.out_proj.bias.zero_()
 
     def forward(self, tokens: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
-        q = (self.queries + self.from_prompt(prompt))[None]  # (1, Q, 2D)
-        out, _ = self.attn(q, tokens[None], tokens[None], need_weights=False)
-        return out[0]  # (Q, 2D)
+        """`self.attn`'s cross-attention with its key and value projections moved onto the Q
+        queries (weight absorption): the N tokens are never projected, which makes the
+        resampler ~8x cheaper for N = 81 and equal to `self.attn(q, tokens, tokens)`."""
+        a = self.attn
+        heads, width = a.num_heads, self.queries.shape[1]
+        w_q, w_k, w_v = a.in_proj_weight.chunk(3)  # (W, W) each
+        b_q, _, b_v = a.in_proj_bias.chunk(3)  # the key bias shifts every score of a query alike
+        q = F.linear(self.queries + self.from_prompt(prompt), w_q, b_q)  # (Q, W)
+        q = q.view(-1, heads, width // heads)  # (Q, H, dh)
+        qk = torch.einsum("qhd,hdw->hqw", q, w_k.view(heads, -1, width))  # (H, Q, W)
+        scores = qk @ tokens.T.to(qk) / math.sqrt(width // heads)  # (H, Q, N)
+        mixed = scores.softmax(-1) @ tokens.to(qk)  # (H, Q, W): attention-weighted tokens
+        v = torch.einsum("hqw,hdw->qhd", mixed, w_v.view(heads, -1, width))  # (Q, H, dh)
+        return a.out_proj(v.flatten(1) + b_v)  # (Q, W)
 
 
 class _Scorer(nn.Module):
@@ -269,6 +289,11 @@ class VisualCompressor(PreTrainedModel):
         self.parsed = [parse_option(o) for o in config.options]
         if len(config.options) > 1:  # one option is a fixed primitive: nothing to choose
             self.gate = _Gate(d, config.gate_hidden_size, len(config.options))
+        # a learned row bias per option: through the drafter's key projection it sets how much
+        # attention a prefix of 8 or of 81 rows draws (zero at the start: no bias)
+        self.option_embedding = None
+        if config.option_embedding and len(config.options) > 1:
+            self.option_embedding = nn.Parameter(torch.zeros(len(config.options), 2 * d))
         if any(kind == "prune" for kind, _ in self.parsed):
             self.scorer = _Scorer(2 * d, d, config.score_size)
         # ModuleDicts keyed by the option string's argument: "conv:2" -> convs["2"]
@@ -287,6 +312,8 @@ class VisualCompressor(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (_Conv, _Resampler, _Scorer, _Gate)):
             module.reset_parameters()
+        if module is self and self.option_embedding is not None:
+            nn.init.zeros_(self.option_embedding)
 
     def compress(
         self, option: int, tokens: torch.Tensor, grid: tuple[int, int], prompt: torch.Tensor
@@ -321,28 +348,50 @@ class VisualCompressor(PreTrainedModel):
         temperature: float | None = None,
         force: int | torch.Tensor | None = None,
     ) -> CompressorOutput:
-        """`temperature` set: Gumbel-softmax straight-through (a gumbel gate in training);
-        None: the gate's pick. `force` picks the option index for every sample (an int) or
-        per sample (a (B,) tensor): a fixed-primitive evaluation, or a critic's exploration."""
+        """The gate's choice (`choose`) then each sample's rows under it (`sample_rows`)."""
         b, d = prompt.shape
         if len(images) != b:
             raise ValueError(f"{len(images)} image lists for a batch of {b} prompts")
+        visual = torch.stack([torch.cat([t[:, :d] for t, _ in imgs]).mean(0) for imgs in images])
+        grids = [[g for _, g in imgs] for imgs in images]
+        gate = self.choose(prompt, visual, grids, temperature, force)
+        rows = [
+            self.sample_rows(int(c), imgs, p)
+            for c, imgs, p in zip(gate[0], images, prompt, strict=True)
+        ]
+        tokens, valid = left_pad(rows, 2 * d, prompt)
+        return CompressorOutput(tokens, valid, *gate)
+
+    def choose(
+        self,
+        prompt: torch.Tensor,  # (B, D) pooled question embedding
+        visual: torch.Tensor,  # (B, D) mean merged embedding of the sample's visual tokens
+        grids: Sequence[Sequence[tuple[int, int]]],  # each sample's image grids
+        temperature: float | None = None,
+        force: int | torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        """(choice (B,), probs (B, K), cost (B,), weight (B,), scores (B, K)), before any row is
+        made, so a caller computes only the chosen option. `temperature` set: Gumbel-softmax
+        straight-through (a gumbel gate in training); None: the gate's pick. `force` picks the
+        option index for every sample (an int) or per sample (a (B,) tensor): a fixed-primitive
+        evaluation, or a critic's exploration."""
+        b = prompt.shape[0]
         k = len(self.parsed)
-        sizes = torch.tensor(
+        share = torch.tensor(
             [
-                [sample_tokens(o, [g for _, g in imgs]) for o in self.config.options]
-                for imgs in images
+                [
+                    sample_tokens(o, g) / max(1, sum(h * w for h, w in g))
+                    for o in self.config.options
+                ]
+                for g in grids
             ],
             dtype=torch.float32,
             device=prompt.device,
-        )  # (B, K) prefix tokens per option
-        total = torch.tensor([sum(h * w for _, (h, w) in imgs) for imgs in images]).to(sizes)
-        share = sizes / total.clamp_min(1.0)[:, None]  # (B, K) prefix rows per visual token
+        )  # (B, K) prefix rows per visual token
         if k > 1:
-            visual = [torch.cat([t[:, :d] for t, _ in imgs]).mean(0) for imgs in images]  # (D,)
-            scores = self.gate(torch.cat([prompt, torch.stack(visual).to(prompt)], -1)).float()
+            scores = self.gate(torch.cat([prompt, visual.to(prompt)], -1)).float()
         else:
-            scores = sizes.new_zeros(b, 1)
+            scores = share.new_zeros(b, 1)
         # a critic predicts each option's distillation loss: the pick minimises loss + price
         logits = -(scores + self.config.cost_weight * share) if self.critic else scores
         probs = logits.softmax(-1)  # (B, K)
@@ -354,15 +403,22 @@ class VisualCompressor(PreTrainedModel):
         else:
             weights = F.one_hot(logits.argmax(-1), k).to(probs)
         choice = weights.argmax(-1)  # (B,)
-        cost = (probs * share).sum(-1)
-        rows = []
-        for i, imgs in enumerate(images):
-            rows.append(self._compress_sample(int(choice[i]), imgs, prompt[i]))
         weight = weights.gather(1, choice[:, None])[:, 0]  # (B,)
-        tokens, valid = _left_pad(rows, 2 * d, prompt)
-        return CompressorOutput(tokens, valid, choice, probs, cost, weight, scores)
+        return choice, probs, (probs * share).sum(-1), weight, scores
 
-    def _compress_sample(self, option: int, imgs, prompt: torch.Tensor) -> torch.Tensor:
+    def sample_rows(self, option: int, imgs, prompt: torch.Tensor) -> torch.Tensor:
+        """One sample's prefix rows (m, 2D) under `option`: its images' rows, option tagged."""
+        return self.tag(option, self.primitive_rows(option, imgs, prompt))
+
+    def tag(self, option: int, rows: torch.Tensor) -> torch.Tensor:
+        """Rows (m, 2D) plus the option's learned embedding, when the config has them."""
+        if self.option_embedding is None:
+            return rows
+        return rows + self.option_embedding[option].to(rows)
+
+    def primitive_rows(self, option: int, imgs, prompt: torch.Tensor) -> torch.Tensor:
+        """The primitive alone over a sample's images. `pool`, `tpool` and `none` only average,
+        so they take tokens of any width (the caller may average before projecting)."""
         kind, value = self.parsed[option]
         if kind == "tpool":  # (chunks * h * w, 2D): frames averaged position by position
             chunks = frame_chunks([g for _, g in imgs], int(value))
@@ -374,7 +430,7 @@ class VisualCompressor(PreTrainedModel):
         return self.config.gate == "critic" and len(self.parsed) > 1
 
 
-def _left_pad(rows: list[torch.Tensor], width: int, like: torch.Tensor):
+def left_pad(rows: list[torch.Tensor], width: int, like: torch.Tensor):
     """Stack (m_b, W) rows left-padded with zeros: (B, M, W) and the (B, M) valid mask."""
     m = max((r.shape[0] for r in rows), default=0)
     out = like.new_zeros(len(rows), m, width)

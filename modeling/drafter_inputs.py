@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from covspec.modeling.compressor import grid_for
+from covspec.modeling.compressor import grid_for, left_pad
 
 if TYPE_CHECKING:
     from covspec.modeling.drafter import Drafter, DrafterConfig
@@ -87,13 +87,9 @@ def prompt_mask(
 def image_runs(visual_row: torch.Tensor) -> list[tuple[int, int]]:
     """(T,) bool -> [(start, length)] of each contiguous run of visual positions (one image)."""
     pos = visual_row.nonzero()[:, 0].tolist()
-    runs: list[tuple[int, int]] = []
-    for p in pos:
-        if runs and runs[-1][0] + runs[-1][1] == p:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((p, 1))
-    return runs
+    starts = [i for i in range(len(pos)) if i == 0 or pos[i] != pos[i - 1] + 1]
+    ends = starts[1:] + [len(pos)]
+    return [(pos[a], b - a) for a, b in zip(starts, ends, strict=True)]
 
 
 def visual_prefix(
@@ -111,27 +107,60 @@ def visual_prefix(
     if cfg.visual_prefix != "compressed":
         raise ValueError(f"visual_prefix is {cfg.visual_prefix!r}; only 'compressed' builds one")
     d = cfg.hidden_size
+    comp = drafter.compressor
     merged = hidden_states[0]  # (B, T, D)
     fused = torch.cat([hidden_states[i] for i in cfg.fused_layer_ids], -1)  # (B, T, n*Ht)
-    embeds = drafter.embed(input_ids)  # (B, T, D)
-    prompts, images = [], []
+    prompts, visual, spans = [], [], []
     for b in range(input_ids.shape[0]):
-        rows = ask[b]
-        if not rows.any():
+        question = input_ids[b, ask[b]]
+        if not question.numel():
             raise ValueError(f"sample {b} has no question text to condition the gate on")
-        prompts.append(embeds[b, rows].mean(0))  # (D,)
-        sample = []
-        for start, n in image_runs(visual_mask[b]):
-            span = slice(start, start + n)
-            e = merged[b, span].to(drafter.dtype)  # (N, D)
-            f = drafter.project_features(fused[b, span], like=e)  # (N, D)
-            sample.append((torch.cat([e, f], -1), grid_for(n)))
-        if not sample:
+        prompts.append(drafter.embed(question).mean(0))  # (D,)
+        runs = image_runs(visual_mask[b])
+        if not runs:
             raise ValueError(f"sample {b} has no visual tokens to compress")
-        images.append(sample)
+        spans.append([(slice(start, start + n), grid_for(n)) for start, n in runs])
+        visual.append(merged[b, visual_mask[b]].mean(0))  # (D,) the gate's visual summary
     prompt = torch.stack(prompts).to(drafter.dtype)
-    out = drafter.compressor(images, prompt, temperature=temperature, force=force)
+    choice, probs, cost, weight, scores = comp.choose(
+        prompt,
+        torch.stack(visual).to(prompt),
+        [[g for _, g in s] for s in spans],
+        temperature,
+        force,
+    )
+    rows = [
+        _sample_rows(drafter, int(c), merged[b], fused[b], spans[b], prompt[b])
+        for b, c in enumerate(choice)
+    ]
+    tokens, valid = left_pad(rows, 2 * d, prompt)
     return VisualPrefix(
-        out.tokens[..., :d], out.tokens[..., d:], out.valid, out.choice, out.probs, out.cost,
-        out.weight, out.scores,
+        tokens[..., :d], tokens[..., d:], valid, choice, probs, cost, weight, scores
     )  # fmt: skip
+
+
+def _sample_rows(
+    drafter: Drafter,
+    option: int,
+    merged: torch.Tensor,  # (T, D)
+    fused: torch.Tensor,  # (T, n*Ht)
+    spans: list[tuple[slice, tuple[int, int]]],
+    prompt: torch.Tensor,  # (D,)
+) -> torch.Tensor:
+    """One sample's prefix rows (m, 2D), computing only what the chosen option reads."""
+    comp, d = drafter.compressor, drafter.config.hidden_size
+    kind = comp.parsed[option][0]
+    if kind == "none":  # the text-only branch reads nothing
+        return merged.new_zeros(0, 2 * d, dtype=drafter.dtype)
+    if kind in ("pool", "tpool") and not drafter.config.feature_codec_rank:
+        # averaging commutes with the linear feature projection: average the raw target
+        # states, then project the few averaged rows instead of every visual token
+        raw = [(torch.cat([merged[s].to(drafter.dtype), fused[s]], -1), g) for s, g in spans]
+        avg = comp.primitive_rows(option, raw, prompt)  # (m, D + n*Ht)
+        e = avg[:, :d]
+        return comp.tag(option, torch.cat([e, drafter.project_features(avg[:, d:], like=e)], -1))
+    imgs = []
+    for s, g in spans:
+        e = merged[s].to(drafter.dtype)  # (N, D)
+        imgs.append((torch.cat([e, drafter.project_features(fused[s], like=e)], -1), g))
+    return comp.sample_rows(option, imgs, prompt)

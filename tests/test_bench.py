@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from covspec.data.readers import DataFileError, read_prompts_jsonl, toy_prompts
-from covspec.inference.bench import pareto_lines, run_bench, write_report
+from covspec.inference.bench import (
+    pareto_lines,
+    per_prompt_oracle_tau,
+    run_bench,
+    tau_difference_interval,
+    write_report,
+)
 from covspec.inference.tree import DraftSettings
 from covspec.modeling.adapters import adapter_for
 from covspec.modeling.drafter import Drafter, DrafterConfig
@@ -161,7 +167,14 @@ def test_bench_reports_prefix_cost_gate_choices_and_the_pareto_plot(
         "full": "full",
         "pool2": "primitive",
     }
+    # each sample keeps every speculative method's decode tokens and rounds (paired statistics)
+    for name in ("gated/tree", "pool2/tree"):
+        pairs = [s["decode"][name] for s in report["samples"]]
+        assert sum(p[0] for p in pairs) / sum(p[1] for p in pairs) == m[name]["tau"]
+    assert all("hf_greedy" not in s["decode"] for s in report["samples"])
     (line,) = [x for x in pareto_lines(report) if x]
+    assert "95% paired bootstrap interval" in line
+    assert "a per-prompt oracle over the 2 fixed drafters reaches" in line
     rival = max(("pool2", "full"), key=lambda d: m[f"{d}/tree"]["tau"])  # both carry >= rows
     verdict = "on or above" if m["gated/tree"]["tau"] >= m[f"{rival}/tree"]["tau"] else "below"
     assert f"{verdict} the fixed primitives' front" in line and f"`{rival}/tree` at" in line
@@ -202,3 +215,27 @@ def test_pareto_lines_compare_only_with_primitives_carrying_as_many_rows():
     for name in ("big/tree", "full/tree"):
         del report["methods"][name]
     assert "no fixed primitive carries as many rows" in pareto_lines(report)[1]
+
+
+def test_tau_difference_interval_is_paired_over_samples():
+    # a beats b by exactly one token per round on every sample: no spread at all
+    same = [{"decode": {"a": [6 * r, r], "b": [5 * r, r]}} for r in (3, 5, 8, 13)]
+    diff, low, high = tau_difference_interval(same, "a", "b")
+    assert diff == pytest.approx(1.0) and low == pytest.approx(1.0) and high == pytest.approx(1.0)
+    # one sample where a loses widens the interval below zero; the point estimate is the
+    # ratio of sums, as the report's tau
+    mixed = same + [{"decode": {"a": [10, 10], "b": [60, 10]}}]
+    diff, low, high = tau_difference_interval(mixed, "a", "b")
+    assert diff == pytest.approx((6 * 29 + 10) / 39 - (5 * 29 + 60) / 39)
+    assert low < 0 < high
+    assert tau_difference_interval(mixed, "a", "missing") is None
+
+
+def test_per_prompt_oracle_takes_each_prompts_fewest_rounds():
+    samples = [
+        {"decode": {"a": [12, 2], "b": [12, 3]}},
+        {"decode": {"a": [10, 5], "b": [10, 2]}},
+    ]
+    assert per_prompt_oracle_tau(samples, ["a", "b"]) == pytest.approx(22 / 4)
+    assert per_prompt_oracle_tau(samples, ["a"]) == pytest.approx(22 / 7)
+    assert per_prompt_oracle_tau(samples, ["a", "missing"]) is None

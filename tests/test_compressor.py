@@ -6,7 +6,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from covspec.data.toy_world import make_sample
 from covspec.inference.roles import EdgeRole, Request
-from covspec.inference.runner import SpecRunner
+from covspec.inference.runner import SpecRunner, build_prompt
 from covspec.inference.tree import DraftSettings
 from covspec.modeling.adapters import adapter_for
 from covspec.modeling.compressor import (
@@ -161,16 +161,103 @@ def test_compressed_drafter_save_load_round_trip(micro_model, tmp_path):
         assert torch.equal(a, b), n
 
 
-@pytest.mark.parametrize("option", ["prune:0.5", "conv:2", "resampler:2"])
-def test_joint_step_moves_every_compressor_and_drafter_parameter(micro_target_dir, option):
-    module = _module(micro_target_dir, visual_prefix="compressed", compressor={"options": [option]})
+def test_resampler_weight_absorption_equals_multihead_attention():
+    comp = _compressor(["resampler:8"], d=12)
+    res = comp.resamplers["8"]
+    with torch.no_grad():  # away from the identity start, biases included
+        for p in [res.from_prompt.weight, res.attn.in_proj_weight, res.attn.in_proj_bias]:
+            p.normal_()
+        res.attn.out_proj.bias.normal_()
+    tokens, prompt = torch.randn(81, 24), torch.randn(12)
+    q = (res.queries + res.from_prompt(prompt))[None]
+    reference, _ = res.attn(q, tokens[None], tokens[None], need_weights=False)
+    torch.testing.assert_close(res(tokens, prompt), reference[0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("codec", [None, 2])
+def test_visual_prefix_computes_only_the_chosen_option_and_equals_the_compressor(
+    micro_model, codec
+):
+    """The lean builder (gate first, pooling before the feature projection) gives the rows
+    the compressor makes from fully projected tokens, option by option."""
+    adapter = adapter_for(micro_model)
+    options = ["none", "pool:2", "resampler:2", "prune:0.5", "conv:2"]
+    cfg = DrafterConfig.for_target(
+        adapter,
+        visual_prefix="compressed",
+        compressor={"options": options, "option_embedding": True},
+        feature_codec_rank=codec,
+    )
+    torch.manual_seed(0)
+    d = Drafter(cfg).attach_target(adapter).eval()
+    with torch.no_grad():
+        d.compressor.option_embedding.normal_()
+    processor = AutoProcessor.from_pretrained(micro_model.name_or_path)
+    sample = make_sample(3, 0)
+    text = build_prompt(processor, "How many shapes?", 2)  # two images: two grids
+    inputs = processor(text=text, images=[sample["image"], sample["image"]], return_tensors="pt")
+    out = adapter.forward(inputs, sorted({0, *cfg.fused_layer_ids}))
+    ask = prompt_mask(inputs["attention_mask"], out.visual_mask)
+    fused = torch.cat([out.hidden_states[i] for i in cfg.fused_layer_ids], -1)[0]
+    imgs = []
+    for start, n in image_runs(out.visual_mask[0]):
+        e = out.hidden_states[0][0, start : start + n]
+        imgs.append((torch.cat([e, d.project_features(fused[start : start + n], like=e)], -1),
+                     grid_for(n)))  # fmt: skip
+    prompt = d.embed(inputs["input_ids"])[0, ask[0]].mean(0)[None]
+    with torch.no_grad():
+        for k in range(len(options)):
+            lean = visual_prefix(d, inputs["input_ids"], out.hidden_states, out.visual_mask, ask,
+                                 force=k)  # fmt: skip
+            full = d.compressor([imgs], prompt, force=k)
+            assert int(lean.choice[0]) == k
+            torch.testing.assert_close(lean.tokens, full.tokens, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(lean.scores, full.scores)
+
+
+def test_option_embedding_starts_at_zero_and_round_trips(micro_model, tmp_path):
+    adapter = adapter_for(micro_model)
+    compressor = {"options": ["none", "pool:2"], "gate": "critic", "option_embedding": True}
+    cfg = DrafterConfig.for_target(adapter, visual_prefix="compressed", compressor=compressor)
+    d = Drafter(cfg).attach_target(adapter)
+    assert d.compressor.option_embedding.shape == (2, 2 * cfg.hidden_size)
+    assert not d.compressor.option_embedding.any()
+    with torch.no_grad():
+        d.compressor.option_embedding.normal_()
+    d.save_pretrained(tmp_path)
+    back = Drafter.from_pretrained(tmp_path)
+    assert torch.equal(back.compressor.option_embedding, d.compressor.option_embedding)
+    # a fixed primitive has one option: a constant bias would carry nothing, so none is made
+    one = DrafterConfig.for_target(
+        adapter,
+        visual_prefix="compressed",
+        compressor={"options": ["pool:2"], "option_embedding": True},
+    )
+    assert Drafter(one).compressor.option_embedding is None
+
+
+@pytest.mark.parametrize(
+    "compressor",
+    [
+        {"options": ["prune:0.5"]},
+        {"options": ["conv:2"]},
+        {"options": ["resampler:2"]},
+        {"options": ["resampler:2", "pool:2"], "gate": "critic", "option_embedding": True},
+    ],
+)
+def test_joint_step_moves_every_compressor_and_drafter_parameter(micro_target_dir, compressor):
+    module = _module(micro_target_dir, visual_prefix="compressed", compressor=compressor)
     module.train()
     before = {n: p.detach().clone() for n, p in module.drafter.named_parameters()}
     opt = torch.optim.AdamW(module.drafter.parameters(), lr=1e-2)
-    loss = module.losses(_batch(micro_target_dir), module.train_agreement)
-    loss.backward()
-    opt.step()
-    assert torch.isfinite(loss)
+    # two steps: a gate's zero-initialised output layer passes no gradient to its first layer
+    # until it has moved itself
+    for _ in range(2):
+        loss = module.losses(_batch(micro_target_dir), module.train_agreement)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        assert torch.isfinite(loss)
     for n, p in module.drafter.named_parameters():
         assert not torch.equal(p, before[n]), f"parameter {n} did not move"
 

@@ -429,9 +429,7 @@ class DrafterDistillation(L.LightningModule):
         n = prefix.valid.shape[0]
         self.log(f"{stage}/prefix_tokens", prefix.valid.sum(1).float().mean(), batch_size=n)
         counts = torch.bincount(prefix.choice, minlength=prefix.probs.shape[1]).float() / n
-        for option, share in zip(
-            self.drafter.config.compressor_config().options, counts, strict=True
-        ):
+        for option, share in zip(self.drafter.compressor.config.options, counts, strict=True):
             self.log(f"{stage}/gate_{option.replace(':', '_')}", share, batch_size=n)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

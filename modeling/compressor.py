@@ -221,9 +221,9 @@ class _Resampler(nn.Module):
         self.attn.out_proj.bias.zero_()
 
     def forward(self, tokens: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
-        """`self.attn`'s cross-attention with its key and value projections moved onto the Q
-        queries (weight absorption): the N tokens are never projected, which makes the
-        resampler ~8x cheaper for N = 81 and equal to `self.attn(q, tokens, tokens)`."""
+        """`self.attn(q, tokens, tokens)` with its key and value projections moved onto the Q
+        queries (weight absorption): the N tokens are never projected, so the two N x W x W
+        projections become Q x W x W ones (Q = 8 against N = 81 here); equal in value."""
         a = self.attn
         heads, width = a.num_heads, self.queries.shape[1]
         w_q, w_k, w_v = a.in_proj_weight.chunk(3)  # (W, W) each

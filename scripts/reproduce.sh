@@ -58,8 +58,8 @@ for d in toy-drafter toy-drafter-none toy-drafter-resampler2 toy-drafter-resampl
   toy-drafter-resampler32 toy-drafter-elastic toy-drafter-full-visual; do
   elastic+=(--drafter "checkpoints/$d")
 done
-covspec bench --target checkpoints/toy-target "${elastic[@]}" --toy 240 --toy-mixed \
-  --max-new-tokens 96 --out "$OUT/bench-elastic.json"
+covspec bench --target checkpoints/toy-target "${elastic[@]}" --toy 480 --toy-mixed \
+  --max-new-tokens 96 --out "$OUT/bench-elastic.json"                              # ~6 min
 # README: device-edge simulation, feature codec, both drafter kinds
 covspec simulate --target checkpoints/toy-target --drafter checkpoints/toy-drafter \
   --toy 20 --max-new-tokens 96 --out "$OUT/simulate-toy.json"

@@ -406,13 +406,16 @@ def tau_difference_interval(
 
 def per_prompt_oracle_tau(samples: list[dict], methods: list[str]) -> float | None:
     """Tau if every prompt were decoded by whichever of `methods` needed the fewest rounds on
-    it: the ceiling of a per-prompt gate over them. None without per-sample records."""
+    it: the ceiling of a per-prompt gate over them. Only prompts that every method decoded to
+    the same length count (lossless greedy: all of them). None without such records."""
     rows = [
-        s["decode"] for s in samples if methods and all(m in s.get("decode", {}) for m in methods)
+        r
+        for r in (s.get("decode", {}) for s in samples)
+        if methods and all(m in r for m in methods) and len({r[m][0] for m in methods}) == 1
     ]
     if not rows:
         return None
-    best = [min((r[m] for m in methods), key=lambda x: x[1]) for r in rows]  # same tokens each
+    best = [min((r[m] for m in methods), key=lambda x: x[1]) for r in rows]
     return sum(b[0] for b in best) / max(1, sum(b[1] for b in best))
 
 

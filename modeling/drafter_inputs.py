@@ -87,6 +87,8 @@ def prompt_mask(
 def image_runs(visual_row: torch.Tensor) -> list[tuple[int, int]]:
     """(T,) bool -> [(start, length)] of each contiguous run of visual positions (one image)."""
     pos = visual_row.nonzero()[:, 0].tolist()
+    if not pos:
+        return []
     starts = [i for i in range(len(pos)) if i == 0 or pos[i] != pos[i - 1] + 1]
     ends = starts[1:] + [len(pos)]
     return [(pos[a], b - a) for a, b in zip(starts, ends, strict=True)]
@@ -120,7 +122,7 @@ def visual_prefix(
         if not runs:
             raise ValueError(f"sample {b} has no visual tokens to compress")
         spans.append([(slice(start, start + n), grid_for(n)) for start, n in runs])
-        visual.append(merged[b, visual_mask[b]].mean(0))  # (D,) the gate's visual summary
+        visual.append(merged[b, visual_mask[b]].to(drafter.dtype).mean(0))  # (D,) gate's summary
     prompt = torch.stack(prompts).to(drafter.dtype)
     choice, probs, cost, weight, scores = comp.choose(
         prompt,

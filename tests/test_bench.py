@@ -239,3 +239,6 @@ def test_per_prompt_oracle_takes_each_prompts_fewest_rounds():
     assert per_prompt_oracle_tau(samples, ["a", "b"]) == pytest.approx(22 / 4)
     assert per_prompt_oracle_tau(samples, ["a"]) == pytest.approx(22 / 7)
     assert per_prompt_oracle_tau(samples, ["a", "missing"]) is None
+    # a prompt the methods decoded to different lengths is left out, not won by the shorter
+    uneven = samples + [{"decode": {"a": [3, 3], "b": [40, 4]}}]
+    assert per_prompt_oracle_tau(uneven, ["a", "b"]) == pytest.approx(22 / 4)

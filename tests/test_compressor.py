@@ -117,6 +117,10 @@ def test_bad_options_are_refused(options, match):
         VisualCompressorConfig(hidden_size=8, options=options)
 
 
+def test_a_row_without_visual_tokens_has_no_runs():
+    assert image_runs(torch.zeros(7, dtype=torch.bool)) == []
+
+
 def test_grid_and_runs():
     assert grid_for(81) == (9, 9) and grid_for(12) == (1, 12)
     assert parse_option("resampler:8") == ("resampler", 8.0)
@@ -181,7 +185,7 @@ def test_visual_prefix_computes_only_the_chosen_option_and_equals_the_compressor
     """The lean builder (gate first, pooling before the feature projection) gives the rows
     the compressor makes from fully projected tokens, option by option."""
     adapter = adapter_for(micro_model)
-    options = ["none", "pool:2", "resampler:2", "prune:0.5", "conv:2"]
+    options = ["none", "pool:2", "resampler:2", "prune:0.5", "conv:2", "tpool:2"]
     cfg = DrafterConfig.for_target(
         adapter,
         visual_prefix="compressed",
@@ -249,7 +253,8 @@ def test_joint_step_moves_every_compressor_and_drafter_parameter(micro_target_di
     module = _module(micro_target_dir, visual_prefix="compressed", compressor=compressor)
     module.train()
     before = {n: p.detach().clone() for n, p in module.drafter.named_parameters()}
-    opt = torch.optim.AdamW(module.drafter.parameters(), lr=1e-2)
+    # no weight decay: a parameter moves only if its gradient reaches it
+    opt = torch.optim.AdamW(module.drafter.parameters(), lr=1e-2, weight_decay=0.0)
     # two steps: a gate's zero-initialised output layer passes no gradient to its first layer
     # until it has moved itself
     for _ in range(2):

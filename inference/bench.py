@@ -360,6 +360,8 @@ def pareto_lines(report: dict, mode: str = "tree") -> list[str]:
         ]  # fmt: skip
         return max(pool) if pool else (None, None)
 
+    fixed = [n for n, m in ms.items() if m["prefix_kind"] in ("primitive", "full")]
+    oracle = per_prompt_oracle_tau(report.get("samples", []), fixed)
     lines = []
     for name, g in ms.items():
         if g["prefix_kind"] != "gated":
@@ -373,8 +375,6 @@ def pareto_lines(report: dict, mode: str = "tree") -> list[str]:
             + _paired_interval(report.get("samples", []), name, rival)
         )  # fmt: skip
         text = f"`{name}` carries {rows:.1f} rows for tau {g['tau']:.3f}, {verdict}"
-        fixed = [n for n, m in ms.items() if m["prefix_kind"] in ("primitive", "full")]
-        oracle = per_prompt_oracle_tau(report.get("samples", []), fixed)
         if oracle is not None:
             text += (
                 f"; a per-prompt oracle over the {len(fixed)} fixed drafters reaches {oracle:.3f}"

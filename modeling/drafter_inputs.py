@@ -112,12 +112,12 @@ def visual_prefix(
     comp = drafter.compressor
     merged = hidden_states[0]  # (B, T, D)
     fused = torch.cat([hidden_states[i] for i in cfg.fused_layer_ids], -1)  # (B, T, n*Ht)
+    embeds = drafter.embed(input_ids)  # (B, T, D)
     prompts, visual, spans = [], [], []
     for b in range(input_ids.shape[0]):
-        question = input_ids[b, ask[b]]
-        if not question.numel():
+        if not ask[b].any():
             raise ValueError(f"sample {b} has no question text to condition the gate on")
-        prompts.append(drafter.embed(question).mean(0))  # (D,)
+        prompts.append(embeds[b, ask[b]].mean(0))  # (D,)
         runs = image_runs(visual_mask[b])
         if not runs:
             raise ValueError(f"sample {b} has no visual tokens to compress")

@@ -1,8 +1,9 @@
 """Side-by-side benchmark: our runner vs what users would otherwise run, in one process.
 
     >>> report = run_bench("checkpoints/toy-target", ["checkpoints/toy-drafter"], samples, 96)
-    >>> write_report(report, "bench.json")      # + bench.md table + bench.png plot
-    ...                                         # (+ bench-pareto.png with several drafters)
+    >>> bench_report.write_report(report, "bench.json")  # + .md table, .png, -pareto.png
+    >>> run_bench(target, ["checkpoints/toy-drafter-elastic"], samples, 96,
+    ...           gate_cost_weights=[0.0, 0.02, 0.05])   # one elastic drafter, three prices
 
 Methods per sample, interleaved (rotating order) after a warm-up so machine noise hits all alike:
 `hf_greedy` (the target's own `generate`, the baseline), `hf_prompt_lookup` (transformers'
@@ -11,12 +12,14 @@ method is timed from raw prompt to tokens (processor included) and its token ids
 `hf_greedy`'s, token for token; each sample's ids are stored beside its decoded text. tau = tokens emitted per target forward in the decode loop, bonus included.
 Per drafter the report also holds the visual rows it carries (0 visual-token-free, every
 visual token for a full prefix, the compressor's rows), its ms per draft step and, for an
-elastic compressor, the gate's choices per prompt kind (a sample's `kind`).
+elastic compressor, the gate's choices per prompt kind (a sample's `kind`). `gate_cost_weights`
+runs each critic-gated drafter once per price of a prefix row (methods `NAME@cwW/MODE`): one
+trained elastic drafter, several operating points on its tau / rows curve, no retraining.
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +56,7 @@ class _Tally:
     kv_bytes: int = 0  # the drafter's KV cache at the end of each sample, summed
     gate_choices: dict[str, dict[str, int]] = field(default_factory=dict)  # kind -> option -> n
     kind_rounds: dict[str, list[int]] = field(default_factory=dict)  # kind -> [tokens, rounds]
+    gate_cost_weight: float | None = None  # the critic gate's price of a row, when overridden
 
 
 def _hf_method(encoder: SpecRunner, extra: dict):
@@ -84,10 +88,12 @@ def build_methods(
     tree: DraftSettings,
     modes: tuple[str, ...] = ("chain", "tree"),
     policies: dict | None = None,
+    gate_cost_weights: Sequence[float] = (),
 ):
-    """hf_greedy, hf_prompt_lookup, every drafter in each of `modes`, and each of `policies`
-    ({name: factory(runners by drafter folder name) -> object with the runner's `generate`},
-    run in tree mode)."""
+    """hf_greedy, hf_prompt_lookup, every drafter in each of `modes` (a critic-gated one once
+    per weight of `gate_cost_weights`, when given), and each of `policies` ({name:
+    factory(runners by drafter name) -> object with the runner's `generate`}, run in tree
+    mode)."""
     # Same suppressed tokens as the runner (visual placeholders); it also keeps prompt lookup
     # from proposing image tokens copied out of the prompt, which crashes transformers' VLMs.
     suppress = {"suppress_tokens": suppressed_tokens(model, adapter_for(model))}
@@ -100,9 +106,12 @@ def build_methods(
         ),
     }
     runners = {}
-    for path in drafters:
+    for path, weight in _drafter_runs(drafters, gate_cost_weights):
         runner = SpecRunner.for_drafter_folder(model, processor, path)
         name = Path(path).name
+        if weight is not None:
+            runner.drafter.compressor.set_cost_weight(weight)
+            name = f"{name}@cw{weight:g}"
         runners[name] = runner
         for settings in (s for s in (chain, tree) if s.mode in modes):
             methods[f"{name}/{settings.mode}"] = (
@@ -112,6 +121,7 @@ def build_methods(
                     settings.mode,
                     attempts=[0] * settings.depth,
                     accepted=[0] * settings.depth,
+                    gate_cost_weight=weight,
                 ),
                 _spec_method(runner, settings),
             )
@@ -124,6 +134,21 @@ def build_methods(
 
 
 @torch.inference_mode()
+def _drafter_runs(drafters: list[str], weights: Sequence[float]) -> list[tuple[str, float | None]]:
+    """(folder, price override) per drafter to run: a gated drafter once per weight."""
+    if not weights:
+        return [(d, None) for d in drafters]
+    gated = [d for d in drafters if _prefix_kind(d) == "gated"]
+    if not gated:
+        raise ValueError(
+            f"gate cost weights {list(weights)} need a drafter with a gated compressor; "
+            f"none of {drafters} has one"
+        )
+    if len(set(weights)) != len(weights):
+        raise ValueError(f"gate cost weights repeat an entry: {list(weights)}")
+    return [(d, w) for d in drafters for w in (weights if d in gated else [None])]
+
+
 def run_bench(
     target: str,
     drafters: list[str],
@@ -136,6 +161,7 @@ def run_bench(
     dtype: str = "float32",
     modes: tuple[str, ...] = ("chain", "tree"),
     policies: dict | None = None,
+    gate_cost_weights: Sequence[float] = (),
 ) -> dict:
     """samples: [{"id", "image": PIL.Image, "prompt"}]. Returns the report dict (see module doc)."""
     if max_new_tokens < 1:  # zero tokens would make every method "identical" to the baseline
@@ -149,7 +175,9 @@ def run_bench(
     model = AutoModelForImageTextToText.from_pretrained(target, dtype=getattr(torch, dtype))
     model = model.to(device).eval()
     processor = AutoProcessor.from_pretrained(target)
-    methods = build_methods(model, processor, drafters, chain, tree, modes, policies)
+    methods = build_methods(
+        model, processor, drafters, chain, tree, modes, policies, gate_cost_weights
+    )
     names = list(methods)
     for s in samples[:warmup]:
         for name in names:
@@ -228,6 +256,7 @@ def _report(target, samples, max_new_tokens, methods, rows) -> dict:
             "drafter_kv_bytes": t.kv_bytes / max(1, len(samples)) if spec else None,
             "visual_tokens": t.visual_tokens / max(1, len(samples)) if spec else None,
             "gate_choices": t.gate_choices if kind == "gated" else None,
+            "gate_cost_weight": _gate_cost_weight(t) if kind == "gated" else None,
             "prefix_kind": kind,
             "tau_per_kind": {k: n / r for k, (n, r) in sorted(t.kind_rounds.items()) if r}
             if spec
@@ -262,6 +291,13 @@ def _prefix_kind(drafter: str | None) -> str | None:
     return "free" if options[0] == "none" else "primitive"
 
 
+def _gate_cost_weight(t: _Tally) -> float:
+    """The price of a prefix row the gate ran at: the bench's override or the checkpoint's."""
+    if t.gate_cost_weight is not None:
+        return t.gate_cost_weight
+    return DrafterConfig.from_pretrained(t.drafter).compressor_config().cost_weight
+
+
 def _visual_prefix(t: _Tally, kind: str | None, n: int) -> float | None:
     """Mean visual rows in the drafter's cache (`kind` from `_prefix_kind`): every visual
     token for a full prefix, the compressor's rows otherwise (none for a visual-token-free
@@ -279,251 +315,4 @@ def _ms_per_sample(t: _Tally, n: int) -> dict[str, float]:
     if t.phases:
         out.update({p: 1000 * t.phases.get(p, 0.0) / n for p in PHASES})
         out["other"] = out["total"] - sum(out[p] for p in PHASES)
-    return out
-
-
-def markdown_table(report: dict) -> str:
-    lines = [
-        f"Target `{report['target']}`, {report['num_samples']} samples, max {report['max_new_tokens']} new tokens, "
-        f"{report['torch_threads']} torch threads, {report.get('dtype', 'float32')}. {report['tau_definition']}."
-        + (
-            " Outside float32, identical_fraction is a measured rate (multi-token verify rounds differently)."
-            if report.get("dtype", "float32") != "float32"
-            else ""
-        ),
-        "",
-        "| method | tokens/s | speedup vs hf_greedy | tau | drafted/round | visual prefix tokens "
-        "| drafter ms/step | identical to hf_greedy |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name, m in report["methods"].items():
-        cells = [
-            _fmt(m["tau"], "{:.2f}"),
-            _fmt(m["mean_drafted"], "{:.1f}"),
-            _fmt(m.get("visual_prefix_tokens"), "{:.1f}"),
-            _fmt(m.get("drafter_ms_per_step"), "{:.2f}"),
-        ]
-        speedup = _fmt(m["speedup"], "{:.2f}x")
-        lines.append(
-            f"| {name} | {m['tokens_per_s']:.1f} | {speedup} | {' | '.join(cells)} "
-            f"| {m['identical_fraction']:.0%} |"
-        )
-    lines += pareto_lines(report) + _gate_lines(report) + _kind_lines(report)
-    lines += [
-        "",
-        "Where the time goes, wall ms per sample (runner phases; `other` = the loop itself):",
-        "",
-        "| method | total | " + " | ".join(PHASES) + " | other |",
-        "|---|" + "---|" * (len(PHASES) + 2),
-    ]
-    for name, m in report["methods"].items():
-        ms = m["ms_per_sample"]
-        cells = [f"{ms[p]:.1f}" if p in ms else "-" for p in (*PHASES, "other")]
-        lines.append(f"| {name} | {ms['total']:.1f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _fmt(value, spec: str) -> str:
-    return spec.format(value) if value is not None else "-"
-
-
-def _kind_lines(report: dict) -> list[str]:
-    """tau per prompt kind for every drafter in tree mode, when the prompts have several kinds
-    (which kind profits from which visual prefix: what a question-aware gate can learn)."""
-    rows = {
-        n: m["tau_per_kind"]
-        for n, m in report["methods"].items()
-        if m.get("tau_per_kind") and m["mode"] == "tree"
-    }
-    kinds = sorted({k for per in rows.values() for k in per})
-    if len(kinds) < 2:
-        return []
-    lines = ["", "tau per prompt kind (tree):", ""]
-    lines += ["| method | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
-    for name, per in rows.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(per.get(k), "{:.2f}") for k in kinds) + " |")
-    return lines
-
-
-def pareto_lines(report: dict, mode: str = "tree") -> list[str]:
-    """Where each gated drafter stands: its tau against the best fixed primitive carrying at
-    least as many visual rows (the full visual prefix counts as one: it is `pool:1`), on or
-    above that Pareto front or below it, and its speedup against the best drafter with no
-    visual rows."""
-    ms = {n: m for n, m in report["methods"].items() if m["mode"] == mode and m.get("prefix_kind")}
-
-    def best(kinds: tuple[str, ...], key: str, rows: float = 0.0):
-        pool = [
-            (m[key], n) for n, m in ms.items()
-            if m["prefix_kind"] in kinds and m[key] is not None
-            and m["visual_prefix_tokens"] >= rows
-        ]  # fmt: skip
-        return max(pool) if pool else (None, None)
-
-    fixed = [n for n, m in ms.items() if m["prefix_kind"] in ("primitive", "full")]
-    oracle = per_prompt_oracle_tau(report.get("samples", []), fixed)
-    lines = []
-    for name, g in ms.items():
-        if g["prefix_kind"] != "gated":
-            continue
-        rows = g["visual_prefix_tokens"]
-        tau, rival = best(("primitive", "full"), "tau", rows)
-        speed, free = best(("free",), "speedup")
-        verdict = "no fixed primitive carries as many rows" if rival is None else (
-            f"{'on or above' if g['tau'] >= tau else 'below'} the fixed primitives' front: "
-            f"the best with >= {rows:.1f} rows is `{rival}` at {tau:.3f}"
-            + _paired_interval(report.get("samples", []), name, rival)
-        )  # fmt: skip
-        text = f"`{name}` carries {rows:.1f} rows for tau {g['tau']:.3f}, {verdict}"
-        if oracle is not None:
-            text += (
-                f"; a per-prompt oracle over the {len(fixed)} fixed drafters reaches {oracle:.3f}"
-            )
-        if speed is not None:
-            text += f"; speedup {g['speedup']:.2f}x vs {speed:.2f}x for `{free}` (no visual rows)"
-        lines += ["", text + "."]
-    return lines
-
-
-def tau_difference_interval(
-    samples: list[dict], a: str, b: str, resamples: int = 2000, seed: int = 0
-) -> tuple[float, float, float] | None:
-    """Tau of method `a` minus method `b` and its 95% paired bootstrap interval over samples
-    (each resample draws samples, both methods keep their own rounds on them); None when the
-    samples do not record both methods' decode tokens and rounds."""
-    pairs = [s["decode"] for s in samples if a in s.get("decode", {}) and b in s["decode"]]
-    if len(pairs) < 2:
-        return None
-    x = torch.tensor([[p[a][0], p[a][1], p[b][0], p[b][1]] for p in pairs], dtype=torch.float64)
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(len(pairs), (resamples, len(pairs)), generator=gen)
-    sums = x[idx].sum(1)  # (R, 4)
-    diffs = sums[:, 0] / sums[:, 1] - sums[:, 2] / sums[:, 3]
-    total = x.sum(0)
-    low, high = torch.quantile(diffs, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return float(total[0] / total[1] - total[2] / total[3]), low, high
-
-
-def per_prompt_oracle_tau(samples: list[dict], methods: list[str]) -> float | None:
-    """Tau if every prompt were decoded by whichever of `methods` needed the fewest rounds on
-    it: the ceiling of a per-prompt gate over them. Only prompts that every method decoded to
-    the same length count (lossless greedy: all of them). None without such records."""
-    rows = [
-        r
-        for r in (s.get("decode", {}) for s in samples)
-        if methods and all(m in r for m in methods) and len({r[m][0] for m in methods}) == 1
-    ]
-    if not rows:
-        return None
-    best = [min((r[m] for m in methods), key=lambda x: x[1]) for r in rows]
-    return sum(b[0] for b in best) / max(1, sum(b[1] for b in best))
-
-
-def _paired_interval(samples: list[dict], a: str, b: str) -> str:
-    ci = tau_difference_interval(samples, a, b)
-    if ci is None:
-        return ""
-    return f" (difference {ci[0]:+.3f}, 95% paired bootstrap interval [{ci[1]:+.3f}, {ci[2]:+.3f}])"
-
-
-def _gate_lines(report: dict) -> list[str]:
-    """What each gated drafter chose, per prompt kind (share of prompts)."""
-    lines = []
-    for m in report["methods"].values():
-        choices = m.get("gate_choices")
-        if not choices or m["mode"] != "tree":
-            continue
-        options = sorted({o for kind in choices.values() for o in kind})
-        lines += ["", f"Gate choices of `{m['drafter']}` (share of prompts per kind):", ""]
-        lines += [
-            "| prompt kind | n | " + " | ".join(options) + " |",
-            "|---|---|" + "---|" * len(options),
-        ]
-        for kind, counts in sorted(choices.items()):
-            n = sum(counts.values())
-            shares = " | ".join(f"{counts.get(o, 0) / n:.0%}" for o in options)
-            lines.append(f"| {kind} | {n} | {shares} |")
-    return lines
-
-
-def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, m in report["methods"].items():
-        if m["acceptance_per_depth"]:
-            ax1.plot(
-                range(1, len(m["acceptance_per_depth"]) + 1),
-                m["acceptance_per_depth"],
-                marker="o",
-                label=name,
-            )
-    ax1.set(
-        xlabel="draft depth", ylabel="acceptance rate", title="acceptance per depth", ylim=(0, 1.05)
-    )
-    ax1.legend(fontsize=7)
-    names = list(report["methods"])
-    ax2.barh(names, [report["methods"][n]["speedup"] or 0.0 for n in names])
-    ax2.axvline(1.0, color="k", lw=0.8)
-    ax2.set(xlabel="wall-clock speedup vs hf_greedy", title="speedup")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def pareto_plot(report: dict, path: Path, mode: str = "tree") -> bool:
-    """tau and speedup against the visual rows the drafter carries, one point per drafter in
-    `mode`; False (nothing drawn) with fewer than two drafters."""
-    points = [
-        (m["visual_prefix_tokens"], m["tau"], m["speedup"] or 0.0, Path(m["drafter"]).name)
-        for m in report["methods"].values()
-        if m["mode"] == mode and m.get("visual_prefix_tokens") is not None and m["tau"]
-    ]
-    if len(points) < 2:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, col, label in ((axes[0], 1, "tau"), (axes[1], 2, "speedup vs hf_greedy")):
-        for p in points:
-            ax.scatter(p[0], p[col])
-            ax.annotate(p[3], (p[0], p[col]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        best, front = float("-inf"), []
-        for p in sorted(points, key=lambda p: (p[0], -p[col])):  # upper-left envelope
-            if p[col] > best:
-                best = p[col]
-                front.append(p)
-        ax.step([p[0] for p in front], [p[col] for p in front], where="post", lw=0.8, color="k")
-        ax.set(
-            xlabel="visual rows in the drafter's cache (mean)",
-            ylabel=label,
-            title=f"{label} ({mode})",
-        )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def write_report(report: dict, out: str | Path) -> Path:
-    """JSON at `out`, markdown table and PNG plot beside it (atomic writes)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for path, text in (
-        (out, json.dumps(report, indent=2, allow_nan=False)),
-        (out.with_suffix(".md"), markdown_table(report)),
-    ):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        tmp.rename(path)
-    plot(report, out.with_suffix(".png"))
-    pareto = out.with_name(out.stem + "-pareto.png")
-    if not pareto_plot(report, pareto):
-        pareto.unlink(missing_ok=True)  # never leave another run's plot beside this report
     return out

@@ -12,9 +12,10 @@ Sums are taken before ratios, so tau and speedup weigh every token alike across 
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
+
+from covspec.inference.pages import write_pages
 
 TAU_DEFINITION = (
     "tau = tokens emitted per target forward in the decode loop, the bonus token included "
@@ -197,15 +198,7 @@ def plot(report: dict, path: Path) -> None:
 
 def write_report(report: dict, out: str | Path) -> Path:
     """JSON at `out`, markdown and PNG beside it; every file written to a temp name first."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for path, text in (
-        (out, json.dumps(report, indent=2, allow_nan=False)),
-        (out.with_suffix(".md"), markdown(report)),
-    ):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        tmp.rename(path)
+    out = write_pages(report, out, markdown(report))
     if report["overall"] is not None:
         plot(report, out.with_suffix(".png"))
     return out

@@ -17,7 +17,6 @@ compute. An RTT sweep (one curve per protocol) shows where speculative decoding 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -313,9 +312,3 @@ def _compute_doc(name: str) -> dict:
         "target": {**c.target.__dict__},
         "drafter": {**c.drafter.__dict__},
     }
-
-
-def write_json(report: dict, out: Path) -> None:
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2, allow_nan=False))
-    tmp.rename(out)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from covspec.inference.simulate import write_json
+from covspec.inference.pages import write_pages
 
 COLUMNS = (
     ("latency/token ms", "latency_per_token_ms", "{:.1f}"),
@@ -209,12 +209,6 @@ def _timeline_plot(examples: dict, path: Path) -> None:
 
 def write_report(report: dict, out: str | Path) -> Path:
     """JSON at `out`, markdown and PNG figures beside it (atomic writes)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(report, out)
-    md = out.with_suffix(".md")
-    tmp = md.with_name(f".{md.name}.tmp")
-    tmp.write_text(markdown(report))
-    tmp.rename(md)
+    out = write_pages(report, out, markdown(report))
     plot(report, out.with_suffix(".png"))
     return out

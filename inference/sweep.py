@@ -21,7 +21,7 @@ from pathlib import Path
 from covspec.data.toy_video import toy_video_prompts
 from covspec.inference.bench import run_bench
 from covspec.inference.media import Media
-from covspec.inference.simulate import write_json
+from covspec.inference.pages import write_pages
 from covspec.inference.tree import DraftSettings
 
 FIELDS = (
@@ -184,16 +184,11 @@ def plot(report: dict, path: Path) -> None:
 
 def write_sweep(report: dict, out: str | Path) -> Path:
     """`out` (.json) plus a markdown table and a plot beside it, each written whole."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(report, out)
-    md = out.with_suffix(".md")
-    tmp = md.with_name(f".{md.name}.tmp")
-    tmp.write_text(
+    page = (
         f"# Video length sweep\n\nTarget `{report['target']}`, {report['clips_per_length']} unseen "
         f"clips per length, up to {report['max_new_tokens']} new tokens, tree depth "
         f"{report['depth']}.\n\n{markdown_table(report)}\n"
     )
-    tmp.rename(md)
+    out = write_pages(report, out, page)
     plot(report, out.with_suffix(".png"))
     return out

@@ -316,7 +316,7 @@ def test_train_mistakes_print_one_line_and_debug_the_traceback(tmp_path, at_root
 
 
 def test_bench_prints_its_table_before_writing(monkeypatch, at_root, capsys, micro_target_dir):
-    from covspec.inference import bench
+    from covspec.inference import bench, bench_report
 
     method = dict(kind="baseline", drafter=None, mode=None, tokens_per_s=1.0, speedup=1.0,
                   tau=None, mean_drafted=None, acceptance_per_depth=None,
@@ -325,7 +325,7 @@ def test_bench_prints_its_table_before_writing(monkeypatch, at_root, capsys, mic
                   tau_definition="tau", methods={"hf_greedy": method}, samples=[])  # fmt: skip
     monkeypatch.setattr(bench, "run_bench", lambda *a, **k: report)
     monkeypatch.setattr(
-        bench,
+        bench_report,
         "write_report",
         lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")),
     )

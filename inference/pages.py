@@ -1,0 +1,27 @@
+"""Result pages written whole: a report's JSON and its markdown page, each to a temporary name
+first and renamed, so a crash or a full disk never leaves half a page behind.
+
+    >>> out = write_pages(report, "docs/results/bench.json", markdown_table(report))
+    >>> out.with_suffix(".md").exists()
+    True
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.rename(path)
+
+
+def write_pages(report: dict, out: str | Path, markdown: str) -> Path:
+    """`out` (JSON, NaN refused) and the markdown page beside it (`.md`); returns `out`."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out, json.dumps(report, indent=2, allow_nan=False))
+    write_text_atomic(out.with_suffix(".md"), markdown)
+    return out

@@ -34,7 +34,8 @@ prefix rows per visual token.
 `choose` and `sample_rows` split `forward` so the drafter's input builder
 (modeling/drafter_inputs.py) computes only the chosen option's rows, averaging raw target states
 before projecting them where the option only averages. `option_embedding: true` adds a learned
-row per option to its rows (a gated compressor only).
+row per option to its rows (a gated compressor only). `set_cost_weight` moves a critic gate
+along its tau / rows curve after training (`covspec bench --gate-cost-weight`).
 
 Samples are left-padded to the batch's longest prefix (`valid` marks real rows): the drafter's
 rotary positions are relative, so a prefix always ends right before the text it precedes.
@@ -428,6 +429,20 @@ class VisualCompressor(PreTrainedModel):
     @property
     def critic(self) -> bool:
         return self.config.gate == "critic" and len(self.parsed) > 1
+
+    def set_cost_weight(self, cost_weight: float) -> None:
+        """Move a critic gate's operating point: the price of a prefix row per visual token
+        its pick adds to the predicted loss. The critic never saw the price in training, so
+        any weight >= 0 is a valid point on the same drafter's tau / rows curve; a Gumbel
+        gate learned its price and picks by its logits alone, so it refuses."""
+        if not self.critic:
+            raise ValueError(
+                f"only a critic gate over several options takes a cost weight at inference; "
+                f"this compressor has gate {self.config.gate!r} over {self.config.options}"
+            )
+        if not math.isfinite(cost_weight) or cost_weight < 0:
+            raise ValueError(f"cost_weight must be a finite number >= 0, got {cost_weight}")
+        self.config.cost_weight = float(cost_weight)
 
 
 def left_pad(rows: list[torch.Tensor], width: int, like: torch.Tensor):

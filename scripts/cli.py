@@ -8,7 +8,7 @@
     covspec toy-eval   --video --target checkpoints/toy-video-target --num 100 --frames 4 16
     covspec video-sweep --target DIR --drafter DIR [...] --frames 8 64 576 --out F.json
     covspec train      --config recipes/toy/drafter.yaml [--model.variant text_only ...]
-    covspec bench      --target DIR --drafter DIR [--drafter DIR ...] [--data F.jsonl | --toy N] --out F.json
+    covspec bench      --target DIR --drafter DIR [--drafter DIR ...] [--data F.jsonl | --toy N] [--gate-cost-weight W ...] --out F.json
     covspec simulate   --target DIR --drafter DIR [--channel good|medium|bad|PRESET@rttMS|TRACE.csv ...] --out F.json
     covspec eval       --target DIR --drafter DIR --benchmark llava-bench|mmmu|mmbench|video-mme|mvbench [--data-dir DIR|HUB_ID] [--limit N] --out F.json
     covspec collect-acceptance --drafter DIR --toy N --out DIR   # acceptance-head trajectories
@@ -98,7 +98,8 @@ def _toy_eval(args: argparse.Namespace) -> None:
 
 def _bench(args: argparse.Namespace) -> None:
     from covspec.data.readers import read_prompts_jsonl, toy_prompts
-    from covspec.inference.bench import markdown_table, run_bench, write_report
+    from covspec.inference.bench import run_bench
+    from covspec.inference.bench_report import markdown_table, write_report
     from covspec.inference.tree import DraftSettings
     from covspec.modeling.identity import resolve_source
 
@@ -112,6 +113,7 @@ def _bench(args: argparse.Namespace) -> None:
     report = run_bench(
         target, drafters, samples, args.max_new_tokens, chain, tree,
         warmup=args.warmup, device=args.device, dtype=args.dtype,
+        gate_cost_weights=args.gate_cost_weights,
     )  # fmt: skip
     print(markdown_table(report))  # first: a failed write (full disk) must not lose the run
     path = write_report(report, args.out)
@@ -451,6 +453,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
         help="of target and drafters; the report states it beside identical_fraction",
+    )  # fmt: skip
+    p.add_argument(
+        "--gate-cost-weight", type=float, action="append", default=[], dest="gate_cost_weights",
+        help="run each critic-gated drafter at this price of a prefix row (repeatable): "
+        "several points on one elastic drafter's tau / rows curve",
     )  # fmt: skip
     p.set_defaults(func=_bench)
 

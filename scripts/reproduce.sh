@@ -51,7 +51,8 @@ train recipes/toy/video-drafter.yaml checkpoints/toy-video-drafter-elastic \
 covspec bench --target checkpoints/toy-target --drafter checkpoints/toy-drafter \
   --drafter checkpoints/toy-drafter-full-visual --drafter checkpoints/toy-drafter-text-only \
   --toy 40 --max-new-tokens 96 --out "$OUT/bench-toy.json"
-# README: the elastic compressor's Pareto table (mixed prompts)
+# README: the elastic compressor's Pareto table (mixed prompts), the elastic drafter at four
+# prices of a prefix row (0.02 is its recipe's)
 elastic=()
 for d in toy-drafter toy-drafter-none toy-drafter-resampler2 toy-drafter-resampler8 \
   toy-drafter-pool4 toy-drafter-prune0.25 toy-drafter-pool2 toy-drafter-conv2 \
@@ -59,7 +60,8 @@ for d in toy-drafter toy-drafter-none toy-drafter-resampler2 toy-drafter-resampl
   elastic+=(--drafter "checkpoints/$d")
 done
 covspec bench --target checkpoints/toy-target "${elastic[@]}" --toy 480 --toy-mixed \
-  --max-new-tokens 96 --out "$OUT/bench-elastic.json"                              # ~6 min
+  --gate-cost-weight 0 --gate-cost-weight 0.005 --gate-cost-weight 0.02 --gate-cost-weight 0.05 \
+  --max-new-tokens 96 --out "$OUT/bench-elastic.json"                              # ~9 min
 # README: device-edge simulation, feature codec, both drafter kinds
 covspec simulate --target checkpoints/toy-target --drafter checkpoints/toy-drafter \
   --toy 20 --max-new-tokens 96 --out "$OUT/simulate-toy.json"

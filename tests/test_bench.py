@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from covspec.data.readers import DataFileError, read_prompts_jsonl, toy_prompts
-from covspec.inference.bench import (
+from covspec.inference.bench import run_bench
+from covspec.inference.bench_report import (
+    markdown_table,
     pareto_lines,
     per_prompt_oracle_tau,
-    run_bench,
     tau_difference_interval,
     write_report,
 )
@@ -118,8 +119,6 @@ def test_bench_in_bfloat16_states_its_dtype(micro_target_dir, drafter_dir):
     assert report["dtype"] == "bfloat16"
     for m in report["methods"].values():
         assert 0.0 <= m["identical_fraction"] <= 1.0  # a measured rate outside float32
-    from covspec.inference.bench import markdown_table
-
     assert "bfloat16" in markdown_table(report)
     with pytest.raises(ValueError, match="dtype"):
         run_bench(str(micro_target_dir), [str(drafter_dir)], toy_prompts(1), 4, dtype="int8")
@@ -183,6 +182,43 @@ def test_bench_reports_prefix_cost_gate_choices_and_the_pareto_plot(
     assert (tmp_path / "b-pareto.png").stat().st_size > 0
     assert "Gate choices of" in (tmp_path / "b.md").read_text()
     assert "tau per prompt kind" in (tmp_path / "b.md").read_text()
+
+
+def test_bench_runs_a_critic_gated_drafter_once_per_price(micro_target_dir, drafter_dir, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    adapter = adapter_for(AutoModelForImageTextToText.from_pretrained(micro_target_dir))
+    torch.manual_seed(0)
+    options = {"options": ["pool:4", "pool:1"]}
+    for name, gate in (("critic", "critic"), ("gumbel", "gumbel")):
+        cfg = DrafterConfig.for_target(
+            adapter, visual_prefix="compressed", compressor={**options, "gate": gate}
+        )
+        Drafter(cfg).save_pretrained(tmp_path / name)
+    drafters = [str(drafter_dir), str(tmp_path / "critic")]
+    report = run_bench(
+        str(micro_target_dir), drafters, toy_prompts(2, mixed=True), 4, warmup=0,
+        modes=("tree",), gate_cost_weights=[0.0, 1000.0],
+    )  # fmt: skip
+    m = report["methods"]
+    assert set(m) == {"hf_greedy", "hf_prompt_lookup", "micro-drafter/tree", "critic@cw0/tree",
+                      "critic@cw1000/tree"}  # fmt: skip
+    assert m["critic@cw1000/tree"]["visual_prefix_tokens"] == 9.0  # priced down to pool:4
+    assert m["critic@cw0/tree"]["gate_cost_weight"] == 0.0
+    assert m["critic@cw1000/tree"]["gate_cost_weight"] == 1000.0
+    assert m["micro-drafter/tree"]["gate_cost_weight"] is None
+    assert all(x["identical_fraction"] == 1.0 for x in m.values())
+    page = markdown_table(report)
+    assert "at cost weight 1000 (share of prompts per kind)" in page
+    assert "`critic@cw0/tree` carries" in page and "`critic@cw1000/tree` carries 9.0" in page
+    write_report(report, tmp_path / "p.json")
+    assert (tmp_path / "p-pareto.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="need a drafter with a gated compressor"):
+        run_bench(str(micro_target_dir), [str(drafter_dir)], [], 4, gate_cost_weights=[0.1])
+    with pytest.raises(ValueError, match="repeat"):
+        run_bench(str(micro_target_dir), drafters, [], 4, gate_cost_weights=[0.1, 0.1])
+    with pytest.raises(ValueError, match="only a critic gate"):
+        run_bench(str(micro_target_dir), [str(tmp_path / "gumbel")], [], 4, gate_cost_weights=[0.1])
 
 
 def test_pareto_lines_compare_only_with_primitives_carrying_as_many_rows():

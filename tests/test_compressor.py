@@ -414,6 +414,32 @@ def test_critic_gate_picks_the_lowest_predicted_loss_plus_the_price_of_its_rows(
         VisualCompressorConfig(hidden_size=8, gate="bandit")
 
 
+def test_a_critics_price_moves_its_pick_monotonically_toward_fewer_rows():
+    comp = _compressor(["none", "pool:4", "pool:2", "pool:1"])
+    comp.config.gate = "critic"
+    images = [[(torch.randn(81, 16), (9, 9))] for _ in range(16)]
+    prompts = torch.randn(16, 8)
+    rows = []
+    with torch.no_grad():
+        comp.gate.net[2].bias.copy_(torch.tensor([0.4, 0.2, 0.1, 0.0]))  # more rows, less loss
+        for weight in (0.0, 0.1, 0.3, 1.0, 100.0):
+            comp.set_cost_weight(weight)
+            rows.append(comp(images, prompts).valid.sum(1))  # (B,) rows per sample
+    assert rows[0].tolist() == [81] * 16 and rows[-1].tolist() == [0] * 16
+    for cheaper, dearer in zip(rows, rows[1:], strict=False):
+        assert (dearer <= cheaper).all()  # a higher price never buys a sample more rows
+    assert len({tuple(r.tolist()) for r in rows}) >= 3  # the price moves the operating point
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="cost_weight"):
+            comp.set_cost_weight(bad)
+    with pytest.raises(ValueError, match="only a critic gate"):
+        _compressor(["none", "pool:4"]).set_cost_weight(0.1)  # a gumbel gate learned its price
+    single = _compressor(["pool:4"])
+    single.config.gate = "critic"
+    with pytest.raises(ValueError, match="only a critic gate"):
+        single.set_cost_weight(0.1)
+
+
 def test_critic_training_pairs_every_sample_with_two_options_and_regresses_their_gap(
     micro_target_dir,
 ):

@@ -133,7 +133,6 @@ def build_methods(
     return methods
 
 
-@torch.inference_mode()
 def _drafter_runs(drafters: list[str], weights: Sequence[float]) -> list[tuple[str, float | None]]:
     """(folder, price override) per drafter to run: a gated drafter once per weight."""
     if not weights:
@@ -149,6 +148,7 @@ def _drafter_runs(drafters: list[str], weights: Sequence[float]) -> list[tuple[s
     return [(d, w) for d in drafters for w in (weights if d in gated else [None])]
 
 
+@torch.inference_mode()
 def run_bench(
     target: str,
     drafters: list[str],

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from covspec.inference.roles import now
-from covspec.inference.runner import SpecRunner, suppressed_tokens
+from covspec.inference.runner import SpecRunner, priced_drafters, suppressed_tokens
 from covspec.inference.tree import DraftSettings
 from covspec.modeling.adapters import adapter_for
 from covspec.modeling.drafter import DrafterConfig
@@ -106,12 +105,8 @@ def build_methods(
         ),
     }
     runners = {}
-    for path, weight in _drafter_runs(drafters, gate_cost_weights):
-        runner = SpecRunner.for_drafter_folder(model, processor, path)
-        name = Path(path).name
-        if weight is not None:
-            runner.drafter.compressor.set_cost_weight(weight)
-            name = f"{name}@cw{weight:g}"
+    for path, weight, name in priced_drafters(drafters, gate_cost_weights):
+        runner = SpecRunner.for_drafter_folder(model, processor, path, weight)
         runners[name] = runner
         for settings in (s for s in (chain, tree) if s.mode in modes):
             methods[f"{name}/{settings.mode}"] = (
@@ -131,21 +126,6 @@ def build_methods(
         )
         methods[f"{name}/{tree.mode}"] = (tally, _spec_method(factory(runners), tree))
     return methods
-
-
-def _drafter_runs(drafters: list[str], weights: Sequence[float]) -> list[tuple[str, float | None]]:
-    """(folder, price override) per drafter to run: a gated drafter once per weight."""
-    if not weights:
-        return [(d, None) for d in drafters]
-    gated = [d for d in drafters if _prefix_kind(d) == "gated"]
-    if not gated:
-        raise ValueError(
-            f"gate cost weights {list(weights)} need a drafter with a gated compressor; "
-            f"none of {drafters} has one"
-        )
-    if len(set(weights)) != len(weights):
-        raise ValueError(f"gate cost weights repeat an entry: {list(weights)}")
-    return [(d, w) for d in drafters for w in (weights if d in gated else [None])]
 
 
 @torch.inference_mode()

@@ -17,9 +17,16 @@ families whose processor takes one, else as a run of images.
 edge and device roles and typed messages that `covspec simulate` prices over a simulated
 wireless link, with no link cost. Batch size is 1: a tree per sequence and per-sequence cache
 pruning are what make the round lossless and cheap.
+
+An elastic drafter (a critic-gated compressor) runs at any price of a prefix row:
+`for_drafter_folder(..., gate_cost_weight=W)`; `priced_drafters` expands a list of folders into
+one run per price for the bench and the simulator.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -33,7 +40,7 @@ from covspec.inference.timeline import GenerationResult, Timeline
 from covspec.inference.tree import DraftSettings
 from covspec.inference.vlm_drafter import check_same_tokenizer, is_device_vlm, load_device_vlm
 from covspec.modeling.adapters import TargetAdapter, TargetMismatchError, adapter_for
-from covspec.modeling.drafter import Drafter
+from covspec.modeling.drafter import Drafter, DrafterConfig
 from covspec.modeling.drafter_inputs import target_layer_ids
 from covspec.modeling.identity import resolve_source, target_identity
 from covspec.modeling.tokens import fingerprint_vocab
@@ -131,14 +138,24 @@ class SpecRunner:
         return cls(model, processor, loaded)
 
     @classmethod
-    def for_drafter_folder(cls, model, processor, folder: str) -> SpecRunner:
-        """A runner on a loaded target with the drafter at `folder`, either kind."""
+    def for_drafter_folder(
+        cls, model, processor, folder: str, gate_cost_weight: float | None = None
+    ) -> SpecRunner:
+        """A runner on a loaded target with the drafter at `folder`, either kind;
+        `gate_cost_weight`: the price its critic gate puts on a prefix row (None: its own)."""
         if is_device_vlm(folder):
+            if gate_cost_weight is not None:
+                raise ValueError(f"{folder} is a small-VLM drafter: it has no gate to price")
             check_same_tokenizer(processor, folder)
             return cls(
                 model, processor, None, load_device_vlm(folder, model.dtype).to(model.device)
             )
-        return cls(model, processor, Drafter.from_pretrained(folder).to(model.device, model.dtype))
+        drafter = Drafter.from_pretrained(folder).to(model.device, model.dtype)
+        if gate_cost_weight is not None:
+            if drafter.config.visual_prefix != "compressed":
+                raise ValueError(f"{folder} has no visual compressor: it has no gate to price")
+            drafter.compressor.set_cost_weight(gate_cost_weight)
+        return cls(model, processor, drafter)
 
     @property
     def has_drafter(self) -> bool:
@@ -240,3 +257,33 @@ class SpecRunner:
 
     def suppress(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.index_fill(-1, self._suppress_ids.to(logits.device), float("-inf"))
+
+
+def priced_drafters(
+    drafters: list[str], weights: Sequence[float] = ()
+) -> list[tuple[str, float | None, str]]:
+    """(folder, price, run name) per drafter run: a critic-gated drafter once per price of a
+    prefix row in `weights` (named `FOLDER_NAME@cwW`), every other drafter once as it is."""
+    names = [(d, None, Path(d).name) for d in drafters]
+    if not weights:
+        return names
+    if len(set(weights)) != len(weights):
+        raise ValueError(f"gate cost weights repeat an entry: {list(weights)}")
+    gated = {d for d in drafters if _is_gated(d)}
+    if not gated:
+        raise ValueError(
+            f"gate cost weights {list(weights)} need a drafter with a gated compressor; "
+            f"none of {drafters} has one"
+        )
+    return [
+        (d, w, f"{name}@cw{w:g}") if d in gated else (d, None, name)
+        for d, _, name in names
+        for w in (weights if d in gated else [None])
+    ]
+
+
+def _is_gated(folder: str) -> bool:
+    if is_device_vlm(folder):
+        return False
+    cfg = DrafterConfig.from_pretrained(folder)
+    return cfg.visual_prefix == "compressed" and len(cfg.compressor_config().options) > 1

@@ -18,7 +18,6 @@ compute. An RTT sweep (one curve per protocol) shows where speculative decoding 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -31,7 +30,7 @@ from covspec.inference.link import PRESET_SOURCES, PRESETS, Link, resolve_channe
 from covspec.inference.policies import LinkAwareDepth
 from covspec.inference.protocols import run_protocol
 from covspec.inference.roles import Request
-from covspec.inference.runner import SpecRunner, suppressed_tokens
+from covspec.inference.runner import SpecRunner, priced_drafters, suppressed_tokens
 from covspec.inference.timeline import Timeline
 from covspec.inference.tree import DraftSettings
 from covspec.modeling.acceptance_head import AcceptanceHead, drafter_fingerprint
@@ -154,6 +153,7 @@ class SimulationPlan:
     max_depth: int = 12
     seed: int = 0
     accept_head: str | None = None
+    gate_cost_weights: list[float] = field(default_factory=list)  # prices of a prefix row
 
     def __post_init__(self) -> None:
         if self.accept_head:
@@ -169,12 +169,12 @@ class SimulationPlan:
             raise ValueError(f"RTTs must be > 0 ms, got {self.rtt_sweep_ms}")
 
 
-def _runs(plan: SimulationPlan):
-    """(section, drafter, method, channel spec, compute name) for every decode to run."""
+def _runs(plan: SimulationPlan, drafters: list[str]):
+    """(section, drafter run name, method, channel spec, compute name) for every decode."""
     for compute in plan.computes:
         for channel in plan.channels:
             yield "table", None, "edge_only", channel, compute
-            for k, drafter in enumerate(plan.drafters):
+            for k, drafter in enumerate(drafters):
                 for method in plan.methods:
                     if method != "edge_only" and (k == 0 or method not in HEAD_METHODS):
                         yield "table", drafter, method, channel, compute
@@ -183,7 +183,7 @@ def _runs(plan: SimulationPlan):
         yield "sweep", None, "edge_only", channel, plan.sweep_compute
         for method in plan.methods:
             if method != "edge_only" and method not in HEAD_METHODS:
-                yield "sweep", plan.drafters[0], method, channel, plan.sweep_compute
+                yield "sweep", drafters[0], method, channel, plan.sweep_compute
 
 
 def simulate(target: str, plan: SimulationPlan, samples: list[dict], max_new_tokens: int) -> dict:
@@ -195,11 +195,14 @@ def simulate(target: str, plan: SimulationPlan, samples: list[dict], max_new_tok
     model = AutoModelForImageTextToText.from_pretrained(target).eval()
     processor = AutoProcessor.from_pretrained(target)
     runners = {None: SpecRunner(model, processor, None)}
-    for path in plan.drafters:
-        runners[path] = SpecRunner.for_drafter_folder(model, processor, path)
+    names = {}  # run name -> folder: an elastic drafter runs once per price
+    for path, weight, name in priced_drafters(plan.drafters, plan.gate_cost_weights):
+        runners[name] = SpecRunner.for_drafter_folder(model, processor, path, weight)
+        names[name] = path
     refs = [_reference(model, processor, runners[None], s, max_new_tokens) for s in samples]
-    head = _load_head(plan.accept_head, runners[plan.drafters[0]]) if plan.accept_head else None
-    runs = list(_runs(plan))
+    first = next(iter(names))
+    head = _load_head(plan.accept_head, runners[first]) if plan.accept_head else None
+    runs = list(_runs(plan, list(names)))
     rows, timeline_example = [], None
     for section, drafter, method, channel, compute in tqdm(runs, desc="simulate", unit="run"):
         tally = Tally()
@@ -218,7 +221,7 @@ def simulate(target: str, plan: SimulationPlan, samples: list[dict], max_new_tok
         rows.append(
             {
                 "section": section,
-                "drafter": Path(drafter).name if drafter else None,
+                "drafter": drafter,
                 "protocol": method,
                 "channel": channel,
                 "compute": compute,

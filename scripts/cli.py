@@ -156,6 +156,7 @@ def _simulate(args: argparse.Namespace) -> None:
         max_depth=args.max_depth,
         seed=args.seed,
         accept_head=args.accept_head,
+        gate_cost_weights=args.gate_cost_weights,
     )
     samples = (
         read_prompts_jsonl(args.data) if args.data else toy_prompts(args.toy, mixed=args.toy_mixed)
@@ -180,6 +181,14 @@ def _add_draft_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--branch-margin", type=between(None, 1), default=0.5,
         help="CoVSpec parallel branching: top-k children only below this margin (negative: always, EAGLE-2)",
+    )  # fmt: skip
+
+
+def _add_price_argument(p) -> None:
+    p.add_argument(
+        "--gate-cost-weight", type=float, action="append", default=[], dest="gate_cost_weights",
+        help="run each critic-gated drafter at this price of a prefix row (repeatable): "
+        "several points on one elastic drafter's tau / rows curve",
     )  # fmt: skip
 
 
@@ -217,6 +226,7 @@ def _add_simulate_parser(sub) -> None:
     p.add_argument(
         "--accept-head", help="acceptance head folder: adds lossy rows (full / selective upload)"
     )
+    _add_price_argument(p)
     p.add_argument("--out", default="checkpoints/simulate/toy.json")
     _add_draft_arguments(p)
     p.set_defaults(func=_simulate)
@@ -454,11 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
         help="of target and drafters; the report states it beside identical_fraction",
     )  # fmt: skip
-    p.add_argument(
-        "--gate-cost-weight", type=float, action="append", default=[], dest="gate_cost_weights",
-        help="run each critic-gated drafter at this price of a prefix row (repeatable): "
-        "several points on one elastic drafter's tau / rows curve",
-    )  # fmt: skip
+    _add_price_argument(p)
     p.set_defaults(func=_bench)
 
     p = sub.add_parser(

@@ -62,6 +62,13 @@ done
 covspec bench --target checkpoints/toy-target "${elastic[@]}" --toy 480 --toy-mixed \
   --gate-cost-weight 0 --gate-cost-weight 0.005 --gate-cost-weight 0.02 --gate-cost-weight 0.05 \
   --max-new-tokens 96 --out "$OUT/bench-elastic.json"                              # ~9 min
+# README: the elastic drafter's price over a bad link (prefix bytes, first token)
+covspec simulate --target checkpoints/toy-target --drafter checkpoints/toy-drafter-elastic \
+  --drafter checkpoints/toy-drafter --drafter checkpoints/toy-drafter-pool2 \
+  --drafter checkpoints/toy-drafter-full-visual --gate-cost-weight 0 --gate-cost-weight 0.02 \
+  --gate-cost-weight 0.05 --protocol sync --channel good --channel bad --compute measured \
+  --compute a40-orin-7b --rtt-sweep '' --toy 120 --toy-mixed \
+  --out "$OUT/simulate-elastic.json"                                               # ~3 min
 # README: device-edge simulation, feature codec, both drafter kinds
 covspec simulate --target checkpoints/toy-target --drafter checkpoints/toy-drafter \
   --toy 20 --max-new-tokens 96 --out "$OUT/simulate-toy.json"

@@ -15,7 +15,7 @@ from covspec.inference.tree import (
     tree_attention_mask,
     verify_sampling,
 )
-from covspec.modeling.adapters import TargetMismatchError
+from covspec.modeling.adapters import TargetMismatchError, adapter_for
 from covspec.modeling.drafter import Drafter, DrafterConfig
 from tests.tiny_vlms import FAMILIES
 
@@ -237,3 +237,28 @@ def test_runner_refuses_families_it_cannot_verify_yet(family):
     model, _ = FAMILIES[family]()
     with pytest.raises(TargetMismatchError, match=f"does not support {family}"):
         SpecRunner(model.eval(), None, None)
+
+
+def test_only_a_gated_drafter_takes_a_price(micro_target_dir, tmp_path):
+    from covspec.inference.runner import priced_drafters
+
+    micro_model = AutoModelForImageTextToText.from_pretrained(micro_target_dir)
+    adapter = adapter_for(micro_model)
+    plain = tmp_path / "plain"
+    Drafter(DrafterConfig.for_target(adapter)).save_pretrained(plain)
+    gated = tmp_path / "gated"
+    compressor = {"options": ["pool:4", "pool:2"], "gate": "critic"}
+    cfg = DrafterConfig.for_target(adapter, visual_prefix="compressed", compressor=compressor)
+    Drafter(cfg).save_pretrained(gated)
+    runs = priced_drafters([str(plain), str(gated)], [0.0, 0.05])
+    assert [(w, n) for _, w, n in runs] == [
+        (None, "plain"),
+        (0.0, "gated@cw0"),
+        (0.05, "gated@cw0.05"),
+    ]
+    assert priced_drafters([str(plain)]) == [(str(plain), None, "plain")]
+    processor = AutoProcessor.from_pretrained(micro_target_dir)
+    runner = SpecRunner.for_drafter_folder(micro_model, processor, str(gated), 0.05)
+    assert runner.drafter.compressor.config.cost_weight == 0.05
+    with pytest.raises(ValueError, match="no visual compressor"):
+        SpecRunner.for_drafter_folder(micro_model, processor, str(plain), 0.05)

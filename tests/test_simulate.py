@@ -73,3 +73,30 @@ def test_bad_requests_are_refused(micro_target_dir, drafter_dir, capsys):
     code = main(["simulate", "--target", str(micro_target_dir), "--drafter", str(drafter_dir),
                  "--channel", "lunar"])  # fmt: skip
     assert code == 2 and "unknown channel" in capsys.readouterr().err
+
+
+def test_an_elastic_drafter_is_simulated_once_per_price(micro_target_dir, drafter_dir, tmp_path):
+    target = AutoModelForImageTextToText.from_pretrained(micro_target_dir)
+    torch.manual_seed(0)
+    compressor = {"options": ["pool:4", "pool:1"], "gate": "critic"}
+    cfg = DrafterConfig.for_target(
+        adapter_for(target), visual_prefix="compressed", compressor=compressor
+    )
+    Drafter(cfg).save_pretrained(tmp_path / "elastic")
+    plan = SimulationPlan(
+        drafters=[str(tmp_path / "elastic"), str(drafter_dir)],
+        methods=["sync"], channels=["bad"], computes=["measured"], rtt_sweep_ms=[],
+        gate_cost_weights=[0.0, 1000.0],
+    )  # fmt: skip
+    report = simulate(str(micro_target_dir), plan, toy_prompts(2), 6)
+    rows = {r["drafter"]: r for r in report["rows"] if r["protocol"] == "sync"}
+    assert set(rows) == {"elastic@cw0", "elastic@cw1000", "d"}
+    assert all(r["identical_fraction"] == 1.0 for r in rows.values())
+    # priced down to pool:4's 9 rows from up to 81: fewer prefix bytes cross the link
+    cheap, dear = (
+        rows[k]["prompt_downlink_bytes_per_answer"] for k in ("elastic@cw1000", "elastic@cw0")
+    )
+    assert cheap <= dear
+    with pytest.raises(ValueError, match="no gate to price|need a drafter with a gated"):
+        plan.drafters, plan.gate_cost_weights = [str(drafter_dir)], [0.1]
+        simulate(str(micro_target_dir), plan, toy_prompts(1), 2)

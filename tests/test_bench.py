@@ -221,6 +221,21 @@ def test_bench_runs_a_critic_gated_drafter_once_per_price(micro_target_dir, draf
         run_bench(str(micro_target_dir), [str(tmp_path / "gumbel")], [], 4, gate_cost_weights=[0.1])
 
 
+def test_every_method_runs_without_autograd(micro_target_dir, drafter_dir):
+    seen = []
+
+    class Spy:  # a policy: the bench calls it like the runner, inside its own loop
+        def __init__(self, runners):
+            self.runner = runners["micro-drafter"]
+
+        def generate(self, image, prompt, max_new_tokens, settings):
+            seen.append(torch.is_inference_mode_enabled())
+            return self.runner.generate(image, prompt, max_new_tokens, settings)
+
+    run_bench(str(micro_target_dir), [str(drafter_dir)], toy_prompts(2), 3, policies={"spy": Spy})
+    assert seen and all(seen)
+
+
 def test_pareto_lines_compare_only_with_primitives_carrying_as_many_rows():
     def m(kind, rows, tau, speedup, mode="tree"):
         return {"mode": mode, "prefix_kind": kind, "visual_prefix_tokens": rows, "tau": tau,

@@ -55,7 +55,7 @@ class _Tally:
     kv_bytes: int = 0  # the drafter's KV cache at the end of each sample, summed
     gate_choices: dict[str, dict[str, int]] = field(default_factory=dict)  # kind -> option -> n
     kind_rounds: dict[str, list[int]] = field(default_factory=dict)  # kind -> [tokens, rounds]
-    gate_cost_weight: float | None = None  # the critic gate's price of a row, when overridden
+    gate_cost_weight: float | None = None  # the price the drafter's gate ran at
 
 
 def _hf_method(encoder: SpecRunner, extra: dict):
@@ -116,7 +116,7 @@ def build_methods(
                     settings.mode,
                     attempts=[0] * settings.depth,
                     accepted=[0] * settings.depth,
-                    gate_cost_weight=weight,
+                    gate_cost_weight=runner.gate_cost_weight,
                 ),
                 _spec_method(runner, settings),
             )
@@ -236,7 +236,7 @@ def _report(target, samples, max_new_tokens, methods, rows) -> dict:
             "drafter_kv_bytes": t.kv_bytes / max(1, len(samples)) if spec else None,
             "visual_tokens": t.visual_tokens / max(1, len(samples)) if spec else None,
             "gate_choices": t.gate_choices if kind == "gated" else None,
-            "gate_cost_weight": _gate_cost_weight(t) if kind == "gated" else None,
+            "gate_cost_weight": t.gate_cost_weight if kind == "gated" else None,
             "prefix_kind": kind,
             "tau_per_kind": {k: n / r for k, (n, r) in sorted(t.kind_rounds.items()) if r}
             if spec
@@ -269,13 +269,6 @@ def _prefix_kind(drafter: str | None) -> str | None:
     if len(options) > 1:
         return "gated"
     return "free" if options[0] == "none" else "primitive"
-
-
-def _gate_cost_weight(t: _Tally) -> float:
-    """The price of a prefix row the gate ran at: the bench's override or the checkpoint's."""
-    if t.gate_cost_weight is not None:
-        return t.gate_cost_weight
-    return DrafterConfig.from_pretrained(t.drafter).compressor_config().cost_weight
 
 
 def _visual_prefix(t: _Tally, kind: str | None, n: int) -> float | None:

@@ -158,6 +158,14 @@ class SpecRunner:
         return cls(model, processor, drafter)
 
     @property
+    def gate_cost_weight(self) -> float | None:
+        """The price the drafter's gate puts on a prefix row; None without a gate."""
+        d = self.drafter
+        if d is None or d.config.visual_prefix != "compressed" or len(d.compressor.parsed) < 2:
+            return None
+        return d.compressor.config.cost_weight
+
+    @property
     def has_drafter(self) -> bool:
         return self.drafter is not None or self.device_vlm is not None
 

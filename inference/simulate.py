@@ -195,14 +195,13 @@ def simulate(target: str, plan: SimulationPlan, samples: list[dict], max_new_tok
     model = AutoModelForImageTextToText.from_pretrained(target).eval()
     processor = AutoProcessor.from_pretrained(target)
     runners = {None: SpecRunner(model, processor, None)}
-    names = {}  # run name -> folder: an elastic drafter runs once per price
+    names = []  # drafter runs: an elastic drafter once per price
     for path, weight, name in priced_drafters(plan.drafters, plan.gate_cost_weights):
         runners[name] = SpecRunner.for_drafter_folder(model, processor, path, weight)
-        names[name] = path
+        names.append(name)
     refs = [_reference(model, processor, runners[None], s, max_new_tokens) for s in samples]
-    first = next(iter(names))
-    head = _load_head(plan.accept_head, runners[first]) if plan.accept_head else None
-    runs = list(_runs(plan, list(names)))
+    head = _load_head(plan.accept_head, runners[names[0]]) if plan.accept_head else None
+    runs = list(_runs(plan, names))
     rows, timeline_example = [], None
     for section, drafter, method, channel, compute in tqdm(runs, desc="simulate", unit="run"):
         tally = Tally()

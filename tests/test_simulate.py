@@ -82,7 +82,10 @@ def test_an_elastic_drafter_is_simulated_once_per_price(micro_target_dir, drafte
     cfg = DrafterConfig.for_target(
         adapter_for(target), visual_prefix="compressed", compressor=compressor
     )
-    Drafter(cfg).save_pretrained(tmp_path / "elastic")
+    elastic = Drafter(cfg)
+    with torch.no_grad():  # predicted losses: all 81 rows beat pool:4 by 0.1 when rows are free
+        elastic.compressor.gate.net[2].bias.copy_(torch.tensor([0.2, 0.1]))
+    elastic.save_pretrained(tmp_path / "elastic")
     plan = SimulationPlan(
         drafters=[str(tmp_path / "elastic"), str(drafter_dir)],
         methods=["sync"], channels=["bad"], computes=["measured"], rtt_sweep_ms=[],
@@ -96,7 +99,7 @@ def test_an_elastic_drafter_is_simulated_once_per_price(micro_target_dir, drafte
     cheap, dear = (
         rows[k]["prompt_downlink_bytes_per_answer"] for k in ("elastic@cw1000", "elastic@cw0")
     )
-    assert cheap <= dear
+    assert cheap < dear
     with pytest.raises(ValueError, match="no gate to price|need a drafter with a gated"):
         plan.drafters, plan.gate_cost_weights = [str(drafter_dir)], [0.1]
         simulate(str(micro_target_dir), plan, toy_prompts(1), 2)

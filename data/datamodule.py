@@ -6,7 +6,7 @@
     >>> dm.setup("fit"); batch = next(iter(dm.train_dataloader()))
     >>> batch["input_ids"].shape, batch["loss_mask"].shape     # (B, T) each, right-padded
 
-A data spec is either `toy:N[:SEED]` (N toy-world conversations) or a path to a jsonl. Batches
+A data spec is `toy:N[:SEED]` (N toy-world conversations; `toypara:` for the paraphrase world) or a path to a jsonl. Batches
 carry input_ids, attention_mask, loss_mask (assistant tokens), the processor's vision tensors and
 `overlong` = (rows truncated, rows skipped) for the model to log.
 
@@ -43,8 +43,9 @@ from covspec.modeling.identity import resolve_source
 def load_conversations(
     spec: str, image_root: str | None = None, default_seed: int = 0, verify_images: bool = True
 ):
-    """`toy:N[:SEED]`, `toyvideo:N[:SEED[:MIN-MAX]]` (N clips of MIN..MAX frames, default
-    2-16, drawn on access) or a jsonl path -> a dataset in the conversation schema."""
+    """`toy:N[:SEED]`, `toypara:N[:SEED]` (the paraphrase world's conversations),
+    `toyvideo:N[:SEED[:MIN-MAX]]` (N clips of MIN..MAX frames, default 2-16, drawn on access)
+    or a jsonl path -> a dataset in the conversation schema."""
     if spec.startswith("toyvideo:"):
         parts = spec.split(":")
         try:
@@ -56,14 +57,18 @@ def load_conversations(
                 f"toy video data spec must be 'toyvideo:N[:SEED[:MIN-MAX]]', got {spec!r}"
             ) from e
         return ToyVideoClips(num, seed, lo, hi)
-    if spec.startswith("toy:"):
+    if spec.startswith(("toy:", "toypara:")):
         parts = spec.split(":")
         try:
             num = int(parts[1])
             seed = int(parts[2]) if len(parts) > 2 else default_seed
+            if len(parts) > 3:
+                raise ValueError
         except (IndexError, ValueError) as e:
-            raise ValueError(f"toy data spec must be 'toy:N' or 'toy:N:SEED', got {spec!r}") from e
-        return toy_dataset(num, seed)
+            raise ValueError(
+                f"toy data spec must be '{parts[0]}:N' or '{parts[0]}:N:SEED', got {spec!r}"
+            ) from e
+        return toy_dataset(num, seed, paraphrase=parts[0] == "toypara")
     if not Path(spec).is_file():
         raise FileNotFoundError(f"data file not found: {spec}")
     return read_conversations_jsonl(spec, image_root=image_root, verify_images=verify_images)
@@ -178,7 +183,7 @@ class ConversationDataModule(L.LightningDataModule):
         """Local rank 0 only: read every data file once with image verification, so a missing
         or corrupt image fails here naming file:line, before any rank starts training."""
         for spec in (self.hparams.train_data, self.hparams.val_data):
-            if spec and not spec.startswith(("toy:", "toyvideo:")):
+            if spec and not spec.startswith(("toy:", "toypara:", "toyvideo:")):
                 load_conversations(spec, self.hparams.image_root, verify_images=True)
 
     def setup(self, stage: str | None = None) -> None:

@@ -152,11 +152,14 @@ def read_conversations_jsonl(
     return Dataset.from_dict(rows, features=CONVERSATION_FEATURES)
 
 
-def toy_dataset(num: int, seed: int = 0, image_size: int = DEFAULT_IMAGE_SIZE) -> Dataset:
-    """`num` toy-world conversations from stream `seed`, in the jsonl reader's schema."""
+def toy_dataset(
+    num: int, seed: int = 0, image_size: int = DEFAULT_IMAGE_SIZE, paraphrase: bool = False
+) -> Dataset:
+    """`num` toy-world conversations from stream `seed`, in the jsonl reader's schema
+    (`paraphrase`: the paraphrase world's answers, data/toy_wording.py)."""
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")
-    samples = [make_sample(seed, i, image_size) for i in range(num)]
+    samples = [make_sample(seed, i, image_size, paraphrase=paraphrase) for i in range(num)]
     columns = {key: [s[key] for s in samples] for key in TOY_FEATURES}
     return Dataset.from_dict(columns, features=TOY_FEATURES)
 
@@ -172,9 +175,11 @@ def write_toy_jsonl(
     seed: int = 0,
     image_size: int = DEFAULT_IMAGE_SIZE,
     overwrite: bool = False,
+    paraphrase: bool = False,
 ) -> Path:
     """Write `out/data.jsonl` and `out/images/*.png`, written beside any old folder and swapped
-    in; a non-empty `out` that covspec did not write is refused unless `overwrite`."""
+    in; a non-empty `out` that covspec did not write is refused unless `overwrite`.
+    `paraphrase`: the paraphrase world's conversations."""
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")
     out = Path(out)
@@ -184,7 +189,7 @@ def write_toy_jsonl(
         (tmp / "images").mkdir()
         with (tmp / "data.jsonl").open("w", encoding="utf-8") as f:
             for i in tqdm(range(num), desc="toy data", unit="sample"):
-                s = make_sample(seed, i, image_size)
+                s = make_sample(seed, i, image_size, paraphrase=paraphrase)
                 rel = f"images/{s['id']}.png"
                 s["image"].save(tmp / rel)
                 record = {

@@ -30,6 +30,15 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from covspec.data.toy_wording import (
+    EXTRA_CLAUSES,
+    EXTRA_INTROS,
+    EXTRA_OUTROS,
+    canonical,
+    say,
+    say_number,
+)
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -134,19 +143,31 @@ def render(objects: list[ToyObject], rng: random.Random, image_size: int) -> Ima
     return canvas
 
 
-def describe(objects: list[ToyObject], rng: random.Random) -> str:
-    """A long description naming every object as '<colour> <shape>' with its position."""
+def describe(objects: list[ToyObject], rng: random.Random, paraphrase: bool = False) -> str:
+    """A long description naming every object as '<colour> <shape>' with its position.
+
+    `paraphrase`: every colour, shape, position and count word drawn from its synonyms, and
+    more phrasings (data/toy_wording.py)."""
     n = len(objects)
-    intro = rng.choice(_INTROS).format(
+    intros, clauses, outros = _INTROS, _CLAUSES, _OUTROS
+    if paraphrase:
+        intros, clauses = intros + EXTRA_INTROS, clauses + EXTRA_CLAUSES
+        outros = outros + EXTRA_OUTROS
+
+    def word(w: str) -> str:
+        return say(w, rng, paraphrase)
+
+    intro = rng.choice(intros).format(
         are="is" if n == 1 else "are",
-        n=NUMBER_WORDS[n],
-        objects="object" if n == 1 else "objects",
-        shapes="shape" if n == 1 else "shapes",
+        n=say_number(n, rng, paraphrase),
+        objects=word("object" if n == 1 else "objects"),
+        shapes=word("shape" if n == 1 else "shapes"),
     )
-    clauses = [
-        rng.choice(_CLAUSES).format(obj=f"{o.colour} {o.shape}", pos=o.position) for o in objects
+    said = [
+        rng.choice(clauses).format(obj=f"{word(o.colour)} {word(o.shape)}", pos=word(o.position))
+        for o in objects
     ]
-    parts = [intro, *clauses, rng.choice(_OUTROS)]
+    parts = [intro, *said, rng.choice(outros)]
     return " ".join(p for p in parts if p)
 
 
@@ -158,9 +179,10 @@ def parse_description(text: str) -> list[tuple[str, str, str | None]]:
     """(colour, shape, position) for every object a description names, in order.
 
     Position is the position phrase of the same sentence, or None when the sentence has none.
+    Paraphrases ("crimson disc", "upper left") are read as their canonical words.
     """
     found = []
-    for sentence in re.split(r"(?<=[.!?])\s+", text):
+    for sentence in re.split(r"(?<=[.!?])\s+", canonical(text)):
         positions = _POS_RE.findall(sentence)
         for m in _OBJ_RE.finditer(sentence):
             found.append((m.group(1), m.group(2), positions[0] if len(positions) == 1 else None))
@@ -179,9 +201,11 @@ def answer_correct(objects: list[dict], question: str, reference: str, answer: s
 
     A description must name exactly the scene's objects as (colour, shape) multisets, every
     position it states must be that object's, and every count it states ("three shapes") must
-    be the number of objects; a short answer must equal the reference up to case and
-    punctuation (the toy world's answers have one canonical form).
+    be the number of objects; a short answer must equal the reference up to case, punctuation
+    and paraphrase (both read in canonical words: the toy world's short answers differ only by
+    synonyms).
     """
+    answer, reference = canonical(answer), canonical(reference)
     if question.replace("<image>", "").strip() in DESCRIBE_PROMPTS:
         if any(NUMBER_WORDS.index(n) != len(objects) for n in _COUNT_RE.findall(answer)):
             return False
@@ -199,8 +223,41 @@ def _unique(objects: list[ToyObject], key: str) -> list[ToyObject]:
     return [o for o in objects if values.count(getattr(o, key)) == 1]
 
 
-def question_answer(objects: list[ToyObject], rng: random.Random) -> tuple[str, str]:
-    """One short question about the scene and its answer (colour/shape/count/position/yes-no)."""
+_CONTENT_RE = re.compile(
+    r"\b("
+    + "|".join(
+        sorted(
+            (*COLOURS, *SHAPES, *POSITIONS, "objects", "object", *NUMBER_WORDS),
+            key=len,
+            reverse=True,
+        )
+    )
+    + r")\b"
+)
+
+
+def question_answer(
+    objects: list[ToyObject], rng: random.Random, paraphrase: bool = False
+) -> tuple[str, str]:
+    """One short question about the scene and its answer (colour/shape/count/position/yes-no).
+
+    Questions are always in canonical words; `paraphrase` draws the answer's content words from
+    their synonyms."""
+    question, answer = _question_answer(objects, rng)
+    if not paraphrase:
+        return question, answer
+
+    # one uniform draw per content word of the answer, as descriptions do per mention
+    def draw(m: re.Match) -> str:
+        w = m.group(1)
+        return (
+            say_number(NUMBER_WORDS.index(w), rng, True) if w in NUMBER_WORDS else say(w, rng, True)
+        )
+
+    return question, _CONTENT_RE.sub(draw, answer)
+
+
+def _question_answer(objects: list[ToyObject], rng: random.Random) -> tuple[str, str]:
     kinds = ["count", "what_at", "yes_no", "where"]
     if _unique(objects, "shape"):
         kinds.append("colour")
@@ -282,35 +339,40 @@ def chat_messages(turns: list[tuple[str, str]], placeholder: str) -> list[dict]:
 
 
 def make_sample(
-    seed: int, index: int, image_size: int = DEFAULT_IMAGE_SIZE, describe_prob: float = 0.6
+    seed: int,
+    index: int,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    describe_prob: float = 0.6,
+    paraphrase: bool = False,
 ) -> dict:
     """Sample `index` of the stream `seed`: {"id", "image", "messages", "objects"}.
 
     With probability `describe_prob` the conversation is one description turn; otherwise it is
     1-3 short question turns. The image placeholder `<image>` opens the first user turn
-    (LLaVA convention).
+    (LLaVA convention). `paraphrase`: the paraphrase world's answers (data/toy_wording.py); the
+    scene, its pixels and the prompts' kinds are drawn first, so they match the canonical world's.
     """
     rng = random.Random(seed * 1_000_003 + index)
     objects = sample_objects(rng, image_size)
     image = render(objects, rng, image_size)
     if rng.random() < describe_prob:
-        turns = [(rng.choice(DESCRIBE_PROMPTS), describe(objects, rng))]
+        turns = [(rng.choice(DESCRIBE_PROMPTS), describe(objects, rng, paraphrase))]
     else:
-        turns = distinct_turns(lambda: question_answer(objects, rng), rng.randint(1, 3))
+        turns = distinct_turns(lambda: question_answer(objects, rng, paraphrase), rng.randint(1, 3))
     return {
-        "id": f"toy-{seed}-{index}",
+        "id": f"{'toypara' if paraphrase else 'toy'}-{seed}-{index}",
         "image": image,
         "messages": chat_messages(turns, "<image>"),
         "objects": [asdict(o) for o in objects],
     }
 
 
-def corpus_text(seed: int, num: int) -> list[str]:
+def corpus_text(seed: int, num: int, paraphrase: bool = False) -> list[str]:
     """Every string the toy world can say (prompts and answers), for training a tokenizer."""
     texts = []
     for i in range(num):
         rng = random.Random(seed * 1_000_003 + i)
         objects = sample_objects(rng)
-        texts.append(describe(objects, rng))
-        texts.extend(question_answer(objects, rng))
+        texts.append(describe(objects, rng, paraphrase))
+        texts.extend(question_answer(objects, rng, paraphrase))
     return texts + list(DESCRIBE_PROMPTS)

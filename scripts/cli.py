@@ -38,6 +38,8 @@ def _toy_data(args: argparse.Namespace) -> None:
     from covspec.data.readers import write_toy_jsonl
     from covspec.data.toy_video import write_toy_video
 
+    if args.video and args.paraphrase:
+        raise ValueError("--paraphrase is a world of images; the toy video world has none")
     if args.video:
         path = write_toy_video(
             args.out, args.num, args.seed, args.frames, args.image_size, args.format, args.overwrite
@@ -45,8 +47,9 @@ def _toy_data(args: argparse.Namespace) -> None:
         print(f"wrote {args.num} clips of {args.frames} frames to {path}")
         return
     path = write_toy_jsonl(
-        args.out, num=args.num, seed=args.seed, image_size=args.image_size, overwrite=args.overwrite
-    )
+        args.out, num=args.num, seed=args.seed, image_size=args.image_size,
+        overwrite=args.overwrite, paraphrase=args.paraphrase,
+    )  # fmt: skip
     print(f"wrote {args.num} conversations to {path}")
 
 
@@ -66,7 +69,8 @@ def _toy_target(args: argparse.Namespace) -> None:
     spec = replace(base.spec, **{k: v for k, v in overrides.items() if k in spec_keys})
     setting_keys = {f.name for f in fields(base)} - {"spec"}
     settings = replace(base, spec=spec, **{k: v for k, v in overrides.items() if k in setting_keys})
-    out = args.out or ("checkpoints/toy-video-target" if args.video else "checkpoints/toy-target")
+    default = "toy-para-target" if args.paraphrase else "toy-target"
+    out = args.out or ("checkpoints/toy-video-target" if args.video else f"checkpoints/{default}")
     report = build_toy_target(out, settings, force=args.force, overwrite=args.overwrite)
     keys = (
         ("event_accuracy", "event_accuracy_by")
@@ -157,6 +161,7 @@ def _simulate(args: argparse.Namespace) -> None:
         seed=args.seed,
         accept_head=args.accept_head,
         gate_cost_weights=args.gate_cost_weights,
+        typical=args.typical,
     )
     samples = (
         read_prompts_jsonl(args.data) if args.data else toy_prompts(args.toy, mixed=args.toy_mixed)
@@ -224,8 +229,14 @@ def _add_simulate_parser(sub) -> None:
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="channel draws (per sample: seed + i)")
     p.add_argument(
-        "--accept-head", help="acceptance head folder: adds lossy rows (full / selective upload)"
+        "--accept-head",
+        help="acceptance head folder: adds lossy rows (full / selective upload) for the first drafter",
     )
+    p.add_argument(
+        "--typical", type=between(0, 1), action="append", default=[], metavar="EPS",
+        help="adds a lossy row for the first drafter: Medusa's typical acceptance at this "
+        "epsilon, the CSI-blind baseline of the head (repeatable)",
+    )  # fmt: skip
     _add_price_argument(p)
     p.add_argument("--out", default="checkpoints/simulate/toy.json")
     _add_draft_arguments(p)
@@ -406,6 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=at_least(36), default=72)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty foreign --out")
     p.add_argument("--video", action="store_true", help="toy video clips instead of images")
+    p.add_argument(
+        "--paraphrase", action="store_true",
+        help="the paraphrase world: answers in synonyms (crimson disc, upper left, 3 items)",
+    )  # fmt: skip
     p.add_argument("--frames", type=at_least(2), default=8, help="frames per clip (--video)")
     p.add_argument(
         "--format", choices=("mp4", "frames"), default="mp4", help="clip files (--video)"
@@ -413,8 +428,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_toy_data)
 
     p = sub.add_parser("toy-target", help="train the toy target VLM (cached unless --force)")
-    p.add_argument("--out", help="default: checkpoints/toy-target (--video: toy-video-target)")
+    p.add_argument(
+        "--out",
+        help="default: checkpoints/toy-target (--video: toy-video-target, --paraphrase: toy-para-target)",
+    )
     p.add_argument("--video", action="store_true", help="the toy video target (clips as frames)")
+    p.add_argument(
+        "--paraphrase", action="store_true", default=None,
+        help="train on the paraphrase world (answers in synonyms: crimson disc, upper left)",
+    )  # fmt: skip
     p.add_argument("--force", action="store_true", help="retrain even if a matching one exists")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty foreign --out")
     p.add_argument("--seed", type=int)

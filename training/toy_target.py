@@ -57,6 +57,7 @@ class ToyTargetSettings:
     lm_lr: float = 1e-3
     warmup_steps: int = 40
     eval_samples: int = 200
+    paraphrase: bool = False  # the paraphrase world's answers (data/toy_wording.py)
 
     def __post_init__(self) -> None:
         # refused here, before minutes of training, not after them
@@ -70,18 +71,23 @@ class ToyTargetSettings:
             raise ValueError(f"learning rates must be > 0, got {self.vision_lr}, {self.lm_lr}")
 
     def digest(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        fields = asdict(self)
+        if not self.paraphrase:  # so targets cached before the paraphrase world stay valid
+            del fields["paraphrase"]
+        blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     # The world the target learns; the toy video target's settings override these four.
     def corpus(self) -> list[str]:
-        return corpus_text(self.seed, 4000)
+        return corpus_text(self.seed, 4000, self.paraphrase)
 
     def vision_draw(self):
-        return None  # train_vision's default: toy scenes
+        return None  # train_vision's default: toy scenes (the same pixels in either world)
 
     def lm_encode(self, processor):
-        return None  # train_language's default: toy-scene conversations
+        if not self.paraphrase:
+            return None  # train_language's default: toy-scene conversations
+        return lambda k: _encode(processor, make_sample(self.seed, k, paraphrase=True))
 
     def evaluate(self, model, processor) -> dict:
         return object_accuracy(model, processor, self.eval_samples)

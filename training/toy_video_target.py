@@ -59,6 +59,8 @@ class ToyVideoTargetSettings(ToyTargetSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.paraphrase:
+            raise ValueError("the toy video world has no paraphrase variant: paraphrase=True")
         if not 2 <= self.min_frames <= self.max_frames:
             raise ValueError(
                 f"need 2 <= min_frames <= max_frames, got {self.min_frames}, {self.max_frames}"

@@ -3,6 +3,7 @@
     >>> rule = HeadRule(head, preset="bad")
     >>> run_protocol("sync", runner, req, timeline, settings, rule=rule, upload="selective")
     >>> recorder = RecordingRule()        # lossless; recorder.events logs every mismatch
+    >>> TypicalRule(0.09)                 # the CSI-blind baseline: Medusa's typical acceptance
 
 Verification walks the drafted tree as greedy verification does. At the first node whose
 children hold no token equal to the target's choice, the edge asks the head about the
@@ -114,6 +115,8 @@ class _WalkRule:
 
     needs_draft_probs = False
     needs_final_state = True  # the edge captures the target's layer L for it
+    needs_drafter_hidden = True  # the drafter's state at the node must reach the edge
+    needs_draft_confidence = True  # and its log-probability and entropy of the token
 
     def __init__(
         self,
@@ -197,6 +200,7 @@ class HeadRule(_WalkRule):
         self.head = head.eval()
         self.preset = preset
         self.threshold = head.threshold(preset)
+        self.needs_drafter_hidden = head.config.use_drafter_hidden
 
     @torch.inference_mode()
     def decide(self, event: MismatchEvent) -> bool:
@@ -216,3 +220,24 @@ class ConstantRule(_WalkRule):
 
     def decide(self, event: MismatchEvent) -> bool:
         return self.accept
+
+
+class TypicalRule(_WalkRule):
+    """Medusa's typical acceptance, the CSI-blind baseline a head must beat: accept a mismatched
+    token when the target's own probability of it is at least min(epsilon, delta x
+    exp(-entropy)) (Cai et al. 2024, with their delta = sqrt(epsilon) default). It reads the
+    target's distribution only, so no drafter state crosses the link for it."""
+
+    needs_drafter_hidden = False
+    needs_draft_confidence = False
+
+    def __init__(self, epsilon: float, delta: float | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not 0 < epsilon <= 1:
+            raise ValueError(f"typical acceptance epsilon must be in (0, 1], got {epsilon}")
+        self.epsilon = epsilon
+        self.delta = math.sqrt(epsilon) if delta is None else delta
+
+    def decide(self, event: MismatchEvent) -> bool:
+        prob, entropy = float(event.confidence[0]), float(event.confidence[3])
+        return prob >= min(self.epsilon, self.delta * math.exp(-entropy))

@@ -85,11 +85,10 @@ class _Run:
         if upload not in ("full", "selective"):
             raise ValueError(f"upload must be 'full' or 'selective', got {upload!r}")
         req, t = self.req, self.t
-        req.upload_confidence = True
+        req.upload_confidence = getattr(rule, "needs_draft_confidence", True)
         if self.runner.drafter is not None:  # relative depth is over the drafter's trained depth
             rule.max_depth = self.runner.drafter.config.max_draft_steps
-        head = getattr(rule, "head", None)
-        wants_hidden = head is None or head.config.use_drafter_hidden
+        wants_hidden = getattr(rule, "needs_drafter_hidden", True)
         req.upload_hidden = wants_hidden and upload == "full"
         preset = getattr(rule, "preset", None) or "medium"
         rule.csi = (

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from covspec.data.toy_world import answer_correct
-from covspec.inference.acceptance import HeadRule
+from covspec.inference.acceptance import HeadRule, TypicalRule
 from covspec.inference.compute import resolve_compute
 from covspec.inference.link import PRESET_SOURCES, PRESETS, Link, resolve_channel
 from covspec.inference.policies import LinkAwareDepth
@@ -50,6 +50,12 @@ METHODS = {
 # lossy rows, with --accept-head: sync verification by the head, drafter states uploaded in full
 # with every draft or fetched at a mismatch (selective)
 HEAD_METHODS = {"sync_head_full": "full", "sync_head_selective": "selective"}
+# the CSI-blind baseline, with --typical EPS: Medusa's typical acceptance, one row per epsilon
+TYPICAL = "sync_typical@"
+
+
+def _is_lossy(method: str) -> bool:
+    return method in HEAD_METHODS or method.startswith(TYPICAL)
 
 
 @dataclass
@@ -68,9 +74,22 @@ class Tally:
     identical: int = 0
     correct: int = 0
     scored: int = 0
+    asked: int = 0  # lossy rows: mismatches the rule decided on, and how many it accepted
+    accepted: int = 0
+    broken: int = 0  # answers correct under greedy decoding and wrong here (paired)
+    mended: int = 0  # and the other way round
     depths: list[int] = field(default_factory=list)
 
-    def add(self, result, same: bool, depths: list[int], correct: bool | None = None) -> None:
+    def add(
+        self, result, same: bool, depths: list[int], correct: bool | None = None,
+        decisions: tuple[int, int] | None = None, greedy_correct: bool | None = None,
+    ) -> None:  # fmt: skip
+        if correct is not None and greedy_correct is not None:
+            self.broken += greedy_correct and not correct
+            self.mended += correct and not greedy_correct
+        if decisions is not None:
+            self.asked += decisions[0]
+            self.accepted += decisions[1]
         if correct is not None:
             self.scored += 1
             self.correct += correct
@@ -107,6 +126,10 @@ class Tally:
             "tokens_per_answer": self.tokens / n,
             "identical_fraction": self.identical / n,
             "task_accuracy": self.correct / self.scored if self.scored else None,
+            "answers_broken": self.broken if self.scored else None,
+            "answers_mended": self.mended if self.scored else None,
+            "mismatches_per_answer": self.asked / n if self.asked else None,
+            "mismatch_accept_rate": self.accepted / self.asked if self.asked else None,
             "mean_draft_depth": sum(self.depths) / len(self.depths) if self.depths else None,
         }
 
@@ -116,18 +139,20 @@ def _policy(adaptive: bool, settings: DraftSettings, max_depth: int):
 
 
 def _decode(runner, method, sample, max_new, timeline, settings, max_depth, head=None, preset=None):
+    """(result, adaptive depths chosen, (mismatches decided, accepted) of a lossy rule)."""
     req = Request(sample["image"], sample["prompt"], max_new)
-    if method in HEAD_METHODS:
-        rule = HeadRule(head, preset=preset)
-        result = run_protocol(
-            "sync", runner, req, timeline, settings, rule=rule, upload=HEAD_METHODS[method]
-        )
-        return result, []
+    if _is_lossy(method):
+        if method in HEAD_METHODS:
+            rule, upload = HeadRule(head, preset=preset), HEAD_METHODS[method]
+        else:
+            rule, upload = TypicalRule(float(method.removeprefix(TYPICAL))), "full"
+        result = run_protocol("sync", runner, req, timeline, settings, rule=rule, upload=upload)
+        return result, [], (len(rule.events), sum(e.accepted for e in rule.events))
     protocol, adaptive = METHODS[method]
     policy = _policy(adaptive, settings, max_depth)
     result = run_protocol(protocol, runner, req, timeline, policy)
     depths = list(policy.chosen) if adaptive else []
-    return result, depths
+    return result, depths, None
 
 
 def _reference(model, processor, runner, sample, max_new) -> list[int]:
@@ -154,11 +179,16 @@ class SimulationPlan:
     seed: int = 0
     accept_head: str | None = None
     gate_cost_weights: list[float] = field(default_factory=list)  # prices of a prefix row
+    typical: list[float] = field(default_factory=list)  # epsilons of typical-acceptance rows
 
     def __post_init__(self) -> None:
         if self.accept_head:
             self.methods = list(self.methods) + [m for m in HEAD_METHODS if m not in self.methods]
-        unknown = [m for m in self.methods if m not in METHODS and m not in HEAD_METHODS]
+        bad = [e for e in self.typical if not 0 < e <= 1]
+        if bad or len(set(self.typical)) < len(self.typical):
+            raise ValueError(f"typical epsilons must be distinct, in (0, 1], got {self.typical}")
+        self.methods = list(self.methods) + [f"{TYPICAL}{e:g}" for e in self.typical]
+        unknown = [m for m in self.methods if m not in METHODS and not _is_lossy(m)]
         if unknown:
             raise ValueError(f"unknown protocol(s) {unknown}; known: {list(METHODS)}")
         for name in self.computes + [self.sweep_compute]:
@@ -176,13 +206,13 @@ def _runs(plan: SimulationPlan, drafters: list[str]):
             yield "table", None, "edge_only", channel, compute
             for k, drafter in enumerate(drafters):
                 for method in plan.methods:
-                    if method != "edge_only" and (k == 0 or method not in HEAD_METHODS):
+                    if method != "edge_only" and (k == 0 or not _is_lossy(method)):
                         yield "table", drafter, method, channel, compute
     for rtt in plan.rtt_sweep_ms:
         channel = f"{plan.sweep_channel}@rtt{rtt:g}"
         yield "sweep", None, "edge_only", channel, plan.sweep_compute
         for method in plan.methods:
-            if method != "edge_only" and method not in HEAD_METHODS:
+            if method != "edge_only" and not _is_lossy(method):
                 yield "sweep", drafters[0], method, channel, plan.sweep_compute
 
 
@@ -200,6 +230,10 @@ def simulate(target: str, plan: SimulationPlan, samples: list[dict], max_new_tok
         runners[name] = SpecRunner.for_drafter_folder(model, processor, path, weight)
         names.append(name)
     refs = [_reference(model, processor, runners[None], s, max_new_tokens) for s in samples]
+    decode = processor.tokenizer.decode
+    refs_correct = [
+        _correct(s, decode(r, skip_special_tokens=True)) for s, r in zip(samples, refs, strict=True)
+    ]
     head = _load_head(plan.accept_head, runners[names[0]]) if plan.accept_head else None
     runs = list(_runs(plan, names))
     rows, timeline_example = [], None
@@ -209,11 +243,12 @@ def simulate(target: str, plan: SimulationPlan, samples: list[dict], max_new_tok
         for i, sample in enumerate(samples):
             link = Link(resolve_channel(channel), seed=plan.seed + i)
             timeline = Timeline(link, resolve_compute(compute), runner.adapter.vocab_size)
-            result, depths = _decode(
+            result, depths, decisions = _decode(
                 runner, method, sample, max_new_tokens, timeline, plan.settings, plan.max_depth,
                 head, channel.split("@")[0],
             )  # fmt: skip
-            tally.add(result, result.tokens == refs[i], depths, _correct(sample, result.text))
+            correct = _correct(sample, result.text)
+            tally.add(result, result.tokens == refs[i], depths, correct, decisions, refs_correct[i])
             if i == 0 and section == "table" and channel == plan.channels[-1]:
                 timeline_example = timeline_example or {}
                 timeline_example.setdefault(f"{method}|{compute}", _events(timeline))
@@ -231,6 +266,7 @@ def simulate(target: str, plan: SimulationPlan, samples: list[dict], max_new_tok
     return {
         "target": str(target),
         "num_samples": len(samples),
+        "greedy_task_accuracy": _mean([c for c in refs_correct if c is not None]),
         "max_new_tokens": max_new_tokens,
         "tau_definition": TAU_DEFINITION,
         "settings": plan.settings.__dict__,
@@ -244,6 +280,10 @@ def simulate(target: str, plan: SimulationPlan, samples: list[dict], max_new_tok
         "timeline_example": timeline_example,
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def _mean(values: list) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def _correct(sample: dict, text: str) -> bool | None:

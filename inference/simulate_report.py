@@ -25,6 +25,8 @@ COLUMNS = (
     ("tau", "tau", "{:.2f}"),
     ("identical", "identical_fraction", "{:.0%}"),
     ("task accuracy", "task_accuracy", "{:.1%}"),
+    ("answers broken / mended", ("answers_broken", "answers_mended"), "{:d}"),
+    ("mismatches accepted", "mismatch_accept_rate", "{:.0%}"),
     ("speedup vs edge_only", "speedup_vs_edge_only", "{:.2f}x"),
     ("edge compute saving", "edge_compute_saving_vs_edge_only", "{:.2f}x"),
 )
@@ -50,6 +52,13 @@ def markdown(report: dict) -> str:
         "models) or priced by a roofline profile of real hardware (simulated).",
         "",
     ]
+    if report.get("greedy_task_accuracy") is not None:
+        lines += [
+            f"Task accuracy of the target's own greedy answers (`generate`): "
+            f"{report['greedy_task_accuracy']:.1%}; a lossy row's answers broken / mended "
+            "count the answers it gets wrong that greedy gets right, and the other way round.",
+            "",
+        ]
     table = [r for r in report["rows"] if r["section"] == "table"]
     header = "| method | " + " | ".join(c[0] for c in COLUMNS) + " |"
     for compute in dict.fromkeys(r["compute"] for r in table):

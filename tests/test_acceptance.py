@@ -90,13 +90,27 @@ def test_head_trains_calibrates_exports_and_refuses_other_drafters(
         head.check_pair(runner.adapter, drafter_fingerprint(other), "another drafter")
     plan = SimulationPlan(
         [str(root / "drafter")], ["edge_only", "sync"], ["bad"], ["measured"], [],
-        accept_head=str(tmp_path / "head"),
+        accept_head=str(tmp_path / "head"), typical=[1e-9],
     )  # fmt: skip
-    rep = simulate(str(micro_target_dir), plan, [dict(s, prompt="Describe the image.") for s in
-                   [make_sample(78, 0, describe_prob=1.0)]], MAX_NEW)  # fmt: skip
+    samples = [
+        dict(s, prompt="Describe the image.") for s in [make_sample(78, 0, describe_prob=1.0)]
+    ]
+    rep = simulate(str(micro_target_dir), plan, samples, MAX_NEW)
     rows = {r["protocol"]: r for r in rep["rows"]}
-    assert {"sync_head_full", "sync_head_selective"} <= set(rows)
+    assert {"sync_head_full", "sync_head_selective", "sync_typical@1e-09"} <= set(rows)
     assert rows["sync"]["identical_fraction"] == 1.0 and rows["sync"]["task_accuracy"] is not None
+    assert rows["sync"]["mismatch_accept_rate"] is None  # lossless rows decide nothing
+    assert rows["sync"]["answers_broken"] == rows["sync"]["answers_mended"] == 0
+    assert rep["greedy_task_accuracy"] == rows["sync"]["task_accuracy"]
+    typical = rows["sync_typical@1e-09"]  # a random drafter's mismatches, nearly all accepted
+    assert typical["mismatches_per_answer"] > 0 and typical["mismatch_accept_rate"] > 0.5
+    lossy = rows["sync_head_full"]
+    flips = (lossy["answers_broken"] - lossy["answers_mended"]) / rep["num_samples"]
+    assert lossy["task_accuracy"] == pytest.approx(rep["greedy_task_accuracy"] - flips)
+    with pytest.raises(ValueError, match="typical"):
+        SimulationPlan(
+            [str(root / "drafter")], ["sync"], ["bad"], ["measured"], [], typical=[0.1, 0.1]
+        )
     # the selective upload sends no drafter states up front
     assert (
         rows["sync_head_selective"]["decode_uplink_bytes_per_token"]

@@ -261,3 +261,42 @@ def test_lossy_rules_span_exact_to_accept_everything(runner, micro_target_dir, t
     # every drafted node is accepted, every round (a random drafter's tokens, not the target's)
     assert records and all(r.accepted == r.drafted == 4 for r in records)
     assert got.tokens != ref
+
+
+def test_typical_acceptance_spans_its_ends_and_uploads_no_drafter_state(
+    runner, micro_target_dir, tmp_path
+):
+    """Medusa's typical acceptance: a threshold of 1 is greedy verification exactly, a threshold
+    of 0 accepts every drafted node; it reads the target only, so no drafter state or
+    confidence crosses the link (fewer uplink bytes than the head's full upload)."""
+    from covspec.inference.acceptance import ConstantRule, TypicalRule
+
+    torch.manual_seed(1)
+    Drafter(DrafterConfig.for_target(runner.adapter)).save_pretrained(tmp_path)
+    real = SpecRunner.from_folders(str(micro_target_dir), str(tmp_path))
+    s = make_sample(56, 0)
+    ref = _reference(real, s["image"])
+    chain = DraftSettings(mode="chain", depth=4)
+
+    def run(rule):
+        records = []
+        timeline = Timeline(Link(PRESETS["bad"], seed=0), MEASURED, real.adapter.vocab_size)
+        got = run_protocol(
+            "sync", real, Request(s["image"], PROMPT, MAX_NEW), timeline, chain,
+            observers=[records.append], rule=rule,
+        )  # fmt: skip
+        return got, records
+
+    never = TypicalRule(1.0, delta=1e9)  # min(1, huge * exp(-H)) = 1: only a sure token passes
+    got, _ = run(never)
+    assert got.tokens == ref and never.events and not any(e.accepted for e in never.events)
+    always = TypicalRule(1.0, delta=0.0)  # threshold 0
+    got, records = run(always)
+    assert all(r.accepted == r.drafted == 4 for r in records) and got.tokens != ref
+    head_like, head_records = run(
+        ConstantRule(True)
+    )  # uploads the drafter's states and confidences
+    assert got.tokens == head_like.tokens
+    assert sum(r.uplink_bytes for r in records) < sum(r.uplink_bytes for r in head_records)
+    with pytest.raises(ValueError, match="epsilon"):
+        TypicalRule(0.0)

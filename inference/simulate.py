@@ -79,6 +79,8 @@ class Tally:
     broken: int = 0  # answers correct under greedy decoding and wrong here (paired)
     mended: int = 0  # and the other way round
     depths: list[int] = field(default_factory=list)
+    attempts: list[int] = field(default_factory=list)  # draft tokens verified / accepted per depth
+    accepted_at: list[int] = field(default_factory=list)
 
     def add(
         self, result, same: bool, depths: list[int], correct: bool | None = None,
@@ -106,6 +108,11 @@ class Tally:
         self.decode_down += sum(r.downlink_bytes for r in result.records)
         self.identical += same
         self.depths += depths
+        for mine, theirs in ((self.attempts, result.attempts_per_depth),
+                             (self.accepted_at, result.accepted_per_depth)):  # fmt: skip
+            mine += [0] * (len(theirs) - len(mine))
+            for i, n in enumerate(theirs):
+                mine[i] += n
 
     def row(self) -> dict:
         n, tok = max(self.samples, 1), max(self.tokens, 1)
@@ -131,6 +138,13 @@ class Tally:
             "mismatches_per_answer": self.asked / n if self.asked else None,
             "mismatch_accept_rate": self.accepted / self.asked if self.asked else None,
             "mean_draft_depth": sum(self.depths) / len(self.depths) if self.depths else None,
+            # conditional: accepted at depth d among the draft tokens verified at depth d
+            "acceptance_per_depth": [
+                a / n if n else None for a, n in zip(self.accepted_at, self.attempts, strict=True)
+            ],
+            "acceptance_rate": sum(self.accepted_at) / sum(self.attempts)
+            if sum(self.attempts)
+            else None,
         }
 
 

@@ -23,6 +23,7 @@ COLUMNS = (
     ),
     ("rounds/answer", "rounds_per_answer", "{:.1f}"),
     ("tau", "tau", "{:.2f}"),
+    ("acceptance/depth", "acceptance_rate", "{:.2f}"),
     ("identical", "identical_fraction", "{:.0%}"),
     ("task accuracy", "task_accuracy", "{:.1%}"),
     ("answers broken / mended", ("answers_broken", "answers_mended"), "{:d}"),

@@ -104,6 +104,9 @@ def test_head_trains_calibrates_exports_and_refuses_other_drafters(
     assert rep["greedy_task_accuracy"] == rows["sync"]["task_accuracy"]
     typical = rows["sync_typical@1e-09"]  # a random drafter's mismatches, nearly all accepted
     assert typical["mismatches_per_answer"] > 0 and typical["mismatch_accept_rate"] > 0.5
+    # per-depth acceptance counts what the rule let through, so the lenient rule scores higher
+    assert 0 <= rows["sync"]["acceptance_rate"] < typical["acceptance_rate"] <= 1
+    assert len(rows["sync"]["acceptance_per_depth"]) == plan.settings.depth
     lossy = rows["sync_head_full"]
     flips = (lossy["answers_broken"] - lossy["answers_mended"]) / rep["num_samples"]
     assert lossy["task_accuracy"] == pytest.approx(rep["greedy_task_accuracy"] - flips)

@@ -195,11 +195,14 @@ class RecordingRule(_WalkRule):
 class HeadRule(_WalkRule):
     """The acceptance head's lossy verification at the channel preset's calibrated threshold."""
 
-    def __init__(self, head, preset: str | None, **kwargs) -> None:
+    def __init__(
+        self, head, preset: str | None, threshold: float | None = None, **kwargs
+    ) -> None:  # fmt: skip
         super().__init__(**kwargs)
         self.head = head.eval()
         self.preset = preset
-        self.threshold = head.threshold(preset)
+        # an explicit threshold: the closed-loop calibration's candidates (inference/calibrate.py)
+        self.threshold = head.threshold(preset) if threshold is None else threshold
         self.needs_drafter_hidden = head.config.use_drafter_hidden
 
     @torch.inference_mode()

@@ -169,7 +169,8 @@ def _decode(runner, method, sample, max_new, timeline, settings, max_depth, head
     return result, depths, None
 
 
-def _reference(model, processor, runner, sample, max_new) -> list[int]:
+def greedy_tokens(model, processor, runner, sample, max_new) -> list[int]:
+    """The target's own greedy answer (HF `generate`): what lossless decoding must equal."""
     inputs = runner.encode(sample["image"], sample["prompt"])
     with torch.inference_mode():
         out = model.generate(
@@ -243,12 +244,13 @@ def simulate(target: str, plan: SimulationPlan, samples: list[dict], max_new_tok
     for path, weight, name in priced_drafters(plan.drafters, plan.gate_cost_weights):
         runners[name] = SpecRunner.for_drafter_folder(model, processor, path, weight)
         names.append(name)
-    refs = [_reference(model, processor, runners[None], s, max_new_tokens) for s in samples]
+    refs = [greedy_tokens(model, processor, runners[None], s, max_new_tokens) for s in samples]
     decode = processor.tokenizer.decode
     refs_correct = [
-        _correct(s, decode(r, skip_special_tokens=True)) for s, r in zip(samples, refs, strict=True)
+        task_correct(s, decode(r, skip_special_tokens=True))
+        for s, r in zip(samples, refs, strict=True)
     ]
-    head = _load_head(plan.accept_head, runners[names[0]]) if plan.accept_head else None
+    head = load_head(plan.accept_head, runners[names[0]]) if plan.accept_head else None
     runs = list(_runs(plan, names))
     rows, timeline_example = [], None
     for section, drafter, method, channel, compute in tqdm(runs, desc="simulate", unit="run"):
@@ -261,7 +263,7 @@ def simulate(target: str, plan: SimulationPlan, samples: list[dict], max_new_tok
                 runner, method, sample, max_new_tokens, timeline, plan.settings, plan.max_depth,
                 head, channel.split("@")[0],
             )  # fmt: skip
-            correct = _correct(sample, result.text)
+            correct = task_correct(sample, result.text)
             tally.add(result, result.tokens == refs[i], depths, correct, decisions, refs_correct[i])
             if i == 0 and section == "table" and channel == plan.channels[-1]:
                 timeline_example = timeline_example or {}
@@ -300,14 +302,14 @@ def _mean(values: list) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _correct(sample: dict, text: str) -> bool | None:
+def task_correct(sample: dict, text: str) -> bool | None:
     """Task accuracy where the sample carries ground truth (toy scenes)."""
     if "objects" not in sample:
         return None
     return answer_correct(sample["objects"], sample["prompt"], sample.get("reference", ""), text)
 
 
-def _load_head(folder: str, runner: SpecRunner) -> AcceptanceHead:
+def load_head(folder: str, runner: SpecRunner) -> AcceptanceHead:
     """The acceptance head, refused by name when trained for another target or drafter."""
     head = AcceptanceHead.from_pretrained(folder)
     head.check_pair(

@@ -31,6 +31,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from covspec.scripts.args import Parser, at_least, between, debug_requested, run_guarded
+from covspec.scripts.calibrate_head import add_calibrate_parser
 from covspec.scripts.video_sweep import add_video_sweep_parser
 
 
@@ -520,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_simulate_parser(sub)
     _add_eval_parser(sub)
     _add_collect_parser(sub)
+    add_calibrate_parser(sub)
     add_video_sweep_parser(sub)
     return parser
 

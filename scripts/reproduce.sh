@@ -83,7 +83,29 @@ covspec simulate --target checkpoints/toy-target --drafter checkpoints/toy-draft
   --drafter checkpoints/toy-device-vlm --protocol sync --protocol decoupled --toy 20 \
   --max-new-tokens 96 --rtt-sweep '' --out "$OUT/simulate-drafters.json"
 
-# README: the acceptance head
+# README: the acceptance head, in the paraphrase world (short-trained drafter), then beside it
+# the fully trained drafter and the canonical world's text-only drafter
+covspec toy-target --paraphrase --out checkpoints/toy-para-target                   # ~17 min
+train recipes/toy/para-drafter-short.yaml checkpoints/toy-para-drafter-short         # ~4 min
+train recipes/toy/para-drafter.yaml checkpoints/toy-para-drafter                     # ~28 min
+[ -f checkpoints/trajectories/toy-para-short/summary.json ] || \
+  covspec collect-acceptance --target checkpoints/toy-para-target \
+    --drafter checkpoints/toy-para-drafter-short --toy 2000 \
+    --out checkpoints/trajectories/toy-para-short                                  # ~11 min
+if [ ! -f checkpoints/acceptance-head-para-short/model.safetensors ]; then
+  covspec train --config recipes/toy/acceptance-para-short.yaml                     # ~2 min
+  covspec calibrate-acceptance --head checkpoints/acceptance-head-para-short \
+    --target checkpoints/toy-para-target --drafter checkpoints/toy-para-drafter-short \
+    --toy 1000 --step 1 --mode chain                                                # ~10 min
+fi
+covspec simulate --target checkpoints/toy-para-target \
+  --drafter checkpoints/toy-para-drafter-short --accept-head checkpoints/acceptance-head-para-short \
+  --typical 0.09 --typical 0.3 --protocol sync --channel good --channel bad \
+  --compute a40-orin-7b --rtt-sweep '' --toy 400 --toy-mixed --mode chain \
+  --out "$OUT/simulate-acceptance-para-short.json"                                 # ~4 min
+covspec simulate --target checkpoints/toy-para-target --drafter checkpoints/toy-para-drafter \
+  --typical 0.09 --protocol sync --channel good --channel bad --compute a40-orin-7b \
+  --rtt-sweep '' --toy 400 --toy-mixed --mode chain --out "$OUT/simulate-acceptance-para-full.json"
 [ -f checkpoints/trajectories/toy-text-only/summary.json ] || \
   covspec collect-acceptance --drafter checkpoints/toy-drafter-text-only --toy 1000 \
     --out checkpoints/trajectories/toy-text-only                                    # ~9 min

@@ -7,8 +7,16 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
+from covspec.data.readers import toy_prompts
 from covspec.data.toy_world import make_sample
 from covspec.data.trajectories import TrajectoryDataModule, TrajectoryError
+from covspec.inference.calibrate import (
+    CalibrationError,
+    Trial,
+    calibrate_head,
+    save_calibration,
+    search_threshold,
+)
 from covspec.inference.runner import SpecRunner
 from covspec.inference.simulate import SimulationPlan, simulate
 from covspec.inference.trajectories import collect
@@ -119,6 +127,42 @@ def test_head_trains_calibrates_exports_and_refuses_other_drafters(
         rows["sync_head_selective"]["decode_uplink_bytes_per_token"]
         < rows["sync_head_full"]["decode_uplink_bytes_per_token"]
     )
+    _closed_loop_calibration_rewrites_the_head(runner, head, tmp_path / "head")
+
+
+def _closed_loop_calibration_rewrites_the_head(runner, head, folder):
+    settings = DraftSettings(mode="chain", depth=3)
+    scenes = toy_prompts(2, seed=5, mixed=True)
+    with pytest.raises(ValueError, match="unknown channel preset"):
+        calibrate_head(runner, head, scenes, {"awful": 0.1}, settings, MAX_NEW)
+    with pytest.raises(ValueError, match="ground truth"):
+        no_truth = [{k: v for k, v in scenes[0].items() if k != "objects"}]
+        calibrate_head(runner, head, no_truth, {"bad": 0.1}, settings, MAX_NEW)
+    trained = head.threshold("bad")
+    # two answers: the 90% bound of 0 broken is 0.68, within a 0.7 budget
+    report = calibrate_head(runner, head, scenes, {"bad": 0.7}, settings, MAX_NEW, step=1.0)
+    bad = report["presets"]["bad"]
+    assert bad["trials"][0]["threshold"] == pytest.approx(trained)  # starts at the trained one
+    assert bad["accuracy_drop_bound"] >= bad["accuracy_drop"]
+    assert bad["accuracy_drop_bound"] <= 0.7 and bad["answers"] == len(scenes)
+    save_calibration(head, report, folder)
+    again = AcceptanceHead.from_pretrained(folder)
+    assert again.config.thresholds["bad"] == pytest.approx(bad["threshold"])
+    assert set(again.config.thresholds) == {"good", "medium", "bad"}  # the others kept
+    assert "closed_loop_calibration" in json.loads((folder / "metrics.json").read_text())
+    assert (folder / "README.md").read_text().count("## Closed-loop calibration") == 1
+
+
+def test_closed_loop_search_raises_the_threshold_until_drop_and_cap_hold():
+    def measure(t: float) -> Trial:  # a higher threshold breaks fewer answers, accepts less
+        return Trial(t, max(0, 6 - int(t)), 0, 100, 1 / (1 + t), 2.0)
+
+    chosen, trials = search_threshold(measure, 0.0, 0.02, None, 1.0, 10)
+    assert chosen.threshold == 4.0 and [t.threshold for t in trials] == [0, 1, 2, 3, 4]
+    chosen, _ = search_threshold(measure, 0.0, 0.02, 0.1, 1.0, 10)  # a worse channel's share
+    assert chosen.threshold == 9.0
+    with pytest.raises(CalibrationError, match="no threshold"):
+        search_threshold(measure, 0.0, 0.0, None, 1.0, 3)
 
 
 def test_calibration_keeps_the_estimated_drop_within_budget():

@@ -104,7 +104,9 @@ RECIPES = sorted(
 )
 
 
-MODULE_RECIPES = [r for r in RECIPES if r.endswith(("acceptance.yaml", "device-vlm.yaml"))]
+MODULE_RECIPES = [
+    r for r in RECIPES if "acceptance" in Path(r).name or r.endswith("device-vlm.yaml")
+]
 DRAFTER_RECIPES = [r for r in RECIPES if r not in MODULE_RECIPES]
 
 
@@ -129,7 +131,7 @@ def test_class_path_recipes_parse_through_the_cli(recipe, monkeypatch):
         subclass_mode_data=True, run=False, args=["--config", recipe],
     )  # fmt: skip
     callbacks = cli.config_init.trainer.callbacks
-    if recipe.endswith("acceptance.yaml"):
+    if "acceptance" in Path(recipe).name:
         assert isinstance(cli.model, AcceptanceHeadTraining)
         assert isinstance(cli.datamodule, TrajectoryDataModule)
         assert [type(c).__name__ for c in callbacks] == ["ExportAcceptanceHead"]

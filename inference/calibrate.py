@@ -148,8 +148,7 @@ def calibrate_head(
         raise ValueError("closed-loop calibration needs samples with ground truth (toy scenes)")
     decode = runner.processor.tokenizer.decode
     greedy_ok = [
-        bool(task_correct(s, decode(greedy_tokens(runner.model, None, runner, s, max_new),
-                                    skip_special_tokens=True)))
+        bool(task_correct(s, decode(greedy_tokens(runner, s, max_new), skip_special_tokens=True)))
         for s in tqdm(samples, desc="greedy answers", unit="answer")
     ]  # fmt: skip
     out, cap = {}, None

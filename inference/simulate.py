@@ -30,11 +30,10 @@ from covspec.inference.link import PRESET_SOURCES, PRESETS, Link, resolve_channe
 from covspec.inference.policies import LinkAwareDepth
 from covspec.inference.protocols import run_protocol
 from covspec.inference.roles import Request
-from covspec.inference.runner import SpecRunner, priced_drafters, suppressed_tokens
+from covspec.inference.runner import SpecRunner, priced_drafters
 from covspec.inference.timeline import Timeline
 from covspec.inference.tree import DraftSettings
 from covspec.modeling.acceptance_head import AcceptanceHead, drafter_fingerprint
-from covspec.modeling.adapters import adapter_for
 
 TAU_DEFINITION = (
     "tau = tokens emitted per target forward in the decode loop, the bonus token included"
@@ -169,13 +168,13 @@ def _decode(runner, method, sample, max_new, timeline, settings, max_depth, head
     return result, depths, None
 
 
-def greedy_tokens(model, processor, runner, sample, max_new) -> list[int]:
+def greedy_tokens(runner: SpecRunner, sample: dict, max_new: int) -> list[int]:
     """The target's own greedy answer (HF `generate`): what lossless decoding must equal."""
     inputs = runner.encode(sample["image"], sample["prompt"])
     with torch.inference_mode():
-        out = model.generate(
+        out = runner.model.generate(
             **inputs, do_sample=False, max_new_tokens=max_new,
-            suppress_tokens=suppressed_tokens(model, adapter_for(model)),
+            suppress_tokens=runner.suppress_tokens,
         )  # fmt: skip
     return out[0, inputs["input_ids"].shape[1] :].tolist()
 
@@ -244,7 +243,7 @@ def simulate(target: str, plan: SimulationPlan, samples: list[dict], max_new_tok
     for path, weight, name in priced_drafters(plan.drafters, plan.gate_cost_weights):
         runners[name] = SpecRunner.for_drafter_folder(model, processor, path, weight)
         names.append(name)
-    refs = [greedy_tokens(model, processor, runners[None], s, max_new_tokens) for s in samples]
+    refs = [greedy_tokens(runners[None], s, max_new_tokens) for s in samples]
     decode = processor.tokenizer.decode
     refs_correct = [
         task_correct(s, decode(r, skip_special_tokens=True))

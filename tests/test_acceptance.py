@@ -13,6 +13,7 @@ from covspec.data.trajectories import TrajectoryDataModule, TrajectoryError
 from covspec.inference.calibrate import (
     CalibrationError,
     Trial,
+    binomial_upper,
     calibrate_head,
     save_calibration,
     search_threshold,
@@ -138,13 +139,23 @@ def _closed_loop_calibration_rewrites_the_head(runner, head, folder):
     with pytest.raises(ValueError, match="ground truth"):
         no_truth = [{k: v for k, v in scenes[0].items() if k != "objects"}]
         calibrate_head(runner, head, no_truth, {"bad": 0.1}, settings, MAX_NEW)
-    trained = head.threshold("bad")
+    trained, good = head.threshold("bad"), head.threshold("good")
     # two answers: the 90% bound of 0 broken is 0.68, within a 0.7 budget
     report = calibrate_head(runner, head, scenes, {"bad": 0.7}, settings, MAX_NEW, step=1.0)
     bad = report["presets"]["bad"]
     assert bad["trials"][0]["threshold"] == pytest.approx(trained)  # starts at the trained one
     assert bad["accuracy_drop_bound"] >= bad["accuracy_drop"]
     assert bad["accuracy_drop_bound"] <= 0.7 and bad["answers"] == len(scenes)
+    # each candidate reaches the rule: the good preset starts below every logit (accepts all)
+    # and must climb past the bad one's share (none, above every logit) to be chosen
+    head.config.thresholds.update(bad=1e9, good=-1e9)
+    ends = calibrate_head(
+        runner, head, scenes, {"bad": 0.99, "good": 0.98}, settings, MAX_NEW, step=1e9,
+        max_steps=2, confidence=0.0,
+    )["presets"]  # fmt: skip
+    assert ends["bad"]["accepted_rate"] == 0.0 and ends["good"]["accepted_rate"] == 0.0
+    assert ends["good"]["trials"][0]["accepted_rate"] == 1.0
+    head.config.thresholds.update(bad=trained, good=good)
     save_calibration(head, report, folder)
     again = AcceptanceHead.from_pretrained(folder)
     assert again.config.thresholds["bad"] == pytest.approx(bad["threshold"])
@@ -163,6 +174,12 @@ def test_closed_loop_search_raises_the_threshold_until_drop_and_cap_hold():
     assert chosen.threshold == 9.0
     with pytest.raises(CalibrationError, match="no threshold"):
         search_threshold(measure, 0.0, 0.0, None, 1.0, 3)
+    # Clopper-Pearson: no event in n has the closed form 1 - (1 - confidence)^(1/n)
+    assert binomial_upper(0, 100, 0.95) == pytest.approx(1 - 0.05 ** (1 / 100), rel=1e-6)
+    assert binomial_upper(5, 1000, 0.9) > binomial_upper(4, 1000, 0.9) > 0.004
+    # within 3%: 3 broken of 100 by the raw rate, only 0 by the 90% bound (1 of 100: 3.8%)
+    assert search_threshold(measure, 0.0, 0.03, None, 1.0, 10)[0].threshold == 3.0
+    assert search_threshold(measure, 0.0, 0.03, None, 1.0, 10, 0.9)[0].threshold == 6.0
 
 
 def test_calibration_keeps_the_estimated_drop_within_budget():

@@ -36,7 +36,7 @@ from covspec.data.chat import (
 )
 from covspec.data.readers import read_conversations_jsonl, toy_dataset
 from covspec.data.resumable import ResumableLoader, ResumableSampler
-from covspec.data.toy_video import ToyVideoClips
+from covspec.data.toy_video import LENGTH_SPREADS, ToyVideoClips
 from covspec.modeling.identity import resolve_source
 
 
@@ -44,19 +44,22 @@ def load_conversations(
     spec: str, image_root: str | None = None, default_seed: int = 0, verify_images: bool = True
 ):
     """`toy:N[:SEED]`, `toypara:N[:SEED]` (the paraphrase world's conversations),
-    `toyvideo:N[:SEED[:MIN-MAX]]` (N clips of MIN..MAX frames, default 2-16, drawn on access)
-    or a jsonl path -> a dataset in the conversation schema."""
+    `toyvideo:N[:SEED[:MIN-MAX[:log]]]` (N clips of MIN..MAX frames, default 2-16, uniform or
+    log-uniform, drawn on access) or a jsonl path -> a dataset in the conversation schema."""
     if spec.startswith("toyvideo:"):
         parts = spec.split(":")
         try:
             num = int(parts[1])
             seed = int(parts[2]) if len(parts) > 2 else default_seed
             lo, hi = (int(x) for x in parts[3].split("-")) if len(parts) > 3 else (2, 16)
+            spread = parts[4] if len(parts) > 4 else "uniform"
+            if len(parts) > 5 or spread not in LENGTH_SPREADS:
+                raise ValueError
         except (IndexError, ValueError) as e:
             raise ValueError(
-                f"toy video data spec must be 'toyvideo:N[:SEED[:MIN-MAX]]', got {spec!r}"
+                f"toy video data spec must be 'toyvideo:N[:SEED[:MIN-MAX[:log]]]', got {spec!r}"
             ) from e
-        return ToyVideoClips(num, seed, lo, hi)
+        return ToyVideoClips(num, seed, lo, hi, spread=spread)
     if spec.startswith(("toy:", "toypara:")):
         parts = spec.split(":")
         try:
@@ -158,10 +161,13 @@ class ConversationDataModule(L.LightningDataModule):
         max_length: int | None = None,
         length_policy: str = "truncate",
         seed: int = 0,
+        group_by_length: bool = False,
     ) -> None:
         """max_length: tokens per conversation, None for the target's context length;
         length_policy: `truncate` or `skip` a longer conversation (both counted and logged);
-        seed: of toy streams without one and of the shuffled order (per epoch)."""
+        seed: of toy streams without one and of the shuffled order (per epoch);
+        group_by_length: training batches of clips of like lengths (a dataset with `lengths`,
+        e.g. `toyvideo:` clips of mixed lengths), so a short clip is not padded to a long one."""
         super().__init__()
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be >= 1 or null, got {max_length}")
@@ -221,7 +227,14 @@ class ConversationDataModule(L.LightningDataModule):
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
         return ResumableLoader(
             self.train_set,
-            sampler=ResumableSampler(self.train_set, True, hp.seed, replicas, rank),
+            sampler=ResumableSampler(
+                self.train_set,
+                True,
+                hp.seed,
+                replicas,
+                rank,
+                group_batch=hp.batch_size if hp.group_by_length else None,
+            ),  # fmt: skip
             progress=self._trained_batches if trainer else None,
             batch_size=hp.batch_size,
             num_workers=hp.num_workers,

@@ -1,6 +1,7 @@
 """A training loader that a killed run resumes exactly where its last checkpoint was taken.
 
     >>> sampler = ResumableSampler(dataset, shuffle=True, seed=0)   # order = f(seed, epoch)
+    >>> sampler = ResumableSampler(clips, True, 0, group_batch=16)  # batches of like lengths
     >>> loader = ResumableLoader(dataset, sampler=sampler, batch_size=16, progress=trained)
     >>> state = loader.state_dict()       # Lightning stores it in every checkpoint
     >>> loader.load_state_dict(state)     # on resume: skip the batches already trained on
@@ -17,20 +18,49 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 
 class ResumableSampler(DistributedSampler):
-    """A shuffled (or ordered) sampler whose next iteration can start `skip` indices in."""
+    """A shuffled (or ordered) sampler whose next iteration can start `skip` indices in.
+
+    group_batch: batch size of a length-grouped order (transformers' `group_by_length`: shuffled,
+    then sorted by the dataset's `lengths` within mega-batches of 50 batches), so that a batch
+    of mixed-length video clips is not padded to its longest clip; each rank takes every
+    `num_replicas`-th index of that order, so its batches stay grouped too."""
 
     def __init__(
-        self, dataset: Dataset, shuffle: bool, seed: int, num_replicas: int = 1, rank: int = 0
+        self,
+        dataset: Dataset,
+        shuffle: bool,
+        seed: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        group_batch: int | None = None,
     ) -> None:
         super().__init__(dataset, num_replicas, rank, shuffle=shuffle, seed=seed, drop_last=False)
         self.skip = 0  # indices of this rank to leave out of the next iteration only
+        self.lengths = None
+        if group_batch is not None:
+            self.lengths = getattr(dataset, "lengths", None)
+            if self.lengths is None or not shuffle:
+                raise ValueError(
+                    f"group_batch={group_batch} needs a shuffled dataset with per-row `lengths`, "
+                    f"got {type(dataset).__name__} (shuffle={shuffle})"
+                )
+            self.group_batch = group_batch * num_replicas  # one global batch per group
+
+    def _grouped(self) -> list[int]:
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        order = get_length_grouped_indices(self.lengths, self.group_batch, generator=g)
+        order += order[: self.total_size - len(order)]  # even shares, as DistributedSampler
+        return order[self.rank : self.total_size : self.num_replicas]
 
     def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
+        indices = self._grouped() if self.lengths is not None else list(super().__iter__())
         skip, self.skip = self.skip, 0
         return iter(indices[skip:])
 

@@ -20,7 +20,7 @@ trained elastic drafter, several operating points on its tau / rows curve, no re
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -88,9 +88,11 @@ def build_methods(
     modes: tuple[str, ...] = ("chain", "tree"),
     policies: dict | None = None,
     gate_cost_weights: Sequence[float] = (),
+    tree_depths: Sequence[int] = (),
 ):
     """hf_greedy, hf_prompt_lookup, every drafter in each of `modes` (a critic-gated one once
-    per weight of `gate_cost_weights`, when given), and each of `policies` ({name:
+    per weight of `gate_cost_weights`, when given; in tree mode once per depth of
+    `tree_depths`, methods `NAME/tree@dD`, when given), and each of `policies` ({name:
     factory(runners by drafter name) -> object with the runner's `generate`}, run in tree
     mode)."""
     # Same suppressed tokens as the runner (visual placeholders); it also keeps prompt lookup
@@ -108,8 +110,11 @@ def build_methods(
     for path, weight, name in priced_drafters(drafters, gate_cost_weights):
         runner = SpecRunner.for_drafter_folder(model, processor, path, weight)
         runners[name] = runner
-        for settings in (s for s in (chain, tree) if s.mode in modes):
-            methods[f"{name}/{settings.mode}"] = (
+        variants = [(chain, "")] if "chain" in modes else []
+        if "tree" in modes:
+            variants += [(replace(tree, depth=d), f"@d{d}") for d in tree_depths] or [(tree, "")]
+        for settings, suffix in variants:
+            methods[f"{name}/{settings.mode}{suffix}"] = (
                 _Tally(
                     "speculative",
                     path,
@@ -142,6 +147,7 @@ def run_bench(
     modes: tuple[str, ...] = ("chain", "tree"),
     policies: dict | None = None,
     gate_cost_weights: Sequence[float] = (),
+    tree_depths: Sequence[int] = (),
 ) -> dict:
     """samples: [{"id", "image": PIL.Image, "prompt"}]. Returns the report dict (see module doc)."""
     if max_new_tokens < 1:  # zero tokens would make every method "identical" to the baseline
@@ -156,7 +162,7 @@ def run_bench(
     model = model.to(device).eval()
     processor = AutoProcessor.from_pretrained(target)
     methods = build_methods(
-        model, processor, drafters, chain, tree, modes, policies, gate_cost_weights
+        model, processor, drafters, chain, tree, modes, policies, gate_cost_weights, tree_depths
     )
     names = list(methods)
     for s in samples[:warmup]:
@@ -179,12 +185,8 @@ def run_bench(
                 tally.rounds += result.rounds
                 decode[name] = [decoded, result.rounds]
                 tally.drafted += result.drafted
-                tally.attempts = [
-                    a + b for a, b in zip(tally.attempts, result.attempts_per_depth, strict=True)
-                ]
-                tally.accepted = [
-                    a + b for a, b in zip(tally.accepted, result.accepted_per_depth, strict=True)
-                ]
+                tally.attempts = _add_per_depth(tally.attempts, result.attempts_per_depth)
+                tally.accepted = _add_per_depth(tally.accepted, result.accepted_per_depth)
                 for phase, sec in result.seconds.items():
                     tally.phases[phase] = tally.phases.get(phase, 0.0) + sec
                 tally.visual_tokens += result.visual_tokens
@@ -203,6 +205,14 @@ def run_bench(
     report = _report(target, samples, max_new_tokens, methods, rows)
     report["device"], report["dtype"] = str(model.device), dtype
     return report
+
+
+def _add_per_depth(total: list[int], new: list[int]) -> list[int]:
+    """Per-depth counts summed; a policy that ties depth to the input drafts to several."""
+    width = max(len(total), len(new))
+    return [
+        (total[d] if d < len(total) else 0) + (new[d] if d < len(new) else 0) for d in range(width)
+    ]
 
 
 def _report(target, samples, max_new_tokens, methods, rows) -> dict:

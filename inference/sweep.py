@@ -4,6 +4,9 @@
     ...                    clips=6, max_new_tokens=64)
     >>> write_sweep(report, "docs/results/video-sweep.json")   # + .md table + .png plots
     >>> threshold_from(report, keep="video-pool", offload="video-drafter")
+    >>> report = run_sweep(target, drafters, frames=[8, 64, 576], clips=6, max_new_tokens=64,
+    ...                    depths=[4, 6, 8])          # methods NAME@d4, NAME@d6, NAME@d8
+    >>> depth_table_from(report, "video-drafter", default=6)   # [(tokens up to, depth), ...]
 
 Each length is one `run_bench` over the same number of unseen toy clips (interleaved methods,
 a warm-up, token-for-token comparison with `generate`). Per method and length the report keeps
@@ -16,6 +19,7 @@ and drafter prefill. An `auto` policy (inference/visual_policy.py) appears as on
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from covspec.data.toy_video import toy_video_prompts
@@ -62,9 +66,11 @@ def run_sweep(
     tree: DraftSettings | None = None,
     policies: dict[str, object] | None = None,
     warmup: int = 1,
+    depths: list[int] | None = None,
 ) -> dict:
     """One bench per frame count (tree mode only: the chain runs add time, not information).
-    `policies`: extra named methods (`auto`), each a callable runner factory for run_bench."""
+    `policies`: extra named methods (`auto`), each a callable runner factory for run_bench;
+    `depths`: every drafter at each of these tree depths (methods `NAME@dD`)."""
     if not frames or min(frames) < 2:
         raise ValueError(f"frames must be frame counts >= 2, got {frames}")
     tree = tree or DraftSettings(mode="tree", depth=6)
@@ -75,7 +81,7 @@ def run_sweep(
             s["image"] = Media(video=s.pop("frames"))
         report = run_bench(
             target, drafters, samples, max_new_tokens, tree=tree, warmup=warmup,
-            modes=("tree",), policies=policies,
+            modes=("tree",), policies=policies, tree_depths=depths or (),
         )  # fmt: skip
         decode = _decode_speedups(report["methods"])
         methods = {}
@@ -86,7 +92,7 @@ def run_sweep(
             row["decode_speedup"] = decode[name]
             row["ms_per_sample"] = m["ms_per_sample"]  # by runner phase
             row["gate_choices"] = m["gate_choices"]  # an elastic compressor's picks
-            methods[name.removesuffix("/tree")] = row
+            methods[name.replace("/tree", "")] = row  # NAME, or NAME@dD for a depth variant
         points.append(
             {
                 "frames": num_frames,
@@ -103,8 +109,44 @@ def run_sweep(
         "clips_per_length": clips,
         "max_new_tokens": max_new_tokens,
         "depth": tree.depth,
+        "depths": depths,
         "points": points,
     }
+
+
+def depth_table_from(
+    report: dict, drafter: str | Callable[[float], str], default: int, min_gain: float = 0.03
+) -> list[tuple[int | None, int]]:
+    """Tree depth per visual-token range from a sweep run with `depths`, for `drafter` (or the
+    drafter a policy runs at that many visual tokens): at each length the depth of the best
+    end-to-end speedup where it beats `default` by `min_gain` (relative; smaller gains are this
+    machine's noise), else `default`. Returns [(visual tokens up to, depth), ..., (None,
+    depth)], bounds halfway between measured lengths."""
+    pick_drafter = drafter if callable(drafter) else (lambda tokens: drafter)
+    chosen = []
+    for p in sorted(report["points"], key=lambda p: p["visual_tokens"]):
+        drafter = pick_drafter(p["visual_tokens"])
+        runs = {
+            int(name.rsplit("@d", 1)[1]): m["speedup"]
+            for name, m in p["methods"].items()
+            if name.rsplit("@d", 1)[0] == drafter and "@d" in name and m["speedup"] is not None
+        }
+        if default not in runs:
+            raise ValueError(
+                f"the sweep has no {drafter}@d{default} at {p['frames']} frames: run it with "
+                f"--depths including {default}"
+            )
+        best = max(runs, key=runs.get)
+        pick = best if runs[best] >= (1 + min_gain) * runs[default] else default
+        chosen.append((p["visual_tokens"], pick))
+    table = []
+    for i, (tokens, depth) in enumerate(chosen):
+        bound = (tokens + chosen[i + 1][0]) / 2 if i + 1 < len(chosen) else float("inf")
+        if table and table[-1][1] == depth:
+            table[-1] = (bound, depth)
+        else:
+            table.append((bound, depth))
+    return [(int(b) if b != float("inf") else None, d) for b, d in table]
 
 
 def threshold_from(report: dict, keep: str, offload: str) -> int | None:
@@ -153,6 +195,12 @@ def markdown_table(report: dict) -> str:
             f"`auto`: keep `{policy['keep']}` up to {t} visual tokens, above that offload to "
             f"`{policy['offload']}` (threshold from `{policy['threshold_from']}`).",
         ]
+        if policy.get("depths"):
+            ranges = ", ".join(
+                f"depth {d} {'beyond' if b is None else f'up to {b} tokens'}"
+                for b, d in policy["depths"]
+            )
+            lines.append(f"Its tree depth by visual tokens ({policy['depth_from']}): {ranges}.")
     return "\n".join(lines)
 
 

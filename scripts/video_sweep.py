@@ -6,6 +6,9 @@
     # then the policy, its threshold measured by that sweep:
     covspec video-sweep ... --visual-policy auto --keep toy-video-drafter-pool3 \\
         --offload toy-video-drafter --threshold-from docs/results/video-sweep.json --out F.json
+    # every drafter at several tree depths; auto then ties its depth to the clip's length:
+    covspec video-sweep ... --depths 4 6 8 --out depths.json
+    covspec video-sweep ... --visual-policy auto ... --depth-from depths.json --out F.json
 """
 
 from __future__ import annotations
@@ -18,7 +21,13 @@ from covspec.scripts.args import at_least
 
 
 def _video_sweep(args: argparse.Namespace) -> None:
-    from covspec.inference.sweep import markdown_table, run_sweep, threshold_from, write_sweep
+    from covspec.inference.sweep import (
+        depth_table_from,
+        markdown_table,
+        run_sweep,
+        threshold_from,
+        write_sweep,
+    )
     from covspec.inference.visual_policy import AutoVisualPolicy
     from covspec.modeling.identity import resolve_source
     from covspec.scripts.cli import _draft_settings
@@ -26,7 +35,9 @@ def _video_sweep(args: argparse.Namespace) -> None:
     target = resolve_source(args.target, "target")
     drafters = [resolve_source(d, "drafter") for d in args.drafter]
     names = {Path(d).name for d in drafters}
-    policies, threshold = None, None
+    policies, threshold, depths = None, None, None
+    if args.depth_from and args.visual_policy != "auto":
+        raise ValueError("--depth-from sets the depths of --visual-policy auto: add it")
     if args.visual_policy == "auto":
         for role, name in (("--keep", args.keep), ("--offload", args.offload)):
             if name not in names:
@@ -42,19 +53,27 @@ def _video_sweep(args: argparse.Namespace) -> None:
             raise ValueError(
                 "--visual-policy auto needs --threshold-from SWEEP.json (or --threshold N)"
             )
+        if args.depth_from:
+
+            def runs(tokens: float) -> str:  # the drafter auto runs at that length
+                return args.keep if threshold is None or tokens <= threshold else args.offload
+
+            measured = json.loads(Path(args.depth_from).read_text())
+            depths = depth_table_from(measured, runs, args.depth)
         policies = {
             "auto": lambda runners: AutoVisualPolicy(
-                runners[args.keep], runners[args.offload], threshold
+                runners[args.keep], runners[args.offload], threshold, depths
             )
         }
     report = run_sweep(
         target, drafters, args.frames, args.clips, args.max_new_tokens, _draft_settings(args),
-        policies=policies,
+        policies=policies, depths=args.depths,
     )  # fmt: skip
     if policies:
         report["policy"] = {
             "keep": args.keep, "offload": args.offload, "threshold_visual_tokens": threshold,
-            "threshold_from": args.threshold_from,
+            "threshold_from": args.threshold_from, "depths": depths,
+            "depth_from": args.depth_from,
         }  # fmt: skip
     print(markdown_table(report))
     path = write_sweep(report, args.out)
@@ -77,6 +96,14 @@ def add_video_sweep_parser(sub) -> None:
     p.add_argument("--offload", help="visual-token-free drafter folder name (auto)")
     p.add_argument("--threshold-from", help="a sweep report of keep and offload (auto)")
     p.add_argument("--threshold", type=at_least(0), help="visual tokens; overrides the measurement")
+    p.add_argument(
+        "--depths", type=at_least(1), nargs="+",
+        help="run every drafter at each of these tree depths (methods NAME@dD)",
+    )  # fmt: skip
+    p.add_argument(
+        "--depth-from",
+        help="a sweep run with --depths: auto's tree depth per clip length from it (auto)",
+    )
     p.add_argument("--out", default="checkpoints/bench/video-sweep.json")
     _add_draft_arguments(p)
     p.set_defaults(func=_video_sweep)

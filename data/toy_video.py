@@ -17,6 +17,7 @@ writes clips as mp4 files or frame folders beside a `data.jsonl` (`write_toy_vid
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -72,9 +73,9 @@ class Track:
 
 
 def sample_tracks(rng: random.Random, num_frames: int, image_size: int) -> list[Track]:
-    """1..MAX_TRACKS objects with distinct (colour, shape) and start cells, each moving to
-    another cell; the first appears on frame 0, others may appear later, at most one leaves
-    early."""
+    """1..MAX_TRACKS objects with distinct (colour, shape), start cells and end cells, each
+    moving to another cell; the first appears on frame 0, others may appear later, at most one
+    leaves early."""
     if num_frames < 2:
         raise ValueError(f"a clip needs at least 2 frames, got {num_frames}")
     if image_size < 36:
@@ -83,9 +84,11 @@ def sample_tracks(rng: random.Random, num_frames: int, image_size: int) -> list[
     leaver = rng.randrange(len(kinds)) if len(kinds) > 1 and rng.random() < 0.5 else None
     cell_px = image_size // 3
     starts = rng.sample(range(9), len(kinds))  # distinct start cells
-    tracks = []
+    tracks, ends = [], set()
     for i, ((colour, shape), start) in enumerate(zip(kinds, starts, strict=True)):
-        end = rng.choice([c for c in range(9) if c != start])
+        # distinct end cells too: no object ends hidden under another
+        end = rng.choice([c for c in range(9) if c != start and c not in ends])
+        ends.add(end)
         appear = 0 if i == 0 else rng.randrange(0, max(1, num_frames // 2))
         leave = None
         if i == leaver and num_frames - appear >= 3:
@@ -147,9 +150,22 @@ def question_answer(tracks: list[Track], rng: random.Random) -> tuple[str, str]:
     return rng.choice(by_kind[kind]) if kind == "where_to" else by_kind[kind][0]
 
 
-def clip_length(seed: int, index: int, min_frames: int, max_frames: int) -> int:
-    """The frame count of clip `index` in a stream of mixed-length clips."""
-    return random.Random(index * 7919 + seed).randint(min_frames, max_frames)
+LENGTH_SPREADS = ("uniform", "log")
+
+
+def clip_length(
+    seed: int, index: int, min_frames: int, max_frames: int, spread: str = "uniform"
+) -> int:
+    """The frame count of clip `index` in a stream of mixed-length clips: uniform over
+    min..max frames, or `log`-uniform (as many clips of 2-4 frames as of 32-64: a wide range
+    whose long clips stay a minority of the compute)."""
+    rng = random.Random(index * 7919 + seed)
+    if spread == "uniform":
+        return rng.randint(min_frames, max_frames)
+    if spread == "log":
+        frames = math.exp(rng.uniform(math.log(min_frames), math.log(max_frames + 1)))
+        return min(max_frames, int(frames))
+    raise ValueError(f"spread must be one of {LENGTH_SPREADS}, got {spread!r}")
 
 
 def _clip_world(seed: int, index: int, num_frames: int, image_size: int):
@@ -202,8 +218,9 @@ def make_clip(
 
 class ToyVideoClips(torch.utils.data.Dataset):
     """`num` clips of stream `seed`, each built when it is read (clips are cheap to draw and
-    heavy to hold), with min_frames..max_frames frames drawn per index. Rows follow the
-    conversation schema with `video` (the frames) in place of `image`."""
+    heavy to hold), with min_frames..max_frames frames drawn per index (`spread`: uniform or
+    log-uniform). Rows follow the conversation schema with `video` (the frames) in place of
+    `image`; `lengths` (frames per clip) lets a sampler batch clips of equal length."""
 
     def __init__(
         self,
@@ -212,19 +229,26 @@ class ToyVideoClips(torch.utils.data.Dataset):
         min_frames: int = 2,
         max_frames: int = 16,
         image_size: int = DEFAULT_IMAGE_SIZE,
+        spread: str = "uniform",
     ) -> None:
         if num < 1:
             raise ValueError(f"num must be >= 1, got {num}")
         if not 2 <= min_frames <= max_frames:
             raise ValueError(f"need 2 <= min_frames <= max_frames, got {min_frames}, {max_frames}")
+        if spread not in LENGTH_SPREADS:
+            raise ValueError(f"spread must be one of {LENGTH_SPREADS}, got {spread!r}")
         self.num, self.seed, self.image_size = num, seed, image_size
-        self.min_frames, self.max_frames = min_frames, max_frames
+        self.min_frames, self.max_frames, self.spread = min_frames, max_frames, spread
 
     def __len__(self) -> int:
         return self.num
 
     def num_frames(self, index: int) -> int:
-        return clip_length(self.seed, index, self.min_frames, self.max_frames)
+        return clip_length(self.seed, index, self.min_frames, self.max_frames, self.spread)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [self.num_frames(i) for i in range(self.num)]
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.num:

@@ -448,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
         "vision_batch",
         "text_layers",
         "text_hidden",
+        "text_heads",
         "eval_samples",
     ):
         p.add_argument("--" + name.replace("_", "-"), type=at_least(1), dest=name)

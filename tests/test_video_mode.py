@@ -12,6 +12,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from covspec.data.chat import frames_as_images
 from covspec.data.datamodule import Collator, load_conversations
+from covspec.data.resumable import ResumableSampler
 from covspec.data.toy_video import (
     ToyVideoClips,
     Track,
@@ -23,7 +24,13 @@ from covspec.data.toy_video import (
 )
 from covspec.inference.media import Media
 from covspec.inference.runner import SpecRunner
-from covspec.inference.sweep import markdown_table, run_sweep, threshold_from, write_sweep
+from covspec.inference.sweep import (
+    depth_table_from,
+    markdown_table,
+    run_sweep,
+    threshold_from,
+    write_sweep,
+)
 from covspec.inference.tree import DraftSettings
 from covspec.inference.visual_policy import AutoVisualPolicy
 from covspec.modeling.adapters import adapter_for
@@ -42,6 +49,7 @@ MICRO_VIDEO = ToyVideoTargetSettings(  # the micro image target's sizes, 9 token
     max_frames=4,
     eval_samples=1,
     eval_frames=(2, 3),
+    lookup_layer=1,
 )
 TOKENS_PER_FRAME = 9  # 72 px frames in 24 px patches
 
@@ -132,11 +140,57 @@ def test_toyvideo_spec_gives_lazy_deterministic_clips_of_mixed_length():
     lengths = {len(ds[i]["video"]) for i in range(50)}
     assert lengths <= {2, 3, 4, 5} and len(lengths) > 1
     assert [f.tobytes() for f in ds[7]["video"]] == [f.tobytes() for f in ds[7]["video"]]
-    for bad in ("toyvideo:x", "toyvideo:5:1:9"):
+    for bad in ("toyvideo:x", "toyvideo:5:1:9", "toyvideo:5:1:2-9:cubic", "toyvideo:5:1:2-9:log:x"):
         with pytest.raises(ValueError, match="toyvideo"):
             load_conversations(bad)
     with pytest.raises(IndexError):
         ds[50]
+
+
+def test_log_spread_covers_the_range_with_as_many_short_as_long_clips():
+    lengths = load_conversations("toyvideo:4000:4:2-512:log").lengths
+    assert min(lengths) == 2 and 500 <= max(lengths) <= 512
+    short = sum(2 <= n < 8 for n in lengths)  # log2 spans: 2 octaves each
+    long = sum(128 <= n <= 512 for n in lengths)
+    assert abs(short - long) < 0.15 * len(lengths) / 4  # each about a quarter of the clips
+    uniform = load_conversations("toyvideo:4000:4:2-512").lengths
+    assert sum(n < 8 for n in uniform) < 0.02 * len(uniform)
+    with pytest.raises(ValueError, match="spread"):
+        ToyVideoClips(4, spread="cubic")
+    with pytest.raises(ValueError, match="frame_spread"):
+        ToyVideoTargetSettings(frame_spread="cubic")
+
+
+def test_grouped_sampler_batches_clips_of_like_lengths_and_resumes():
+    clips = ToyVideoClips(960, seed=3, min_frames=2, max_frames=256, spread="log")
+    lengths = clips.lengths
+
+    def batches(sampler, batch=16):
+        order = list(sampler)
+        return [order[i : i + batch] for i in range(0, len(order), batch)]
+
+    sampler = ResumableSampler(clips, True, seed=0, group_batch=16)
+    sampler.set_epoch(2)
+    grouped = batches(sampler)
+    assert sorted(i for b in grouped for i in b) == list(range(960))  # every clip once
+    # a batch spans a few frames, where a shuffled batch spans most of 2-256
+    spans = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in grouped]
+    plain = batches(ResumableSampler(clips, True, seed=0))
+    plain_spans = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in plain]
+    assert sorted(spans)[len(spans) // 2] * 10 < sorted(plain_spans)[len(plain_spans) // 2]
+    again = ResumableSampler(clips, True, seed=0, group_batch=16)
+    again.set_epoch(2)
+    again.skip = 32  # resumed two batches in: the same order from there
+    assert list(again) == [i for b in grouped for i in b][32:]
+    other = ResumableSampler(clips, True, seed=0, group_batch=16)
+    other.set_epoch(3)
+    assert batches(other) != grouped  # a new order each epoch
+    halves = [ResumableSampler(clips, True, 0, 2, r, group_batch=8) for r in (0, 1)]
+    for h in halves:
+        h.set_epoch(2)
+    assert sorted(list(halves[0]) + list(halves[1])) == list(range(960))
+    with pytest.raises(ValueError, match="lengths"):
+        ResumableSampler(list(range(10)), True, seed=0, group_batch=4)
 
 
 def test_collator_shows_a_clip_as_its_frames(loaded):
@@ -206,6 +260,24 @@ def test_auto_policy_keeps_short_and_offloads_long_clips(loaded, drafters):
         AutoVisualPolicy(keep, offload, -1)
 
 
+def test_auto_policy_ties_the_draft_depth_to_the_clip_length(loaded, drafters):
+    model, processor = loaded
+    keep = SpecRunner.for_drafter_folder(model, processor, str(drafters["pool3"]))
+    offload = SpecRunner.for_drafter_folder(model, processor, str(drafters["free"]))
+    table = [(2 * TOKENS_PER_FRAME, 2), (None, 4)]
+    auto = AutoVisualPolicy(keep, offload, threshold=None, depths=table)
+    for frames, depth in ((2, 2), (3, 4)):
+        p = toy_video_prompts(1, frames)[0]
+        media = Media(video=p["frames"])
+        result = auto.generate(media, p["prompt"], 8, DraftSettings(mode="tree", depth=3))
+        alone = keep.generate(media, p["prompt"], 8, DraftSettings(mode="tree", depth=depth))
+        assert result.tokens == alone.tokens and len(result.attempts_per_depth) == depth
+    assert auto.depth_choices == {2: 1, 4: 1}
+    for bad in ([(None, 2), (None, 3)], [(30, 2), (10, 3), (None, 4)], [(30, 2)], [(None, 0)]):
+        with pytest.raises(ValueError, match="depths"):
+            AutoVisualPolicy(keep, offload, None, depths=bad)
+
+
 def test_sweep_report_schema_table_plot_and_policy(video_target, drafters, tmp_path):
     out, _ = video_target
     paths = [str(drafters["free"]), str(drafters["pool3"])]
@@ -229,6 +301,37 @@ def test_sweep_report_schema_table_plot_and_policy(video_target, drafters, tmp_p
     assert json.loads((tmp_path / "s.json").read_text())["points"][0]["frames"] == 2
     with pytest.raises(ValueError, match="frames"):
         run_sweep(str(out), paths, [1], clips=1, max_new_tokens=2)
+
+
+def test_sweep_runs_every_drafter_at_each_depth(video_target, drafters):
+    out, _ = video_target
+    report = run_sweep(
+        str(out), [str(drafters["free"])], [2], clips=1, max_new_tokens=6, warmup=0,
+        depths=[2, 5],
+    )  # fmt: skip
+    methods = report["points"][0]["methods"]
+    assert set(methods) == {"free@d2", "free@d5"} and report["depths"] == [2, 5]
+    assert all(m["identical_fraction"] == 1.0 for m in methods.values())
+
+
+def test_depth_table_takes_a_deeper_draft_only_where_it_pays():
+    def point(tokens, speedups):
+        methods = {f"{n}@d{d}": {"speedup": v} for (n, d), v in speedups.items()}
+        return {"visual_tokens": tokens, "frames": tokens // 9, "methods": methods}
+
+    report = {
+        "points": [
+            point(72, {("k", 4): 2.0, ("k", 6): 2.1, ("o", 6): 1.0, ("o", 8): 1.0}),
+            point(576, {("k", 4): 1.0, ("k", 6): 1.0, ("o", 6): 1.50, ("o", 8): 1.52}),
+            point(5184, {("k", 6): 0.5, ("o", 6): 1.0, ("o", 8): 1.2}),
+        ]
+    }
+    runs = lambda tokens: "k" if tokens <= 100 else "o"  # noqa: E731
+    # 576: o@d8 is within 3% of depth 6 (noise), so 6; 5184: 20% faster at 8
+    assert depth_table_from(report, runs, default=6) == [(2880, 6), (None, 8)]
+    assert depth_table_from(report, runs, default=6, min_gain=0.0) == [(324, 6), (None, 8)]
+    with pytest.raises(ValueError, match="o@d4"):
+        depth_table_from(report, "o", default=4)
 
 
 def _fake(rows):

@@ -54,6 +54,9 @@ def _toy_data(args: argparse.Namespace) -> None:
     print(f"wrote {args.num} conversations to {path}")
 
 
+VIDEO_TARGET_FLAGS = ("describe_prob", "max_questions", "min_frames", "max_frames", "frame_spread")
+
+
 def _toy_target(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
@@ -62,7 +65,7 @@ def _toy_target(args: argparse.Namespace) -> None:
 
     base = ToyVideoTargetSettings() if args.video else ToyTargetSettings()
     overrides = {k: v for k, v in vars(args).items() if v is not None}
-    video_only = sorted(k for k in ("describe_prob", "max_questions") if k in overrides)
+    video_only = sorted(k for k in VIDEO_TARGET_FLAGS if k in overrides)
     if video_only and not args.video:
         flags = ", ".join("--" + k.replace("_", "-") for k in video_only)
         raise ValueError(f"{flags} set the toy video target's conversations: add --video")
@@ -462,6 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-questions", type=at_least(1), dest="max_questions",
         help="--video: event questions per question conversation (at most)",
     )  # fmt: skip
+    p.add_argument("--min-frames", type=at_least(2), help="--video: shortest training clip")
+    p.add_argument("--max-frames", type=at_least(2), help="--video: longest training clip")
+    p.add_argument(
+        "--frame-spread", choices=("uniform", "log"), help="--video: training clip lengths"
+    )
     p.set_defaults(func=_toy_target)
 
     sub.add_parser(

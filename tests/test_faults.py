@@ -290,6 +290,8 @@ def test_over_long_rows_are_cut_or_skipped_and_counted_never_fatal(micro_target_
         (["toy-target", "--eval-samples", "0"], "--eval-samples: must be >= 1"),
         (["toy-target", "--max-questions", "4"], "--max-questions set the toy video target's"),
         (["toy-target", "--video", "--describe-prob", "2"], "must be in [0, 1]"),
+        (["toy-target", "--frame-spread", "log"], "--frame-spread set the toy video target's"),
+        (["toy-target", "--video", "--min-frames", "9", "--max-frames", "4"], "min_frames"),
         (["toy-target", "--video", "--paraphrase"], "no paraphrase variant"),
         (["toy-data", "--out", "x", "--video", "--paraphrase"], "toy video world has none"),
         (["toy-eval", "--target", "checkpoints/no-such-target"], "target folder not found"),

@@ -49,7 +49,6 @@ MICRO_VIDEO = ToyVideoTargetSettings(  # the micro image target's sizes, 9 token
     max_frames=4,
     eval_samples=1,
     eval_frames=(2, 3),
-    lookup_layer=1,
 )
 TOKENS_PER_FRAME = 9  # 72 px frames in 24 px patches
 

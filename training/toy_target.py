@@ -21,7 +21,6 @@ import json
 import math
 import time
 from collections import Counter
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,7 +40,6 @@ from covspec.data.toy_world import (
 )
 from covspec.modeling.outputs import check_replaceable, write_folder
 from covspec.modeling.toy_vlm import ToyVLMSpec, build_config, build_processor, train_tokenizer
-from covspec.training.toy_lookup import LookupSupervision, capture_attention_input, lookup_loss
 
 REPORT_NAME = "covspec_toy_target.json"
 EVAL_SEED = 987_654  # unseen by training (which uses `seed` and seed + 1)
@@ -79,7 +77,7 @@ class ToyTargetSettings:
         blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
-    # The world the target learns; the toy video target's settings override these five.
+    # The world the target learns; the toy video target's settings override these four.
     def corpus(self) -> list[str]:
         return corpus_text(self.seed, 4000, self.paraphrase)
 
@@ -93,10 +91,6 @@ class ToyTargetSettings:
 
     def evaluate(self, model, processor) -> dict:
         return object_accuracy(model, processor, self.eval_samples)
-
-    def lookup(self) -> LookupSupervision | None:
-        """Which head, if any, learns its lookups from pointers the encodings carry."""
-        return None
 
 
 def _lr_lambda(total: int, warmup: int):
@@ -171,40 +165,21 @@ def _encode(processor, sample: dict) -> dict:
     return encode_conversation(processor, sample["messages"], [sample["image"]])
 
 
-def lm_loss(
-    model,
-    batch: dict,
-    lookup: LookupSupervision | None = None,
-    pointers: torch.Tensor | None = None,  # (n, 3): batch row, query position, key position
-) -> torch.Tensor:
-    """Next-token cross-entropy on assistant tokens only, plus the lookup term where given."""
-    supervised = lookup is not None and pointers is not None and len(pointers) > 0
-    with capture_attention_input(model, lookup.layer) if supervised else nullcontext() as seen:
-        logits = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            pixel_values=batch["pixel_values"],
-        ).logits  # (B, T, V)
+def lm_loss(model, batch: dict) -> torch.Tensor:
+    """Next-token cross-entropy on assistant tokens only."""
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        pixel_values=batch["pixel_values"],
+    ).logits  # (B, T, V)
     target = batch["input_ids"][:, 1:].masked_fill(~batch["loss_mask"][:, 1:], -100)
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), ignore_index=-100)
-    if supervised:
-        term = lookup_loss(model, lookup, seen, pointers, batch["attention_mask"])
-        loss = loss + lookup.weight * term
-    return loss
-
-
-def _pointer_rows(encs: list[dict]) -> torch.Tensor:
-    """Pop each encoding's `pointers` ((query, key) pairs) into (n, 3) rows of the batch."""
-    rows = [(b, q, k) for b, e in enumerate(encs) for q, k in e.pop("pointers", [])]
-    return torch.tensor(rows, dtype=torch.long).reshape(-1, 3)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), ignore_index=-100)
 
 
 def train_language(model, processor, s: ToyTargetSettings, bar: tqdm, encode=None) -> None:
     """Assistant-token loss with the tower frozen. `encode(index) -> encoding` gives the
-    training conversations (default: toy scenes of stream seed); an encoding may carry
-    `pointers` for the settings' lookup supervision (training/toy_lookup.py)."""
+    training conversations (default: toy scenes of stream seed)."""
     encode = encode or (lambda k: _encode(processor, make_sample(s.seed, k)))
-    lookup = s.lookup()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=s.lm_lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s.lm_steps, s.warmup_steps))
@@ -213,8 +188,7 @@ def train_language(model, processor, s: ToyTargetSettings, bar: tqdm, encode=Non
     model.model.vision_tower.eval()
     for step in range(s.lm_steps):
         encs = [encode(step * s.lm_batch + i) for i in range(s.lm_batch)]
-        pointers = _pointer_rows(encs)
-        loss = lm_loss(model, pad_batch(encs, pad), lookup, pointers)
+        loss = lm_loss(model, pad_batch(encs, pad))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"toy target loss is {loss.item()} at language step {step}")
         _step(opt, sched, params, loss, bar, "language")

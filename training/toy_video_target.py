@@ -21,7 +21,6 @@ first, which leaves) on unseen clips and compares the greedy answer with the gro
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -38,7 +37,6 @@ from covspec.data.toy_video import (
 )
 from covspec.data.toy_world import corpus_text
 from covspec.modeling.toy_vlm import ToyVLMSpec
-from covspec.training.toy_lookup import LookupSupervision
 from covspec.training.toy_target import EVAL_SEED, ToyTargetSettings, greedy_answers
 
 
@@ -51,19 +49,17 @@ class ToyVideoTargetSettings(ToyTargetSettings):
     spec: ToyVLMSpec = field(default_factory=video_spec)
     vision_steps: int = 1500  # cheap here (9 patches a frame) and what event questions rest on
     vision_batch: int = 64
-    lm_steps: int = 1800
+    lm_steps: int = 1500
     lm_batch: int = 16
     min_frames: int = 2
-    max_frames: int = 16
-    frame_spread: str = "uniform"  # of clip lengths: uniform or log (data.toy_video.clip_length)
+    max_frames: int = 32
+    # of clip lengths: log-uniform spends as much on 2-8 frames as on 8-32 (the long clips,
+    # where a drafter is tested, without paying for them in every batch)
+    frame_spread: str = "log"
     describe_prob: float = 0.3  # of a training clip's conversation being its caption
     max_questions: int = 3  # event questions per question conversation
     eval_samples: int = 100  # clips per evaluated frame count
     eval_frames: tuple[int, ...] = (4, 16)
-    lookup_layer: int = (
-        4  # its head 0 is pointed at the visual token an answer's place is read from
-    )
-    lookup_weight: float = 1.0  # 0: no lookup supervision (training/toy_lookup.py)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -84,11 +80,6 @@ class ToyVideoTargetSettings(ToyTargetSettings):
             )
         if not self.eval_frames or min(self.eval_frames) < 2:
             raise ValueError(f"eval_frames must be frame counts >= 2, got {self.eval_frames}")
-        if not 0 <= self.lookup_layer < self.spec.text_layers or self.lookup_weight < 0:
-            raise ValueError(
-                f"need 0 <= lookup_layer < {self.spec.text_layers} and lookup_weight >= 0, got "
-                f"{self.lookup_layer}, {self.lookup_weight}"
-            )
 
     def num_frames(self, index: int) -> int:
         spread = self.frame_spread
@@ -118,81 +109,14 @@ class ToyVideoTargetSettings(ToyTargetSettings):
                 self.seed, k, num, self.spec.image_size, self.describe_prob, self.max_questions
             )
             messages = frames_as_images(clip["messages"], num)
-            enc = encode_conversation(processor, messages, clip["frames"])
-            if self.lookup_weight:
-                tracks = [Track(**t) for t in clip["tracks"]]
-                enc["pointers"] = lookup_pointers(processor, enc, tracks, num)
-            return enc
+            return encode_conversation(processor, messages, clip["frames"])
 
         return encode
-
-    def lookup(self) -> LookupSupervision | None:
-        return (
-            LookupSupervision(self.lookup_layer, 0, self.lookup_weight)
-            if self.lookup_weight
-            else None
-        )
 
     def evaluate(self, model, processor) -> dict:
         return event_accuracy(
             model, processor, self.eval_samples, self.eval_frames, self.spec.image_size
         )
-
-
-# answer phrases after which a position is read off one object's visual token: its start cell
-# on the frame it appears, or its end cell on the last frame it is in
-_LOOKUP_PHRASES = {
-    ("starts", "in", "the"): "start",
-    ("appears", "in", "the"): "start",
-    ("moves", "to", "the"): "end",
-}
-
-
-def _words(tokenizer, ids: list[int]) -> list[tuple[str, int, int]]:
-    """(word, first token, last token): tokens joined into the words they spell (a piece that
-    starts with a space or stands alone, as special tokens do, starts a word)."""
-    special = set(tokenizer.all_special_ids)
-    out: list[list] = []
-    for i, t in enumerate(ids):
-        piece = tokenizer.decode([t])
-        if not out or t in special or ids[i - 1] in special or piece[:1].isspace():
-            out.append([piece.strip().lower(), i, i])
-        else:
-            out[-1][0] += piece.strip().lower()
-            out[-1][2] = i
-    return [(w.strip(".,?!"), a, b) for w, a, b in out]
-
-
-def lookup_pointers(processor, enc: dict, tracks: list[Track], num_frames: int) -> list[tuple]:
-    """(query, key) token positions of one encoded clip conversation: at the last token of the
-    "the" before each answered position, the visual token that shows the object the sentence
-    is about (the last colour + shape named, in the question or the answer) where that
-    position is read."""
-    ids = enc["input_ids"][0].tolist()
-    answer = enc["loss_mask"][0].tolist()
-    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-    visual = [i for i, t in enumerate(ids) if t == image_id]
-    per_frame = len(visual) // num_frames
-    grid = math.isqrt(per_frame)
-    if grid * grid != per_frame or grid % 3 or per_frame * num_frames != len(visual):
-        raise ValueError(
-            f"{len(visual)} visual tokens over {num_frames} frames are not square grids of 3x3 "
-            "cells: lookup pointers need a frame grid that divides into the world's cells"
-        )
-    words = _words(processor.tokenizer, ids)
-    by_name = {t.name: t for t in tracks}
-    step, current, out = grid // 3, None, []
-    for i in range(len(words) - 3):
-        current = by_name.get(f"{words[i][0]} {words[i + 1][0]}", current)
-        event = _LOOKUP_PHRASES.get(tuple(w for w, _, _ in words[i : i + 3]))
-        if event is None or current is None or not answer[words[i + 3][1]]:
-            continue
-        last = (num_frames if current.leave is None else current.leave) - 1
-        frame, cell = (current.appear, current.start) if event == "start" else (last, current.end)
-        row, col = divmod(cell, 3)
-        patch = (row * step + step // 2) * grid + col * step + step // 2
-        out.append((words[i + 2][2], visual[frame * per_frame + patch]))
-    return out
 
 
 def _norm(text: str) -> str:

@@ -152,9 +152,18 @@ def depth_table_from(
 def threshold_from(report: dict, keep: str, offload: str) -> int | None:
     """Visual tokens from which offloading is at least as fast end to end as keeping: the
     midpoint between the last length where `keep` wins and the first where `offload` wins for
-    good (None when keep wins everywhere: then always keep; 0 when offload always wins)."""
+    good (None when keep wins everywhere: then always keep; 0 when offload always wins). A
+    sweep run with `depths` is read at its default depth (`NAME@dD`, D = report["depth"])."""
+
+    def speedup(methods: dict, name: str) -> float:
+        if name not in methods and report.get("depths"):
+            name = f"{name}@d{report['depth']}"
+        if name not in methods:
+            raise ValueError(f"the sweep has no method {name!r}: it ran {sorted(methods)}")
+        return methods[name]["speedup"]
+
     rows = [
-        (p["visual_tokens"], p["methods"][keep]["speedup"], p["methods"][offload]["speedup"])
+        (p["visual_tokens"], speedup(p["methods"], keep), speedup(p["methods"], offload))
         for p in report["points"]
     ]
     rows.sort()

@@ -6,9 +6,11 @@
     # then the policy, its threshold measured by that sweep:
     covspec video-sweep ... --visual-policy auto --keep toy-video-drafter-pool3 \\
         --offload toy-video-drafter --threshold-from docs/results/video-sweep.json --out F.json
-    # every drafter at several tree depths; auto then ties its depth to the clip's length:
+    # every drafter at several tree depths; auto then ties its depth to the clip's length
+    # (one such sweep gives the threshold too, read at the default --depth):
     covspec video-sweep ... --depths 4 6 8 --out depths.json
-    covspec video-sweep ... --visual-policy auto ... --depth-from depths.json --out F.json
+    covspec video-sweep ... --visual-policy auto ... --threshold-from depths.json \
+        --depth-from depths.json --out F.json
 """
 
 from __future__ import annotations

@@ -355,6 +355,13 @@ def test_threshold_is_where_offloading_starts_to_win_for_good():
     assert (
         threshold_from(_fake([(80, 1.4, 1.5), (300, 1.8, 1.7), (1000, 1.2, 1.6)]), "k", "o") == 650
     )
+    # a sweep over several depths is read at its default depth
+    deep = _fake([(80, 2.0, 1.5), (1000, 1.2, 1.6)])
+    for p in deep["points"]:
+        p["methods"] = {f"{n}@d{d}": m for n, m in p["methods"].items() for d in (4, 6)}
+    assert threshold_from({**deep, "depths": [4, 6], "depth": 6}, "k", "o") == 540
+    with pytest.raises(ValueError, match="no method 'k@d8'"):
+        threshold_from({**deep, "depths": [4, 6], "depth": 8}, "k", "o")
 
 
 def test_video_sweep_command_refuses_an_auto_policy_it_cannot_build(tmp_path, capsys):

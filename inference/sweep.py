@@ -204,7 +204,12 @@ def markdown_table(report: dict) -> str:
             f"`auto`: keep `{policy['keep']}` up to {t} visual tokens, above that offload to "
             f"`{policy['offload']}` (threshold from `{policy['threshold_from']}`).",
         ]
-        if policy.get("depths"):
+        if policy.get("depths") and len(policy["depths"]) == 1:
+            lines.append(
+                f"Its tree depth ({policy['depth_from']}): {policy['depths'][0][1]} at every "
+                "length (no other depth paid at any)."
+            )
+        elif policy.get("depths"):
             ranges = ", ".join(
                 f"depth {d} {'beyond' if b is None else f'up to {b} tokens'}"
                 for b, d in policy["depths"]

@@ -36,16 +36,11 @@ for opt in none pool:4 pool:2 resampler:2 resampler:8 resampler:32 conv:2 prune:
 done
 train recipes/toy/elastic.yaml checkpoints/toy-drafter-elastic                      # ~45 min
 # video mode: the toy video target and its drafters
-covspec toy-target --video --out checkpoints/toy-video-target                      # ~25 min
-train recipes/toy/video-drafter.yaml checkpoints/toy-video-drafter                  # ~7 min
-train recipes/toy/video-drafter.yaml checkpoints/toy-video-drafter-pool3 \
-  --model.visual_prefix compressed --model.compressor '{options: [pool:3]}'        # ~8 min
+covspec toy-target --video --out checkpoints/toy-video-target                      # ~30 min
+train recipes/toy/video-drafter.yaml checkpoints/toy-video-drafter                  # ~57 min
+short=(--data.train_data toyvideo:20000:11:2-64:log --data.batch_size 16)  # the keep drafters' clips
 train recipes/toy/video-drafter.yaml checkpoints/toy-video-drafter-full-visual \
-  --model.variant full_visual                                                      # ~15 min
-train recipes/toy/video-drafter.yaml checkpoints/toy-video-drafter-elastic \
-  --model.visual_prefix compressed \
-  --model.compressor '{options: [none, pool:3, tpool:4], gate: critic}' \
-  --model.cost_weight 0.02                                                         # ~15 min
+  --model.variant full_visual "${short[@]}"                                        # ~47 min
 
 # README: results on the toy world
 covspec bench --target checkpoints/toy-target --drafter checkpoints/toy-drafter \
@@ -115,18 +110,13 @@ covspec simulate --drafter checkpoints/toy-drafter-text-only \
   --accept-head checkpoints/acceptance-head-text-only --protocol sync --channel good \
   --channel bad --compute a40-orin-7b --rtt-sweep '' --toy 200 --toy-mixed --mode chain \
   --out "$OUT/simulate-head.json"
-# README: video mode, the length sweep (the threshold's run, then every drafter beside auto)
-video=(--target checkpoints/toy-video-target --frames 8 16 32 64 128 256 576 --clips 10
-  --max-new-tokens 64)
-for d in toy-video-drafter toy-video-drafter-pool3 toy-video-drafter-full-visual; do
-  video+=(--drafter "checkpoints/$d")
-done
-covspec video-sweep "${video[@]}" --out "$OUT/video-sweep.json"                      # ~3 min
-covspec video-sweep "${video[@]}" --visual-policy auto --keep toy-video-drafter-full-visual \
+# README: video mode, the length sweep (every drafter at three depths: the threshold and the
+# depth table; then each drafter at depth 6 beside auto)
+video=(--target checkpoints/toy-video-target --frames 8 16 32 64 128 256 576
+  --max-new-tokens 64 --drafter checkpoints/toy-video-drafter
+  --drafter checkpoints/toy-video-drafter-full-visual)
+covspec video-sweep "${video[@]}" --clips 10 --depths 4 6 8 --out "$OUT/video-sweep.json"        # ~8 min
+covspec video-sweep "${video[@]}" --clips 20 --visual-policy auto --keep toy-video-drafter-full-visual \
   --offload toy-video-drafter --threshold-from "$OUT/video-sweep.json" \
-  --out "$OUT/video-sweep-auto.json"                                               # ~3 min
-covspec video-sweep --target checkpoints/toy-video-target --frames 8 16 32 64 128 256 576 \
-  --clips 10 --max-new-tokens 64 --drafter checkpoints/toy-video-drafter \
-  --drafter checkpoints/toy-video-drafter-pool3 --drafter checkpoints/toy-video-drafter-elastic \
-  --out "$OUT/video-sweep-elastic.json"                                            # ~2 min
+  --depth-from "$OUT/video-sweep.json" --out "$OUT/video-sweep-auto.json"          # ~9 min
 echo "tables and figures in $OUT"

@@ -293,6 +293,12 @@ def test_sweep_report_schema_table_plot_and_policy(video_target, drafters, tmp_p
             assert m["drafter_ms_per_step"] > 0 and m["drafter_kv_bytes"] > 0
             assert m["speedup"] > 0 and m["decode_speedup"] > 0
     assert "| 3 | 27 |" in markdown_table(report) and "| auto |" in markdown_table(report)
+    policy = {"keep": "pool3", "offload": "free", "threshold_visual_tokens": 18}
+    policy |= {"threshold_from": "a.json", "depth_from": "a.json"}
+    one = markdown_table({**report, "policy": {**policy, "depths": [(None, 6)]}})
+    assert "depth (a.json): 6 at every length" in one
+    two = markdown_table({**report, "policy": {**policy, "depths": [(20, 4), (None, 6)]}})
+    assert "depth 4 up to 20 tokens, depth 6 beyond" in two
     assert all(0 < p["answer_tokens"] <= 6 for p in report["points"])
     assert all(p["methods"]["pool3"]["gate_choices"] is None for p in report["points"])
     write_sweep(report, tmp_path / "s.json")

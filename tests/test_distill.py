@@ -343,3 +343,25 @@ def _half_width(layer):
     w = odd.self_attn.q_proj.weight
     odd.self_attn.q_proj = torch.nn.Linear(w.shape[1] // 2, w.shape[0], bias=False)
     return odd
+
+
+def test_a_log_file_gets_a_progress_bar_that_prints(monkeypatch):
+    """Rich draws nothing into a non-terminal stdout until the run ends: there the train
+    command swaps in tqdm, and leaves a terminal's bar alone."""
+    import io
+
+    import lightning as L
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    from covspec.training.cli import _plain_progress_bar
+
+    for tty in (False, True):
+        stdout = io.StringIO()
+        stdout.isatty = lambda tty=tty: tty
+        monkeypatch.setattr("sys.stdout", stdout)
+        trainer = L.Trainer(
+            accelerator="cpu", logger=False, callbacks=[RichProgressBar()], max_steps=1
+        )
+        _plain_progress_bar(trainer)
+        bar = trainer.progress_bar_callback
+        assert isinstance(bar, RichProgressBar if tty else TQDMProgressBar), (tty, bar)

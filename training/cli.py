@@ -157,6 +157,19 @@ def _hand_over(cli: LightningCLI) -> None:
         strategy.checkpoint_io = AtomicCheckpointIO()
 
 
+def _plain_progress_bar(trainer: L.Trainer, refresh_rate: int = 10) -> None:
+    """Rich's bar draws nothing until the end when stdout is not a terminal (nohup, a cluster
+    log), so a long run would show no progress at all: there, a tqdm bar instead, whose lines
+    `tail` can follow."""
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    if sys.stdout.isatty():
+        return
+    for i, callback in enumerate(trainer.callbacks):
+        if isinstance(callback, RichProgressBar):
+            trainer.callbacks[i] = TQDMProgressBar(refresh_rate=refresh_rate)
+
+
 class _TrainEnd(L.Callback):
     """Notes whether the fit loop ran to its end (a resumed, finished run skips it)."""
 
@@ -187,6 +200,7 @@ def main(args: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     cli = make_cli(args, exit_on_error=False)
     _hand_over(cli)
+    _plain_progress_bar(cli.trainer)
     cli.trainer.callbacks.append(end := _TrainEnd())
     resume = cli.config["resume"]
     cli.trainer.fit(

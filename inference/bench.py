@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from itertools import zip_longest
 
 import torch
 from tqdm.auto import tqdm
@@ -209,10 +210,7 @@ def run_bench(
 
 def _add_per_depth(total: list[int], new: list[int]) -> list[int]:
     """Per-depth counts summed; a policy that ties depth to the input drafts to several."""
-    width = max(len(total), len(new))
-    return [
-        (total[d] if d < len(total) else 0) + (new[d] if d < len(new) else 0) for d in range(width)
-    ]
+    return [a + b for a, b in zip_longest(total, new, fillvalue=0)]
 
 
 def _report(target, samples, max_new_tokens, methods, rows) -> dict:

@@ -30,6 +30,11 @@ from covspec.inference.timeline import GenerationResult
 from covspec.inference.tree import DraftSettings
 
 
+def keeps(visual_tokens: float, threshold: int | None) -> bool:
+    """Whether a prompt of that many visual tokens keeps its visual prefix (None: always)."""
+    return threshold is None or visual_tokens <= threshold
+
+
 class AutoVisualPolicy:
     def __init__(
         self, keep, offload, threshold: int | None, depths: list[tuple] | None = None
@@ -64,9 +69,7 @@ class AutoVisualPolicy:
         return next(d for bound, d in self.depths if bound is None or visual_tokens <= bound)
 
     def choose(self, visual_tokens: int) -> str:
-        if self.threshold is None or visual_tokens <= self.threshold:
-            return "keep"
-        return "offload"
+        return "keep" if keeps(visual_tokens, self.threshold) else "offload"
 
     @torch.inference_mode()
     def generate(

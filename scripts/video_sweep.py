@@ -30,7 +30,7 @@ def _video_sweep(args: argparse.Namespace) -> None:
         threshold_from,
         write_sweep,
     )
-    from covspec.inference.visual_policy import AutoVisualPolicy
+    from covspec.inference.visual_policy import AutoVisualPolicy, keeps
     from covspec.modeling.identity import resolve_source
     from covspec.scripts.cli import _draft_settings
 
@@ -56,12 +56,12 @@ def _video_sweep(args: argparse.Namespace) -> None:
                 "--visual-policy auto needs --threshold-from SWEEP.json (or --threshold N)"
             )
         if args.depth_from:
-
-            def runs(tokens: float) -> str:  # the drafter auto runs at that length
-                return args.keep if threshold is None or tokens <= threshold else args.offload
-
             measured = json.loads(Path(args.depth_from).read_text())
-            depths = depth_table_from(measured, runs, args.depth)
+            depths = depth_table_from(
+                measured,
+                lambda tokens: args.keep if keeps(tokens, threshold) else args.offload,
+                args.depth,
+            )
         policies = {
             "auto": lambda runners: AutoVisualPolicy(
                 runners[args.keep], runners[args.offload], threshold, depths

@@ -293,3 +293,12 @@ def test_per_prompt_oracle_takes_each_prompts_fewest_rounds():
     # a prompt the methods decoded to different lengths is left out, not won by the shorter
     uneven = samples + [{"decode": {"a": [3, 3], "b": [40, 4]}}]
     assert per_prompt_oracle_tau(uneven, ["a", "b"]) == pytest.approx(22 / 4)
+
+
+def test_per_depth_counts_sum_across_answers_of_different_depths():
+    from covspec.inference.bench import _add_per_depth
+
+    # a policy that ties depth to the clip drafts 2 deep on one answer and 3 on the next
+    assert _add_per_depth([], [4, 3]) == [4, 3]
+    assert _add_per_depth([4, 3], [5, 2, 1]) == [9, 5, 1]
+    assert _add_per_depth([9, 5, 1], [1]) == [10, 5, 1]

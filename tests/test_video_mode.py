@@ -67,6 +67,16 @@ def loaded(video_target):
     return model, AutoProcessor.from_pretrained(out)
 
 
+def test_the_video_target_trains_one_clip_length_per_language_batch(loaded):
+    _, processor = loaded
+    encode = MICRO_VIDEO.lm_encode(processor)
+    batch = MICRO_VIDEO.lm_batch
+    frames = [len(encode(k)["pixel_values"]) for k in range(6 * batch)]
+    per_batch = [set(frames[i : i + batch]) for i in range(0, len(frames), batch)]
+    assert all(len(lengths) == 1 for lengths in per_batch), frames
+    assert len(set.union(*per_batch)) > 1, frames  # while lengths still differ across batches
+
+
 @pytest.fixture(scope="module")
 def drafters(video_target, loaded, tmp_path_factory):
     """A visual-token-free, a full-visual and a one-row-per-frame drafter (random weights)."""
@@ -388,6 +398,42 @@ def test_video_sweep_command_refuses_an_auto_policy_it_cannot_build(tmp_path, ca
     assert "--offload 'other' is not one of the --drafter folders" in capsys.readouterr().err
     assert main([*base, "--keep", "d", "--offload", "d"]) == 2
     assert "needs --threshold-from" in capsys.readouterr().err
+
+
+def test_video_sweep_command_reads_auto_depths_for_the_drafter_auto_runs(tmp_path, monkeypatch):
+    """--depth-from: per length, the depths of the drafter the threshold picks there (keep
+    below, offload above), not of the other one."""
+    import covspec.inference.sweep as sweep
+    from covspec.scripts.cli import main
+
+    target, keep, offload = (tmp_path / n for n in ("t", "k", "o"))
+    for d in (target, keep, offload):
+        d.mkdir()
+    speedups = {  # keep pays at depth 8 on short clips, offload at depth 4 on long ones
+        (72, 8): {"k@d6": 2.0, "k@d8": 2.5, "o@d4": 1.0, "o@d6": 1.0, "o@d8": 1.0},
+        (5184, 576): {"k@d6": 0.5, "k@d8": 0.6, "o@d4": 1.5, "o@d6": 1.0, "o@d8": 1.0},
+    }
+    points = [
+        {"visual_tokens": t, "frames": f, "methods": {n: {"speedup": v} for n, v in m.items()}}
+        for (t, f), m in speedups.items()
+    ]
+    (tmp_path / "depths.json").write_text(json.dumps({"points": points}))
+    seen = {}
+
+    def fake_run_sweep(*args, policies=None, **kwargs):
+        model = object()
+        seen["auto"] = policies["auto"](
+            {"k": SimpleNamespace(model=model), "o": SimpleNamespace(model=model)}
+        )
+        return {"points": [], "clips_per_length": 1, "max_new_tokens": 1, "depth": 6}
+
+    monkeypatch.setattr(sweep, "run_sweep", fake_run_sweep)
+    monkeypatch.setattr(sweep, "write_sweep", lambda report, out: tmp_path / "s.json")
+    args = ["video-sweep", "--target", str(target), "--drafter", str(keep), "--drafter"]
+    args += [str(offload), "--visual-policy", "auto", "--keep", "k", "--offload", "o"]
+    args += ["--threshold", "500", "--depth-from", str(tmp_path / "depths.json")]
+    assert main(args) == 0
+    assert seen["auto"].depths == [(2628, 8), (None, 4)]
 
 
 def test_a_drafter_without_visual_prefix_skips_the_separators_between_frames():

@@ -30,6 +30,7 @@ from covspec.inference.tree import DraftSettings
 
 FIELDS = (
     "visual_tokens",
+    "visual_prefix_tokens",
     "tau",
     "drafter_ms_per_step",
     "drafter_kv_bytes",
@@ -179,11 +180,35 @@ def _x(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _rows(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _gate_lines(report: dict, names: list[str]) -> list[str]:
+    """What each gated (elastic) drafter's gate picked at each length, over all prompts."""
+    lines = []
+    for n in names:
+        picks = []
+        for p in report["points"]:
+            by_kind = (p["methods"].get(n) or {}).get("gate_choices")
+            if not by_kind:
+                continue
+            total: dict[str, int] = {}
+            for counts in by_kind.values():
+                for option, k in counts.items():
+                    total[option] = total.get(option, 0) + k
+            share = ", ".join(f"{o} {k}" for o, k in sorted(total.items()))
+            picks.append(f"{p['frames']} frames: {share}")
+        if picks:
+            lines += ["", f"`{n}` gate picks (prompts per option): " + "; ".join(picks) + "."]
+    return lines
+
+
 def markdown_table(report: dict) -> str:
     """One row per length and method; with a policy, the threshold and what `auto` ran."""
     names = sorted({n for p in report["points"] for n in p["methods"]})
-    head = "| frames | visual tokens | answer tokens | method | tau | drafter ms/step | drafter KV (KiB) | decode speedup | end-to-end speedup | identical |"
-    lines = [head, "|" + "---|" * 10]
+    head = "| frames | visual tokens | answer tokens | method | prefix rows | tau | drafter ms/step | drafter KV (KiB) | decode speedup | end-to-end speedup | identical |"
+    lines = [head, "|" + "---|" * 11]
     for p in report["points"]:
         for n in names:
             m = p["methods"].get(n)
@@ -191,11 +216,12 @@ def markdown_table(report: dict) -> str:
                 continue
             lines.append(
                 f"| {p['frames']} | {p['visual_tokens']:.0f} | {p['answer_tokens']:.1f} | {n} | "
-                f"{m['tau']:.2f} | "
+                f"{_rows(m.get('visual_prefix_tokens'))} | {m['tau']:.2f} | "
                 f"{m['drafter_ms_per_step']:.2f} | {m['drafter_kv_bytes'] / 1024:.0f} | "
                 f"{_x(m['decode_speedup'])} | {_x(m['speedup'])} | "
                 f"{100 * m['identical_fraction']:.0f}% |"
             )
+    lines += _gate_lines(report, names)
     policy = report.get("policy")
     if policy:
         t = policy["threshold_visual_tokens"]

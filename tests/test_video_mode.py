@@ -79,7 +79,8 @@ def test_the_video_target_trains_one_clip_length_per_language_batch(loaded):
 
 @pytest.fixture(scope="module")
 def drafters(video_target, loaded, tmp_path_factory):
-    """A visual-token-free, a full-visual and a one-row-per-frame drafter (random weights)."""
+    """A visual-token-free, a full-visual, a one-row-per-frame and an elastic drafter (random
+    weights)."""
     adapter = adapter_for(loaded[0])
     root = tmp_path_factory.mktemp("video-drafters")
     torch.manual_seed(0)
@@ -87,6 +88,10 @@ def drafters(video_target, loaded, tmp_path_factory):
         "free": {},
         "full": {"variant": "full_visual"},
         "pool3": {"visual_prefix": "compressed", "compressor": {"options": ["pool:3"]}},
+        "elastic": {
+            "visual_prefix": "compressed",
+            "compressor": {"options": ["none", "pool:3", "tpool:4"], "gate": "critic"},
+        },
     }
     for name, kw in kinds.items():
         Drafter(DrafterConfig.for_target(adapter, **kw)).save_pretrained(root / name)
@@ -215,7 +220,7 @@ def test_collator_shows_a_clip_as_its_frames(loaded):
     assert batch["loss_mask"].any(1).all()
 
 
-@pytest.mark.parametrize("name", ["free", "full", "pool3"])
+@pytest.mark.parametrize("name", ["free", "full", "pool3", "elastic"])
 def test_runner_on_a_clip_is_identical_to_generate(loaded, drafters, name):
     model, processor = loaded
     runner = SpecRunner.for_drafter_folder(model, processor, str(drafters[name]))
@@ -229,8 +234,9 @@ def test_runner_on_a_clip_is_identical_to_generate(loaded, drafters, name):
     result = runner.generate(media, prompt["prompt"], 12, DraftSettings(mode="tree", depth=3))
     assert result.tokens == want
     assert result.visual_tokens == 3 * TOKENS_PER_FRAME
-    expected_prefix = {"free": 0, "full": 0, "pool3": 3}[name]  # pool:3 = one row per frame
-    assert result.prefix_tokens == expected_prefix
+    # pool:3 = one row per frame; tpool:4 = one 3x3 grid for the 3 frames; none = no rows
+    expected_prefix = {"free": {0}, "full": {0}, "pool3": {3}, "elastic": {0, 3, 9}}[name]
+    assert result.prefix_tokens in expected_prefix
     assert result.drafter_kv_bytes > 0
 
 
@@ -289,7 +295,7 @@ def test_auto_policy_ties_the_draft_depth_to_the_clip_length(loaded, drafters):
 
 def test_sweep_report_schema_table_plot_and_policy(video_target, drafters, tmp_path):
     out, _ = video_target
-    paths = [str(drafters["free"]), str(drafters["pool3"])]
+    paths = [str(drafters[n]) for n in ("free", "pool3", "elastic")]
     policies = {"auto": lambda r: AutoVisualPolicy(r["pool3"], r["free"], 2 * TOKENS_PER_FRAME)}
     report = run_sweep(
         str(out), paths, [2, 3], clips=1, max_new_tokens=6, policies=policies, warmup=0
@@ -297,12 +303,18 @@ def test_sweep_report_schema_table_plot_and_policy(video_target, drafters, tmp_p
     assert [p["frames"] for p in report["points"]] == [2, 3]
     assert [p["visual_tokens"] for p in report["points"]] == [18.0, 27.0]
     for p in report["points"]:
-        assert set(p["methods"]) == {"free", "pool3", "auto"}
+        assert set(p["methods"]) == {"free", "pool3", "elastic", "auto"}
+        rows = {n: m["visual_prefix_tokens"] for n, m in p["methods"].items()}
+        assert rows["free"] == 0 and rows["pool3"] == p["frames"] and rows["auto"] is None
+        picks = p["methods"]["elastic"]["gate_choices"]
+        assert sum(sum(c.values()) for c in picks.values()) == 1  # one clip, one pick
         for m in p["methods"].values():
             assert m["identical_fraction"] == 1.0 and m["tau"] >= 1.0
             assert m["drafter_ms_per_step"] > 0 and m["drafter_kv_bytes"] > 0
             assert m["speedup"] > 0 and m["decode_speedup"] > 0
-    assert "| 3 | 27 |" in markdown_table(report) and "| auto |" in markdown_table(report)
+    page = markdown_table(report)
+    assert "| 3 | 27 |" in page and "| auto | - |" in page and "| pool3 | 3.0 |" in page
+    assert "`elastic` gate picks (prompts per option): 2 frames: " in page
     policy = {"keep": "pool3", "offload": "free", "threshold_visual_tokens": 18}
     policy |= {"threshold_from": "a.json", "depth_from": "a.json"}
     one = markdown_table({**report, "policy": {**policy, "depths": [(None, 6)]}})

@@ -171,12 +171,13 @@ def run_bench(
             methods[name][1](s["image"], s["prompt"], max_new_tokens)
     rows = []
     for i, s in enumerate(tqdm(samples, desc="bench", unit="sample")):
-        outputs, token_ids, decode = {}, {}, {}
+        outputs, token_ids, decode, seconds = {}, {}, {}, {}
         for name in names[i % len(names) :] + names[: i % len(names)]:  # rotate the order
             tally, run = methods[name]
             start = now(model.device)
             tokens, result = run(s["image"], s["prompt"], max_new_tokens)
-            tally.seconds += now(model.device) - start
+            seconds[name] = now(model.device) - start
+            tally.seconds += seconds[name]
             tally.tokens += len(tokens)
             token_ids[name] = [int(t) for t in tokens]
             outputs[name] = processor.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -202,7 +203,15 @@ def run_bench(
                     kind[result.gate_choice] = kind.get(result.gate_choice, 0) + 1
         for name in names:  # token for token: decoded text hides special tokens and spacing
             methods[name][0].identical += token_ids[name] == token_ids["hf_greedy"]
-        rows.append({"id": s["id"], "outputs": outputs, "token_ids": token_ids, "decode": decode})
+        rows.append(
+            {
+                "id": s["id"],
+                "outputs": outputs,
+                "token_ids": token_ids,
+                "decode": decode,
+                "seconds": seconds,  # per method: paired comparisons over samples
+            }
+        )
     report = _report(target, samples, max_new_tokens, methods, rows)
     report["device"], report["dtype"] = str(model.device), dtype
     return report

@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from covspec.data.toy_video import toy_video_prompts
 from covspec.inference.bench import run_bench
 from covspec.inference.media import Media
@@ -93,6 +95,8 @@ def run_sweep(
             row["decode_speedup"] = decode[name]
             row["ms_per_sample"] = m["ms_per_sample"]  # by runner phase
             row["gate_choices"] = m["gate_choices"]  # an elastic compressor's picks
+            # per clip, in clip order: lets `depth_table_from` test a gain against the noise
+            row["clip_seconds"] = [r["seconds"][name] for r in report["samples"]]
             methods[name.replace("/tree", "")] = row  # NAME, or NAME@dD for a depth variant
         points.append(
             {
@@ -115,31 +119,48 @@ def run_sweep(
     }
 
 
+def paired_gain_low(base: list[float], other: list[float], draws: int = 2000) -> float:
+    """Lower end of a one-sided 95% bootstrap interval, over the clips, of the relative gain
+    sum(base) / sum(other) - 1 (seconds per clip, the same clips in the same order)."""
+    if len(base) != len(other) or not base:
+        raise ValueError(f"paired clip times differ in length: {len(base)} and {len(other)}")
+    a, b = torch.tensor(base, dtype=torch.float64), torch.tensor(other, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)  # the same report always gives the same table
+    idx = torch.randint(len(base), (draws, len(base)), generator=g)
+    gains = a[idx].sum(1) / b[idx].sum(1) - 1
+    return float(torch.quantile(gains, 0.05))
+
+
 def depth_table_from(
     report: dict, drafter: str | Callable[[float], str], default: int, min_gain: float = 0.03
 ) -> list[tuple[int | None, int]]:
     """Tree depth per visual-token range from a sweep run with `depths`, for `drafter` (or the
     drafter a policy runs at that many visual tokens): at each length the depth of the best
-    end-to-end speedup where it beats `default` by `min_gain` (relative; smaller gains are this
-    machine's noise), else `default`. Returns [(visual tokens up to, depth), ..., (None,
-    depth)], bounds halfway between measured lengths."""
+    end-to-end speedup where it beats `default` by `min_gain` (relative) and, where the sweep
+    kept each clip's time, where its gain over the same clips is above 0 at the lower end of
+    a 95% bootstrap interval (`paired_gain_low`); else `default`. Returns [(visual tokens up
+    to, depth), ..., (None, depth)], bounds halfway between measured lengths."""
     pick_drafter = drafter if callable(drafter) else (lambda tokens: drafter)
     chosen = []
     for p in sorted(report["points"], key=lambda p: p["visual_tokens"]):
         drafter = pick_drafter(p["visual_tokens"])
-        runs = {
-            int(name.rsplit("@d", 1)[1]): m["speedup"]
+        named = {
+            int(name.rsplit("@d", 1)[1]): m
             for name, m in p["methods"].items()
             if name.rsplit("@d", 1)[0] == drafter and "@d" in name and m["speedup"] is not None
         }
+        runs = {d: m["speedup"] for d, m in named.items()}
         if default not in runs:
             raise ValueError(
                 f"the sweep has no {drafter}@d{default} at {p['frames']} frames: run it with "
                 f"--depths including {default}"
             )
         best = max(runs, key=runs.get)
-        pick = best if runs[best] >= (1 + min_gain) * runs[default] else default
-        chosen.append((p["visual_tokens"], pick))
+        pays = runs[best] >= (1 + min_gain) * runs[default]
+        clips = named[best].get("clip_seconds"), named[default].get("clip_seconds")
+        if pays and best != default and clips[0] and clips[1]:
+            pays = paired_gain_low(clips[1], clips[0]) > 0
+        chosen.append((p["visual_tokens"], best if pays else default))
     table = []
     for i, (tokens, depth) in enumerate(chosen):
         bound = (tokens + chosen[i + 1][0]) / 2 if i + 1 < len(chosen) else float("inf")
@@ -150,11 +171,13 @@ def depth_table_from(
     return [(int(b) if b != float("inf") else None, d) for b, d in table]
 
 
-def threshold_from(report: dict, keep: str, offload: str) -> int | None:
-    """Visual tokens from which offloading is at least as fast end to end as keeping: the
-    midpoint between the last length where `keep` wins and the first where `offload` wins for
-    good (None when keep wins everywhere: then always keep; 0 when offload always wins). A
-    sweep run with `depths` is read at its default depth (`NAME@dD`, D = report["depth"])."""
+def threshold_from(report: dict, keep: str, offload: str, tie: float = 0.03) -> int | None:
+    """Visual tokens from which offloading is as fast end to end as keeping: the midpoint
+    between the last length where `keep` wins and the first where `offload` wins for good
+    (None when keep wins everywhere: then always keep; 0 when offload always wins). Offload
+    wins ties: within `tie` (relative; this machine's noise) of keep's speedup it is as fast
+    and carries no visual rows, so less drafter memory and fewer bytes to a device. A sweep
+    run with `depths` is read at its default depth (`NAME@dD`, D = report["depth"])."""
 
     def speedup(methods: dict, name: str) -> float:
         if name not in methods and report.get("depths"):
@@ -168,7 +191,8 @@ def threshold_from(report: dict, keep: str, offload: str) -> int | None:
         for p in report["points"]
     ]
     rows.sort()
-    first = next((i for i in range(len(rows)) if all(o >= k for _, k, o in rows[i:])), None)
+    wins = [o >= k * (1 - tie) for _, k, o in rows]
+    first = next((i for i in range(len(rows)) if all(wins[i:])), None)
     if first is None:
         return None
     if first == 0:

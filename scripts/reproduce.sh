@@ -41,6 +41,11 @@ train recipes/toy/video-drafter.yaml checkpoints/toy-video-drafter              
 short=(--data.train_data toyvideo:20000:11:2-64:log --data.batch_size 16)  # the keep drafters' clips
 train recipes/toy/video-drafter.yaml checkpoints/toy-video-drafter-full-visual \
   --model.variant full_visual "${short[@]}"                                        # ~47 min
+train recipes/toy/video-drafter.yaml checkpoints/toy-video-drafter-pool3 "${short[@]}" \
+  --model.visual_prefix compressed --model.compressor '{options: [pool:3]}'        # ~20 min
+train recipes/toy/video-drafter.yaml checkpoints/toy-video-drafter-elastic "${short[@]}" \
+  --model.visual_prefix compressed --model.compressor '{options: [none, pool:3, tpool:4], gate: critic}' \
+  --model.cost_weight 0.02                                                         # ~33 min
 
 # README: results on the toy world
 covspec bench --target checkpoints/toy-target --drafter checkpoints/toy-drafter \
@@ -114,9 +119,10 @@ covspec simulate --drafter checkpoints/toy-drafter-text-only \
 # depth table; then each drafter at depth 6 beside auto)
 video=(--target checkpoints/toy-video-target --frames 8 16 32 64 128 256 576
   --max-new-tokens 64 --drafter checkpoints/toy-video-drafter
-  --drafter checkpoints/toy-video-drafter-full-visual)
-covspec video-sweep "${video[@]}" --clips 10 --depths 4 6 8 --out "$OUT/video-sweep.json"        # ~8 min
-covspec video-sweep "${video[@]}" --clips 20 --visual-policy auto --keep toy-video-drafter-full-visual \
+  --drafter checkpoints/toy-video-drafter-full-visual --drafter checkpoints/toy-video-drafter-pool3
+  --drafter checkpoints/toy-video-drafter-elastic)
+covspec video-sweep "${video[@]}" --clips 10 --depths 4 6 8 --out "$OUT/video-sweep.json"        # ~12 min
+covspec video-sweep "${video[@]}" --clips 20 --visual-policy auto --keep toy-video-drafter-pool3 \
   --offload toy-video-drafter --threshold-from "$OUT/video-sweep.json" \
   --depth-from "$OUT/video-sweep.json" --out "$OUT/video-sweep-auto.json"          # ~9 min
 echo "tables and figures in $OUT"

@@ -27,6 +27,7 @@ from covspec.inference.runner import SpecRunner
 from covspec.inference.sweep import (
     depth_table_from,
     markdown_table,
+    paired_gain_low,
     run_sweep,
     threshold_from,
     write_sweep,
@@ -306,6 +307,7 @@ def test_sweep_report_schema_table_plot_and_policy(video_target, drafters, tmp_p
         assert set(p["methods"]) == {"free", "pool3", "elastic", "auto"}
         rows = {n: m["visual_prefix_tokens"] for n, m in p["methods"].items()}
         assert rows["free"] == 0 and rows["pool3"] == p["frames"] and rows["auto"] is None
+        assert all(len(m["clip_seconds"]) == 1 for m in p["methods"].values())
         picks = p["methods"]["elastic"]["gate_choices"]
         assert sum(sum(c.values()) for c in picks.values()) == 1  # one clip, one pick
         for m in p["methods"].values():
@@ -361,6 +363,27 @@ def test_depth_table_takes_a_deeper_draft_only_where_it_pays():
         depth_table_from(report, "o", default=4)
 
 
+def test_depth_table_refuses_a_gain_the_clips_do_not_support():
+    def point(d8_clips):
+        d6_clips = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+        methods = {
+            f"o@d{d}": {"speedup": 6 / sum(c), "clip_seconds": c}
+            for d, c in ((6, d6_clips), (8, d8_clips))
+        }
+        return {"points": [{"visual_tokens": 72, "frames": 8, "methods": methods}]}
+
+    # 7% faster in total, all of it from one clip: the bootstrap's low end is below 0
+    noisy = point([0.55, 1.05, 1.05, 1.05, 1.05, 0.85])
+    assert noisy["points"][0]["methods"]["o@d8"]["speedup"] > 1.06
+    assert depth_table_from(noisy, "o", default=6) == [(None, 6)]
+    # 7% faster on every clip: it pays
+    steady = point([0.935] * 6)
+    assert depth_table_from(steady, "o", default=6) == [(None, 8)]
+    assert paired_gain_low([1.0] * 6, [0.935] * 6) > 0.06
+    with pytest.raises(ValueError, match="differ in length"):
+        paired_gain_low([1.0, 1.0], [1.0])
+
+
 def _fake(rows):
     return {
         "points": [
@@ -383,6 +406,10 @@ def test_threshold_is_where_offloading_starts_to_win_for_good():
     assert (
         threshold_from(_fake([(80, 1.4, 1.5), (300, 1.8, 1.7), (1000, 1.2, 1.6)]), "k", "o") == 650
     )
+    # offload wins a tie within 3% (no visual rows at the same speed); tie=0 makes it strict
+    tied = _fake([(80, 2.0, 1.5), (1000, 1.5, 1.6), (5000, 1.16, 1.14)])
+    assert threshold_from(tied, "k", "o") == 540
+    assert threshold_from(tied, "k", "o", tie=0.0) is None
     # a sweep over several depths is read at its default depth
     deep = _fake([(80, 2.0, 1.5), (1000, 1.2, 1.6)])
     for p in deep["points"]:

@@ -124,5 +124,5 @@ video=(--target checkpoints/toy-video-target --frames 8 16 32 64 128 256 576
 covspec video-sweep "${video[@]}" --clips 10 --depths 4 6 8 --out "$OUT/video-sweep.json"        # ~12 min
 covspec video-sweep "${video[@]}" --clips 20 --visual-policy auto --keep toy-video-drafter-pool3 \
   --offload toy-video-drafter --threshold-from "$OUT/video-sweep.json" \
-  --depth-from "$OUT/video-sweep.json" --out "$OUT/video-sweep-auto.json"          # ~9 min
+  --depth-from "$OUT/video-sweep.json" --out "$OUT/video-sweep-auto.json"          # ~11 min
 echo "tables and figures in $OUT"

@@ -123,6 +123,15 @@ def pareto_lines(report: dict, mode: str = "tree") -> list[str]:
     return lines
 
 
+def bootstrap_sums(x: torch.Tensor, resamples: int = 2000, seed: int = 0) -> torch.Tensor:
+    """Column sums of `x` (N samples, K columns) over `resamples` draws of N samples with
+    replacement, paired (a draw takes whole rows): (resamples, K). Seeded, so the same report
+    always gives the same interval."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(x.shape[0], (resamples, x.shape[0]), generator=gen)
+    return x[idx].sum(1)
+
+
 def tau_difference_interval(
     samples: list[dict], a: str, b: str, resamples: int = 2000, seed: int = 0
 ) -> tuple[float, float, float] | None:
@@ -133,9 +142,7 @@ def tau_difference_interval(
     if len(pairs) < 2:
         return None
     x = torch.tensor([[p[a][0], p[a][1], p[b][0], p[b][1]] for p in pairs], dtype=torch.float64)
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(len(pairs), (resamples, len(pairs)), generator=gen)
-    sums = x[idx].sum(1)  # (R, 4)
+    sums = bootstrap_sums(x, resamples, seed)  # (R, 4)
     diffs = sums[:, 0] / sums[:, 1] - sums[:, 2] / sums[:, 3]
     total = x.sum(0)
     low, high = torch.quantile(diffs, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()

@@ -26,6 +26,7 @@ import torch
 
 from covspec.data.toy_video import toy_video_prompts
 from covspec.inference.bench import run_bench
+from covspec.inference.bench_report import bootstrap_sums
 from covspec.inference.media import Media
 from covspec.inference.pages import write_pages
 from covspec.inference.tree import DraftSettings
@@ -124,11 +125,8 @@ def paired_gain_low(base: list[float], other: list[float], draws: int = 2000) ->
     sum(base) / sum(other) - 1 (seconds per clip, the same clips in the same order)."""
     if len(base) != len(other) or not base:
         raise ValueError(f"paired clip times differ in length: {len(base)} and {len(other)}")
-    a, b = torch.tensor(base, dtype=torch.float64), torch.tensor(other, dtype=torch.float64)
-    g = torch.Generator().manual_seed(0)  # the same report always gives the same table
-    idx = torch.randint(len(base), (draws, len(base)), generator=g)
-    gains = a[idx].sum(1) / b[idx].sum(1) - 1
-    return float(torch.quantile(gains, 0.05))
+    sums = bootstrap_sums(torch.tensor([base, other], dtype=torch.float64).T, draws)  # (R, 2)
+    return float(torch.quantile(sums[:, 0] / sums[:, 1] - 1, 0.05))
 
 
 def depth_table_from(

@@ -22,7 +22,8 @@ from covspec.inference.pages import write_pages
 def markdown_table(report: dict) -> str:
     lines = [
         f"Target `{report['target']}`, {report['num_samples']} samples, max {report['max_new_tokens']} new tokens, "
-        f"{report['torch_threads']} torch threads, {report.get('dtype', 'float32')}. {report['tau_definition']}."
+        f"{report['torch_threads']} torch threads, {report.get('dtype', 'float32')}, each method's "
+        f"fastest of {report.get('repeats', 1)} run(s) per sample. {report['tau_definition']}."
         + (
             " Outside float32, identical_fraction is a measured rate (multi-token verify rounds differently)."
             if report.get("dtype", "float32") != "float32"

@@ -40,6 +40,7 @@ FIELDS = (
     "speedup",
     "decode_speedup",
     "identical_fraction",
+    "repeats_disagreed",
 )
 
 
@@ -71,21 +72,27 @@ def run_sweep(
     policies: dict[str, object] | None = None,
     warmup: int = 1,
     depths: list[int] | None = None,
+    repeats: int = 1,
+    seed: int = 31_337,
 ) -> dict:
-    """One bench per frame count (tree mode only: the chain runs add time, not information).
-    `policies`: extra named methods (`auto`), each a callable runner factory for run_bench;
-    `depths`: every drafter at each of these tree depths (methods `NAME@dD`)."""
+    """One bench per frame count (tree mode only and no prompt lookup: they add time, not
+    information). `policies`: extra named methods (`auto`), each a callable runner factory for
+    run_bench; `depths`: every drafter at each of these tree depths (methods `NAME@dD`);
+    `repeats`: each method's fastest of that many runs per clip (run_bench); `seed`: the clip
+    stream (a sweep that picks the policy's threshold and depths and the sweep that reports
+    the policy should not share clips)."""
     if not frames or min(frames) < 2:
         raise ValueError(f"frames must be frame counts >= 2, got {frames}")
     tree = tree or DraftSettings(mode="tree", depth=6)
     points = []
     for num_frames in frames:
-        samples = toy_video_prompts(clips, num_frames)
+        samples = toy_video_prompts(clips, num_frames, seed)
         for s in samples:  # the runner's video input
             s["image"] = Media(video=s.pop("frames"))
         report = run_bench(
             target, drafters, samples, max_new_tokens, tree=tree, warmup=warmup,
-            modes=("tree",), policies=policies, tree_depths=depths or (),
+            modes=("tree",), policies=policies, tree_depths=depths or (), repeats=repeats,
+            prompt_lookup=False,
         )  # fmt: skip
         decode = _decode_speedups(report["methods"])
         methods = {}
@@ -98,6 +105,7 @@ def run_sweep(
             row["gate_choices"] = m["gate_choices"]  # an elastic compressor's picks
             # per clip, in clip order: lets `depth_table_from` test a gain against the noise
             row["clip_seconds"] = [r["seconds"][name] for r in report["samples"]]
+            row["clip_decode"] = [r["decode"][name] for r in report["samples"]]  # [tokens, rounds]
             methods[name.replace("/tree", "")] = row  # NAME, or NAME@dD for a depth variant
         points.append(
             {
@@ -116,6 +124,8 @@ def run_sweep(
         "max_new_tokens": max_new_tokens,
         "depth": tree.depth,
         "depths": depths,
+        "repeats": repeats,
+        "seed": seed,
         "points": points,
     }
 
@@ -198,6 +208,47 @@ def threshold_from(report: dict, keep: str, offload: str, tie: float = 0.03) -> 
     return int((rows[first - 1][0] + rows[first][0]) / 2)
 
 
+def auto_gaps(report: dict) -> list[tuple[int, str, float, float, float]]:
+    """Per length, `auto` against the better (end to end) of its keep and offload drafters:
+    (frames, that drafter, gap, low, high), gap = auto's speedup / theirs - 1 with a paired
+    95% bootstrap interval over the clips (the same clips, so the same tokens: the ratio of
+    summed clip times is the ratio of speedups). Empty without a policy."""
+    policy = report.get("policy")
+    if not policy:
+        return []
+    out = []
+    for p in report["points"]:
+        m = p["methods"]
+        best = max((policy["keep"], policy["offload"]), key=lambda n: m[n]["speedup"])
+        auto, other = m["auto"]["clip_seconds"], m[best]["clip_seconds"]
+        sums = bootstrap_sums(torch.tensor([other, auto], dtype=torch.float64).T)  # (R, 2)
+        q = torch.tensor([0.025, 0.975], dtype=torch.float64)
+        low, high = torch.quantile(sums[:, 0] / sums[:, 1] - 1, q).tolist()
+        gap = m["auto"]["speedup"] / m[best]["speedup"] - 1
+        out.append((p["frames"], best, gap, low, high))
+    return out
+
+
+def tau_change(report: dict, name: str) -> tuple[int, int, float, float, float] | None:
+    """Method `name`'s tau at the longest length against the shortest: (first frames, last
+    frames, change, low, high), change = tau_last / tau_first - 1 with a 95% bootstrap
+    interval (the two lengths' clips resampled independently: they are different clips).
+    None when the sweep did not keep per-clip rounds or ran `name` at fewer than 2 lengths."""
+    pts = [p for p in report["points"] if (p["methods"].get(name) or {}).get("clip_decode")]
+    if len(pts) < 2:
+        return None
+    first, last = min(pts, key=lambda p: p["frames"]), max(pts, key=lambda p: p["frames"])
+    taus = []
+    for seed, p in enumerate((first, last)):
+        x = torch.tensor(p["methods"][name]["clip_decode"], dtype=torch.float64)  # (N, 2)
+        sums = bootstrap_sums(x, seed=seed)  # (R, 2)
+        taus.append((x[:, 0].sum() / x[:, 1].sum(), sums[:, 0] / sums[:, 1]))
+    (t0, r0), (t1, r1) = taus
+    q = torch.tensor([0.025, 0.975], dtype=torch.float64)
+    low, high = torch.quantile(r1 / r0 - 1, q).tolist()
+    return first["frames"], last["frames"], float(t1 / t0 - 1), low, high
+
+
 def _x(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
@@ -244,6 +295,14 @@ def markdown_table(report: dict) -> str:
                 f"{100 * m['identical_fraction']:.0f}% |"
             )
     lines += _gate_lines(report, names)
+    changes = [(n, c) for n in names if (c := tau_change(report, n))]
+    if changes:
+        f0, f1 = changes[0][1][:2]
+        shown = "; ".join(
+            f"`{n}` {100 * c:+.1f}% ({100 * lo:+.1f}% to {100 * hi:+.1f}%)"
+            for n, (_, _, c, lo, hi) in changes
+        )
+        lines += ["", f"tau at {f1} frames against {f0} (95% bootstrap over the clips): {shown}."]
     policy = report.get("policy")
     if policy:
         t = policy["threshold_visual_tokens"]
@@ -263,6 +322,14 @@ def markdown_table(report: dict) -> str:
                 for b, d in policy["depths"]
             )
             lines.append(f"Its tree depth by visual tokens ({policy['depth_from']}): {ranges}.")
+        gaps = "; ".join(
+            f"{f} frames {100 * g:+.1f}% vs `{n}` ({100 * lo:+.1f}% to {100 * hi:+.1f}%)"
+            for f, n, g, lo, hi in auto_gaps(report)
+        )
+        lines.append(
+            "`auto` end to end against the better of keep and offload (paired 95% bootstrap "
+            f"interval over the clips): {gaps}."
+        )
     return "\n".join(lines)
 
 
@@ -297,7 +364,8 @@ def write_sweep(report: dict, out: str | Path) -> Path:
     page = (
         f"# Video length sweep\n\nTarget `{report['target']}`, {report['clips_per_length']} unseen "
         f"clips per length, up to {report['max_new_tokens']} new tokens, tree depth "
-        f"{report['depth']}.\n\n{markdown_table(report)}\n"
+        f"{report['depth']}, clip seed {report.get('seed', 31_337)}; each method's fastest of "
+        f"{report.get('repeats', 1)} run(s) per clip.\n\n{markdown_table(report)}\n"
     )
     out = write_pages(report, out, page)
     plot(report, out.with_suffix(".png"))

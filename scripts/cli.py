@@ -121,7 +121,7 @@ def _bench(args: argparse.Namespace) -> None:
     report = run_bench(
         target, drafters, samples, args.max_new_tokens, chain, tree,
         warmup=args.warmup, device=args.device, dtype=args.dtype,
-        gate_cost_weights=args.gate_cost_weights,
+        gate_cost_weights=args.gate_cost_weights, repeats=args.repeats,
     )  # fmt: skip
     print(markdown_table(report))  # first: a failed write (full disk) must not lose the run
     path = write_report(report, args.out)
@@ -491,6 +491,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="checkpoints/bench/toy.json")
     _add_draft_arguments(p)
     p.add_argument("--warmup", type=at_least(0), default=1)
+    p.add_argument(
+        "--repeats", type=at_least(1), default=1,
+        help="rounds of every method per sample (shuffled order); each method's fastest run is kept",
+    )  # fmt: skip
     p.add_argument("--device", default="cpu", help="torch device of target and drafters")
     p.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"],

@@ -69,7 +69,7 @@ def _video_sweep(args: argparse.Namespace) -> None:
         }
     report = run_sweep(
         target, drafters, args.frames, args.clips, args.max_new_tokens, _draft_settings(args),
-        policies=policies, depths=args.depths,
+        policies=policies, depths=args.depths, repeats=args.repeats, seed=args.seed,
     )  # fmt: skip
     if policies:
         report["policy"] = {
@@ -93,6 +93,14 @@ def add_video_sweep_parser(sub) -> None:
     p.add_argument("--frames", type=at_least(2), nargs="+", default=[8, 32, 128, 576])
     p.add_argument("--clips", type=at_least(1), default=6, help="unseen clips per length")
     p.add_argument("--max-new-tokens", type=at_least(1), default=64)
+    p.add_argument(
+        "--repeats", type=at_least(1), default=1,
+        help="rounds of every method per clip (shuffled order); each method's fastest run is kept",
+    )  # fmt: skip
+    p.add_argument(
+        "--seed", type=int, default=31_337,
+        help="clip stream: pick auto's threshold on one seed, report auto on another",
+    )  # fmt: skip
     p.add_argument("--visual-policy", choices=("none", "auto"), default="none")
     p.add_argument("--keep", help="drafter folder name that keeps a visual prefix (auto)")
     p.add_argument("--offload", help="visual-token-free drafter folder name (auto)")

@@ -302,3 +302,70 @@ def test_per_depth_counts_sum_across_answers_of_different_depths():
     assert _add_per_depth([], [4, 3]) == [4, 3]
     assert _add_per_depth([4, 3], [5, 2, 1]) == [9, 5, 1]
     assert _add_per_depth([9, 5, 1], [1]) == [10, 5, 1]
+
+
+def test_repeats_keep_each_methods_fastest_round_and_report_unstable_tokens(
+    micro_target_dir, drafter_dir
+):
+    import dataclasses
+    import time
+
+    calls = {"slow": 0, "flaky": 0}
+
+    class Slow:  # 0.3 s late in round 1 of sample 1 and round 2 of sample 2: neither is kept
+        def __init__(self, runners):
+            self.runner = runners["micro-drafter"]
+
+        def generate(self, image, prompt, max_new_tokens, settings):
+            calls["slow"] += 1
+            if calls["slow"] in (1, 4):
+                time.sleep(0.3)
+            return self.runner.generate(image, prompt, max_new_tokens, settings)
+
+    class Flaky(Slow):  # one token short every other round
+        def generate(self, image, prompt, max_new_tokens, settings):
+            calls["flaky"] += 1
+            out = self.runner.generate(image, prompt, max_new_tokens, settings)
+            return dataclasses.replace(out, tokens=out.tokens[: -(calls["flaky"] % 2) or None])
+
+    report = run_bench(
+        str(micro_target_dir), [str(drafter_dir)], toy_prompts(2), 4, warmup=0, repeats=2,
+        modes=("tree",), policies={"slow": Slow, "flaky": Flaky}, prompt_lookup=False,
+    )  # fmt: skip
+    assert calls == {"slow": 4, "flaky": 4}  # two samples, two rounds each
+    assert "hf_prompt_lookup" not in report["methods"] and report["repeats"] == 2
+    assert all(s["seconds"]["slow/tree"] < 0.3 for s in report["samples"])
+    methods = report["methods"]
+    assert methods["flaky/tree"]["repeats_disagreed"] == 2
+    assert methods["slow/tree"]["repeats_disagreed"] == 0
+    assert methods["micro-drafter/tree"]["identical_fraction"] == 1.0
+    with pytest.raises(ValueError, match="repeats must be >= 1, got 0"):
+        run_bench(str(micro_target_dir), [str(drafter_dir)], toy_prompts(1), 4, repeats=0)
+
+
+def test_rounds_shuffle_the_order_so_no_method_always_follows_the_same_one(
+    micro_target_dir, drafter_dir
+):
+    calls = []
+
+    def spy(name):
+        class Spy:
+            def __init__(self, runners):
+                self.runner = runners["micro-drafter"]
+
+            def generate(self, image, prompt, max_new_tokens, settings):
+                calls.append(name)
+                return self.runner.generate(image, prompt, max_new_tokens, settings)
+
+        return Spy
+
+    policies = {n: spy(n) for n in "abc"}
+    run_bench(
+        str(micro_target_dir), [str(drafter_dir)], toy_prompts(3), 2, warmup=0, repeats=2,
+        modes=("tree",), policies=policies, prompt_lookup=False,
+    )  # fmt: skip
+    rounds = [tuple(calls[i : i + 3]) for i in range(0, len(calls), 3)]
+    assert len(rounds) == 6 and all(sorted(r) == ["a", "b", "c"] for r in rounds)
+    # a rotating order only ever gives cyclic shifts of one order: each method behind the same one
+    shifts = {("a", "b", "c"), ("b", "c", "a"), ("c", "a", "b")}
+    assert set(rounds) - shifts

@@ -25,10 +25,12 @@ from covspec.data.toy_video import (
 from covspec.inference.media import Media
 from covspec.inference.runner import SpecRunner
 from covspec.inference.sweep import (
+    auto_gaps,
     depth_table_from,
     markdown_table,
     paired_gain_low,
     run_sweep,
+    tau_change,
     threshold_from,
     write_sweep,
 )
@@ -417,6 +419,73 @@ def test_threshold_is_where_offloading_starts_to_win_for_good():
     assert threshold_from({**deep, "depths": [4, 6], "depth": 6}, "k", "o") == 540
     with pytest.raises(ValueError, match="no method 'k@d8'"):
         threshold_from({**deep, "depths": [4, 6], "depth": 8}, "k", "o")
+
+
+def test_auto_gap_is_against_the_better_of_keep_and_offload_with_a_paired_interval():
+    def point(frames, k, o, auto):  # clip seconds; the same tokens, so speedup ~ 1 / time
+        m = {
+            n: {"clip_seconds": c, "speedup": 1 / sum(c)}
+            for n, c in zip("koa", (k, o, auto), strict=True)
+        }
+        return {"frames": frames, "methods": {"k": m["k"], "o": m["o"], "auto": m["a"]}}
+
+    steady = [1.0, 2.0, 3.0, 4.0]
+    report = {
+        "policy": {
+            "keep": "k",
+            "offload": "o",
+            "threshold_visual_tokens": 10,
+            "threshold_from": "a",
+        },
+        "points": [
+            point(8, steady, [2 * t for t in steady], steady),  # auto runs keep: no gap
+            point(64, steady, [0.5 * t for t in steady], [0.55 * t for t in steady]),
+            point(576, [1.0] * 4, [2.0] * 4, [0.5, 0.5, 4.0, 0.5]),  # one slow clip
+        ],
+    }
+    (f8, n8, g8, *i8), (f64, n64, g64, *i64), (_, _, g576, lo, hi) = auto_gaps(report)
+    assert (f8, n8, f64, n64) == (8, "k", 64, "o")  # the faster one at each length
+    assert g8 == pytest.approx(0.0) and i8 == pytest.approx([0.0, 0.0])
+    assert g64 == pytest.approx(1 / 1.1 - 1) and i64 == pytest.approx([1 / 1.1 - 1] * 2)
+    assert g576 == pytest.approx(4 / 5.5 - 1) and lo < g576 < hi  # resampled over the clips
+    page = markdown_table({**report, "points": []})
+    assert "against the better of keep and offload" in page
+    assert auto_gaps({"points": report["points"]}) == []  # no policy, no gap
+
+
+def test_tau_change_compares_the_longest_length_with_the_shortest():
+    def point(frames, decode):  # per clip [tokens decoded, target forwards]
+        return {"frames": frames, "methods": {"d": {"clip_decode": decode}, "auto": {}}}
+
+    steady = {"points": [point(64, [[30, 6]] * 4), point(8, [[30, 5]] * 4)]}
+    assert tau_change(steady, "d") == pytest.approx((8, 64, -1 / 6, -1 / 6, -1 / 6))
+    mixed = {"points": [point(8, [[30, 5], [20, 5]]), point(64, [[30, 6], [10, 5]])]}
+    first, last, change, low, high = tau_change(mixed, "d")
+    assert change == pytest.approx((40 / 11) / 5 - 1) and low < change < high
+    assert tau_change(mixed, "auto") is None  # no per-clip rounds kept: no claim
+
+
+def test_sweep_reports_its_clip_seed_and_repeats(monkeypatch):
+    import covspec.inference.sweep as sweep
+
+    seen = []
+
+    def fake_prompts(clips, frames, seed):
+        seen.append((clips, frames, seed))
+        from PIL import Image
+
+        return [{"id": "c", "frames": [Image.new("RGB", (8, 8))], "prompt": "p"}]
+
+    def fake_bench(target, drafters, samples, max_new_tokens, **kw):
+        seen.append((kw["repeats"], kw["prompt_lookup"]))
+        hf = {"kind": "baseline", "ms_per_sample": {"total": 1.0}}
+        return {"methods": {"hf_greedy": hf}, "samples": [{"token_ids": {"hf_greedy": [1]}}]}
+
+    monkeypatch.setattr(sweep, "toy_video_prompts", fake_prompts)
+    monkeypatch.setattr(sweep, "run_bench", fake_bench)
+    report = run_sweep("t", [], [4], clips=3, max_new_tokens=2, repeats=2, seed=7)
+    assert seen == [(3, 4, 7), (2, False)]  # and no prompt lookup: the sweep never reports it
+    assert (report["seed"], report["repeats"]) == (7, 2)
 
 
 def test_video_sweep_command_refuses_an_auto_policy_it_cannot_build(tmp_path, capsys):

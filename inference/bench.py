@@ -238,19 +238,18 @@ def _timed_rounds(
     only ever adds time; rounds spread a method's runs over time and the minimum is its
     steadiest estimate. `agreed`: every round gave the same tokens (greedy decoding is
     deterministic; a mismatch is reported, not hidden)."""
-    best: dict[str, tuple] = {}
+    runs: dict[str, list[tuple]] = {name: [] for name in methods}
     for r in range(repeats):
         order = list(methods)
         random.Random(turn * 1009 + r).shuffle(order)
         for name in order:
             start = now(device)
             tokens, result = methods[name][1](sample["image"], sample["prompt"], max_new_tokens)
-            seconds = now(device) - start
-            agreed = name not in best or (best[name][3] and tokens == best[name][0])
-            if name not in best or seconds < best[name][2]:
-                best[name] = (tokens, result, seconds, agreed)
-            best[name] = (*best[name][:3], agreed)
-    return best
+            runs[name].append((tokens, result, now(device) - start))
+    return {
+        name: (*min(got, key=lambda run: run[2]), all(run[0] == got[0][0] for run in got))
+        for name, got in runs.items()
+    }
 
 
 def _add_per_depth(total: list[int], new: list[int]) -> list[int]:

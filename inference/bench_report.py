@@ -133,6 +133,13 @@ def bootstrap_sums(x: torch.Tensor, resamples: int = 2000, seed: int = 0) -> tor
     return x[idx].sum(1)
 
 
+def interval95(draws: torch.Tensor) -> tuple[float, float]:
+    """The central 95% of bootstrap draws (R,): (low, high)."""
+    q = torch.tensor([0.025, 0.975], dtype=draws.dtype)
+    low, high = torch.quantile(draws, q).tolist()
+    return low, high
+
+
 def tau_difference_interval(
     samples: list[dict], a: str, b: str, resamples: int = 2000, seed: int = 0
 ) -> tuple[float, float, float] | None:
@@ -146,8 +153,7 @@ def tau_difference_interval(
     sums = bootstrap_sums(x, resamples, seed)  # (R, 4)
     diffs = sums[:, 0] / sums[:, 1] - sums[:, 2] / sums[:, 3]
     total = x.sum(0)
-    low, high = torch.quantile(diffs, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return float(total[0] / total[1] - total[2] / total[3]), low, high
+    return float(total[0] / total[1] - total[2] / total[3]), *interval95(diffs)
 
 
 def per_prompt_oracle_tau(samples: list[dict], methods: list[str]) -> float | None:

@@ -26,7 +26,7 @@ import torch
 
 from covspec.data.toy_video import toy_video_prompts
 from covspec.inference.bench import run_bench
-from covspec.inference.bench_report import bootstrap_sums
+from covspec.inference.bench_report import bootstrap_sums, interval95
 from covspec.inference.media import Media
 from covspec.inference.pages import write_pages
 from covspec.inference.tree import DraftSettings
@@ -130,13 +130,19 @@ def run_sweep(
     }
 
 
-def paired_gain_low(base: list[float], other: list[float], draws: int = 2000) -> float:
-    """Lower end of a one-sided 95% bootstrap interval, over the clips, of the relative gain
-    sum(base) / sum(other) - 1 (seconds per clip, the same clips in the same order)."""
+def _paired_gain_draws(base: list[float], other: list[float], draws: int = 2000) -> torch.Tensor:
+    """(draws,) bootstrap draws over the clips of sum(base) / sum(other) - 1 (seconds per
+    clip, the same clips in the same order: the relative speed gain of `other`)."""
     if len(base) != len(other) or not base:
         raise ValueError(f"paired clip times differ in length: {len(base)} and {len(other)}")
     sums = bootstrap_sums(torch.tensor([base, other], dtype=torch.float64).T, draws)  # (R, 2)
-    return float(torch.quantile(sums[:, 0] / sums[:, 1] - 1, 0.05))
+    return sums[:, 0] / sums[:, 1] - 1
+
+
+def paired_gain_low(base: list[float], other: list[float], draws: int = 2000) -> float:
+    """Lower end of a one-sided 95% bootstrap interval, over the clips, of the relative gain
+    sum(base) / sum(other) - 1 (seconds per clip, the same clips in the same order)."""
+    return float(torch.quantile(_paired_gain_draws(base, other, draws), 0.05))
 
 
 def depth_table_from(
@@ -220,10 +226,8 @@ def auto_gaps(report: dict) -> list[tuple[int, str, float, float, float]]:
     for p in report["points"]:
         m = p["methods"]
         best = max((policy["keep"], policy["offload"]), key=lambda n: m[n]["speedup"])
-        auto, other = m["auto"]["clip_seconds"], m[best]["clip_seconds"]
-        sums = bootstrap_sums(torch.tensor([other, auto], dtype=torch.float64).T)  # (R, 2)
-        q = torch.tensor([0.025, 0.975], dtype=torch.float64)
-        low, high = torch.quantile(sums[:, 0] / sums[:, 1] - 1, q).tolist()
+        draws = _paired_gain_draws(m[best]["clip_seconds"], m["auto"]["clip_seconds"])
+        low, high = interval95(draws)
         gap = m["auto"]["speedup"] / m[best]["speedup"] - 1
         out.append((p["frames"], best, gap, low, high))
     return out
@@ -244,9 +248,7 @@ def tau_change(report: dict, name: str) -> tuple[int, int, float, float, float] 
         sums = bootstrap_sums(x, seed=seed)  # (R, 2)
         taus.append((x[:, 0].sum() / x[:, 1].sum(), sums[:, 0] / sums[:, 1]))
     (t0, r0), (t1, r1) = taus
-    q = torch.tensor([0.025, 0.975], dtype=torch.float64)
-    low, high = torch.quantile(r1 / r0 - 1, q).tolist()
-    return first["frames"], last["frames"], float(t1 / t0 - 1), low, high
+    return first["frames"], last["frames"], float(t1 / t0 - 1), *interval95(r1 / r0 - 1)
 
 
 def _x(value: float | None) -> str:

@@ -61,6 +61,28 @@ class _Tally:
     gate_cost_weight: float | None = None  # the price the drafter's gate ran at
     repeats_disagreed: int = 0  # samples whose repeated runs gave different tokens
 
+    def add_result(self, result, kind: str) -> list[int]:
+        """Count one runner result (prompt kind `kind`); returns [decoded tokens, rounds]."""
+        decoded = max(0, len(result.tokens) - 1)  # the prefill's token is not decoded
+        self.decode_tokens += decoded
+        self.rounds += result.rounds
+        self.drafted += result.drafted
+        self.attempts = _add_per_depth(self.attempts, result.attempts_per_depth)
+        self.accepted = _add_per_depth(self.accepted, result.accepted_per_depth)
+        for phase, sec in result.seconds.items():
+            self.phases[phase] = self.phases.get(phase, 0.0) + sec
+        self.visual_tokens += result.visual_tokens
+        self.prefix_tokens += result.prefix_tokens
+        self.draft_steps += result.draft_steps
+        self.kv_bytes += result.drafter_kv_bytes
+        per_kind = self.kind_rounds.setdefault(kind, [0, 0])
+        per_kind[0] += decoded
+        per_kind[1] += result.rounds
+        if result.gate_choice is not None:
+            picks = self.gate_choices.setdefault(kind, {})
+            picks[result.gate_choice] = picks.get(result.gate_choice, 0) + 1
+        return [decoded, result.rounds]
+
 
 def _hf_method(encoder: SpecRunner, extra: dict):
     model = encoder.model
@@ -193,25 +215,7 @@ def run_bench(
             token_ids[name] = [int(t) for t in tokens]
             outputs[name] = processor.tokenizer.decode(tokens, skip_special_tokens=True)
             if result is not None:
-                decoded = max(0, len(result.tokens) - 1)  # the prefill's token is not decoded
-                tally.decode_tokens += decoded
-                tally.rounds += result.rounds
-                decode[name] = [decoded, result.rounds]
-                tally.drafted += result.drafted
-                tally.attempts = _add_per_depth(tally.attempts, result.attempts_per_depth)
-                tally.accepted = _add_per_depth(tally.accepted, result.accepted_per_depth)
-                for phase, sec in result.seconds.items():
-                    tally.phases[phase] = tally.phases.get(phase, 0.0) + sec
-                tally.visual_tokens += result.visual_tokens
-                tally.prefix_tokens += result.prefix_tokens
-                tally.draft_steps += result.draft_steps
-                tally.kv_bytes += result.drafter_kv_bytes
-                per_kind = tally.kind_rounds.setdefault(s.get("kind", "all"), [0, 0])
-                per_kind[0] += decoded
-                per_kind[1] += result.rounds
-                if result.gate_choice is not None:
-                    kind = tally.gate_choices.setdefault(s.get("kind", "all"), {})
-                    kind[result.gate_choice] = kind.get(result.gate_choice, 0) + 1
+                decode[name] = tally.add_result(result, s.get("kind", "all"))
         for name in names:  # token for token: decoded text hides special tokens and spacing
             methods[name][0].identical += token_ids[name] == token_ids["hf_greedy"]
         rows.append(

@@ -232,21 +232,27 @@ def run_bench(
     return report
 
 
+def method_order(names, seed: int) -> list[str]:
+    """`names` in a shuffled order seeded by `seed`: what timed methods run in, one sample or
+    round after another. A rotation would leave every method behind the same one each time (the
+    one after `generate` always running on the caches it left)."""
+    order = list(names)
+    random.Random(seed).shuffle(order)
+    return order
+
+
 def _timed_rounds(
     methods: dict, sample: dict, turn: int, max_new_tokens: int, repeats: int, device
 ) -> dict[str, tuple]:
     """name -> (tokens, result, seconds, agreed): every method once per round, `repeats`
-    rounds, each method's fastest run kept. The order is shuffled, seeded by `turn` and the
-    round: a rotation would leave every method behind the same one each time (the one after
-    `generate` always running on the caches it left). Noise here comes in bursts of seconds and
+    rounds, each method's fastest run kept, in an order seeded by `turn` and the round
+    (`method_order`). Noise here comes in bursts of seconds and
     only ever adds time; rounds spread a method's runs over time and the minimum is its
     steadiest estimate. `agreed`: every round gave the same tokens (greedy decoding is
     deterministic; a mismatch is reported, not hidden)."""
     runs: dict[str, list[tuple]] = {name: [] for name in methods}
     for r in range(repeats):
-        order = list(methods)
-        random.Random(turn * 1009 + r).shuffle(order)
-        for name in order:
+        for name in method_order(methods, turn * 1009 + r):
             start = now(device)
             tokens, result = methods[name][1](sample["image"], sample["prompt"], max_new_tokens)
             runs[name].append((tokens, result, now(device) - start))

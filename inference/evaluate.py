@@ -5,12 +5,12 @@
     >>> report = run_eval(runner, bench, "eval/mmbench.json", max_new_tokens=128)
     >>> report["overall"]["tree"]["tau"], report["per_category"], report["overall"]["accuracy"]
 
-Per sample, in one process and in rotating order after a warm-up (as inference/bench.py does):
-`hf_greedy`, the target's own greedy `generate` (the speed baseline and the reference tokens),
-then the runner in each draft mode. Every method is timed from raw prompt to tokens, processor
-included. A runner output counts as identical when its token ids equal `generate`'s. The
-benchmark's accuracy is the target's: the option letter parsed from its answer (lossless
-decoding emits the same tokens, so it is the runner's too).
+Per sample, in one process, after a warm-up and in a seeded shuffled order (inference/bench.py's
+`method_order`): `hf_greedy`, the target's own greedy `generate` (the speed baseline and the
+reference tokens), and the runner in each draft mode. Every method is timed from raw prompt to
+tokens, processor included. A runner output counts as identical when its token ids equal
+`generate`'s. The benchmark's accuracy is the target's: the option letter parsed from its
+answer (lossless decoding emits the same tokens, so it is the runner's too).
 
 Resumable: every finished sample appends one line to `<out>.samples.jsonl` (its first line holds
 the settings). A rerun with the same settings skips the ids already there, so an evaluation
@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from covspec.inference.bench import method_order
 from covspec.inference.eval_report import aggregate, parse_choice, write_report
 from covspec.inference.media import Media, as_media
 from covspec.inference.roles import now
@@ -130,7 +131,7 @@ def _run_sample(runner: SpecRunner, sample, methods: dict, media, k: int, warm: 
         for name in names:
             methods[name](media, sample.prompt)
     runs = {}
-    for name in names[k % len(names) :] + names[: k % len(names)]:  # rotate the order
+    for name in method_order(names, k):
         start = now(runner.device)
         tokens, result = methods[name](media, sample.prompt)
         runs[name] = (tokens, result, now(runner.device) - start)

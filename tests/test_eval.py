@@ -152,3 +152,40 @@ def test_parse_choice():
     assert parse_choice("It is a blue square.", choices) == "B"  # the option's text
     assert parse_choice("nothing", choices) is None
     assert parse_choice("B", {}) is None
+
+
+def test_methods_run_in_a_seeded_shuffled_order_per_sample():
+    """Not a rotation, which only ever gives cyclic shifts of one order (each method timed right
+    after the same one); the same sample index gives the same order."""
+    from types import SimpleNamespace
+
+    from covspec.inference.evaluate import _run_sample
+
+    calls = []
+
+    def method(name):
+        def run(media, prompt):
+            calls.append(name)
+            result = SimpleNamespace(
+                tokens=[5, 6], rounds=1, drafted=2, attempts_per_depth=[1], accepted_per_depth=[1]
+            )
+            return [5, 6], result
+
+        return run
+
+    methods = {name: method(name) for name in ("hf_greedy", "chain", "tree", "adaptive")}
+    tokenizer = SimpleNamespace(decode=lambda ids, skip_special_tokens: "A")
+    runner = SimpleNamespace(
+        device=torch.device("cpu"), processor=SimpleNamespace(tokenizer=tokenizer)
+    )
+    sample = SimpleNamespace(id="s", category="c", answer=None, prompt="p", choices=None)
+    orders = []
+    for k in (*range(8), 3):
+        calls.clear()
+        record = _run_sample(runner, sample, methods, None, k, warm=False)
+        assert sorted(calls) == sorted(methods) and record["methods"]["tree"]["identical"]
+        orders.append(tuple(calls))
+    assert orders[3] == orders[-1]
+    first = orders[0]
+    shifts = {first[i:] + first[:i] for i in range(len(first))}
+    assert set(orders) - shifts

@@ -33,7 +33,7 @@ from covspec.inference.tree import DraftSettings
 from covspec.inference.visual_policy import AutoVisualPolicy
 from covspec.modeling.adapters import adapter_for
 from covspec.modeling.drafter import Drafter, DrafterConfig
-from covspec.training.toy_target import REPORT_NAME, build_toy_target
+from covspec.training.toy_target import EVAL_SEED, REPORT_NAME, build_toy_target
 from covspec.training.toy_video_target import ToyVideoTargetSettings
 from tests.test_toy_target import MICRO
 
@@ -134,6 +134,10 @@ def test_video_target_folder_loads_with_auto_classes_and_reports_event_accuracy(
     assert json.loads((out / REPORT_NAME).read_text())["settings_digest"] == MICRO_VIDEO.digest()
     assert 0.0 <= report["event_accuracy"] <= 1.0
     assert {"frames=2", "frames=3", "where_to", "count"} <= set(report["event_accuracy_by"])
+    # one where-to question per object: each clip adds n questions a random object gets 1/n of
+    objects = [len(make_clip(EVAL_SEED, 0, f)["tracks"]) for f in MICRO_VIDEO.eval_frames]
+    assert report["where_to_guess_rate"] == pytest.approx(len(objects) / sum(objects))
+    assert {f"where_to/objects={n}" for n in objects} <= set(report["event_accuracy_by"])
     assert loaded[0].config.text_config.max_position_embeddings == 1024
     assert loaded[1].tokenizer.model_max_length == 1024  # no false "too long" warnings
     assert build_toy_target(out, MICRO_VIDEO)["train_seconds"] == report["train_seconds"]  # cached

@@ -132,15 +132,20 @@ def event_accuracy(
     seed: int = EVAL_SEED,
 ) -> dict:
     """Fraction of event questions answered exactly right on `num` unseen clips per frame count
-    (every question a clip supports), overall, per question kind and per frame count."""
+    (every question a clip supports), overall, per question kind, per frame count and, for
+    where-to questions, per number of objects in the clip. `where_to_guess_rate` is what naming
+    the end cell of a uniformly drawn object of the clip would score on the same where-to
+    questions: the level of a target that finds objects but cannot tell which one is asked."""
     right: dict[str, int] = defaultdict(int)
     total: dict[str, int] = defaultdict(int)
+    guess: list[float] = []
     example = ""
     for num_frames in frames:
         prompts, images, truths = [], [], []
         for i in range(num):
             clip = make_clip(seed, i, num_frames, image_size)
-            for kind, question, answer in event_questions([Track(**t) for t in clip["tracks"]]):
+            tracks = [Track(**t) for t in clip["tracks"]]
+            for kind, question, answer in event_questions(tracks):
                 messages = frames_as_images(
                     [{"role": "user", "content": f"<video>\n{question}"}], num_frames
                 )
@@ -150,18 +155,23 @@ def event_accuracy(
                     )
                 )
                 images.append(clip["frames"])
-                truths.append((kind, answer))
+                truths.append((kind, answer, len(tracks)))
         answers = greedy_answers(model, processor, prompts, images, max_new_tokens=16)
         example = example or answers[0]
-        for (kind, truth), answer in zip(truths, answers, strict=True):
+        for (kind, truth, objects), answer in zip(truths, answers, strict=True):
             ok = _norm(answer) == _norm(truth)
-            for key in ("all", kind, f"frames={num_frames}"):
+            keys = ["all", kind, f"frames={num_frames}"]
+            if kind == "where_to":
+                keys.append(f"where_to/objects={objects}")
+                guess.append(1 / objects)
+            for key in keys:
                 right[key] += ok
                 total[key] += 1
     per = {k: right[k] / total[k] for k in total}
     return {
         "event_accuracy": per.pop("all"),
         "event_accuracy_by": per,
+        "where_to_guess_rate": sum(guess) / len(guess),
         "num_questions": total["all"],
         "clips_per_frame_count": num,
         "eval_seed": seed,

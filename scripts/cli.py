@@ -27,81 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 from covspec.scripts.args import Parser, at_least, between, debug_requested, run_guarded
 from covspec.scripts.calibrate_head import add_calibrate_parser
+from covspec.scripts.toy_commands import add_toy_parsers
 from covspec.scripts.video_sweep import add_video_sweep_parser
-
-
-def _toy_data(args: argparse.Namespace) -> None:
-    from covspec.data.readers import write_toy_jsonl
-    from covspec.data.toy_video import write_toy_video
-
-    if args.video and args.paraphrase:
-        raise ValueError("--paraphrase is a world of images; the toy video world has none")
-    if args.video:
-        path = write_toy_video(
-            args.out, args.num, args.seed, args.frames, args.image_size, args.format, args.overwrite
-        )
-        print(f"wrote {args.num} clips of {args.frames} frames to {path}")
-        return
-    path = write_toy_jsonl(
-        args.out, num=args.num, seed=args.seed, image_size=args.image_size,
-        overwrite=args.overwrite, paraphrase=args.paraphrase,
-    )  # fmt: skip
-    print(f"wrote {args.num} conversations to {path}")
-
-
-VIDEO_TARGET_FLAGS = ("describe_prob", "max_questions", "min_frames", "max_frames", "frame_spread")
-
-
-def _toy_target(args: argparse.Namespace) -> None:
-    from dataclasses import replace
-
-    from covspec.training.toy_target import ToyTargetSettings, build_toy_target
-    from covspec.training.toy_video_target import ToyVideoTargetSettings
-
-    base = ToyVideoTargetSettings() if args.video else ToyTargetSettings()
-    overrides = {k: v for k, v in vars(args).items() if v is not None}
-    video_only = sorted(k for k in VIDEO_TARGET_FLAGS if k in overrides)
-    if video_only and not args.video:
-        flags = ", ".join("--" + k.replace("_", "-") for k in video_only)
-        raise ValueError(f"{flags} set the toy video target's conversations: add --video")
-    spec_keys = {f.name for f in fields(base.spec)}
-    spec = replace(base.spec, **{k: v for k, v in overrides.items() if k in spec_keys})
-    setting_keys = {f.name for f in fields(base)} - {"spec"}
-    settings = replace(base, spec=spec, **{k: v for k, v in overrides.items() if k in setting_keys})
-    default = "toy-para-target" if args.paraphrase else "toy-target"
-    out = args.out or ("checkpoints/toy-video-target" if args.video else f"checkpoints/{default}")
-    report = build_toy_target(out, settings, force=args.force, overwrite=args.overwrite)
-    keys = (
-        ("event_accuracy", "event_accuracy_by", "where_to_guess_rate")
-        if args.video
-        else ("object_accuracy", "recall", "precision")
-    )
-    summary = {k: report[k] for k in (*keys, "train_seconds") if k in report}  # older reports
-    print(f"toy target in {out}: {json.dumps(summary)}")
-
-
-def _toy_eval(args: argparse.Namespace) -> None:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from covspec.modeling.identity import resolve_source
-    from covspec.training.toy_target import EVAL_SEED, object_accuracy
-    from covspec.training.toy_video_target import event_accuracy
-
-    target = resolve_source(args.target, "target")
-    processor = AutoProcessor.from_pretrained(target)
-    model = AutoModelForImageTextToText.from_pretrained(target).eval()
-    seed = args.seed if args.seed is not None else EVAL_SEED
-    if args.video:
-        size = processor.image_processor.size["height"]
-        metrics = event_accuracy(model, processor, args.num, tuple(args.frames), size, seed)
-    else:
-        metrics = object_accuracy(model, processor, args.num, seed=seed)
-    print(json.dumps(metrics, indent=2))
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -413,65 +344,7 @@ def _add_export_checkpoint_parser(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="covspec", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("toy-data", help="write toy-world conversations as jsonl + images")
-    p.add_argument("--out", required=True)
-    p.add_argument("--num", type=at_least(1), default=100)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=at_least(36), default=72)
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty foreign --out")
-    p.add_argument("--video", action="store_true", help="toy video clips instead of images")
-    p.add_argument(
-        "--paraphrase", action="store_true",
-        help="the paraphrase world: answers in synonyms (crimson disc, upper left, 3 items)",
-    )  # fmt: skip
-    p.add_argument("--frames", type=at_least(2), default=8, help="frames per clip (--video)")
-    p.add_argument(
-        "--format", choices=("mp4", "frames"), default="mp4", help="clip files (--video)"
-    )
-    p.set_defaults(func=_toy_data)
-
-    p = sub.add_parser("toy-target", help="train the toy target VLM (cached unless --force)")
-    p.add_argument(
-        "--out",
-        help="default: checkpoints/toy-target (--video: toy-video-target, --paraphrase: toy-para-target)",
-    )
-    p.add_argument("--video", action="store_true", help="the toy video target (clips as frames)")
-    p.add_argument(
-        "--paraphrase", action="store_true", default=None,
-        help="train on the paraphrase world (answers in synonyms: crimson disc, upper left)",
-    )  # fmt: skip
-    p.add_argument("--force", action="store_true", help="retrain even if a matching one exists")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty foreign --out")
-    p.add_argument("--seed", type=int)
-    for name in (
-        "vision_steps",
-        "lm_steps",
-        "lm_batch",
-        "vision_batch",
-        "text_layers",
-        "text_hidden",
-        "text_heads",
-        "eval_samples",
-    ):
-        p.add_argument("--" + name.replace("_", "-"), type=at_least(1), dest=name)
-    for name in ("vision_lr", "lm_lr"):
-        p.add_argument("--" + name.replace("_", "-"), type=between(1e-6, 1.0), dest=name)
-    p.add_argument(
-        "--describe-prob", type=between(0, 1), dest="describe_prob",
-        help="--video: share of training clips whose conversation is their caption",
-    )  # fmt: skip
-    p.add_argument(
-        "--max-questions", type=at_least(1), dest="max_questions",
-        help="--video: event questions per question conversation (at most)",
-    )  # fmt: skip
-    p.add_argument("--min-frames", type=at_least(2), help="--video: shortest training clip")
-    p.add_argument("--max-frames", type=at_least(2), help="--video: longest training clip")
-    p.add_argument(
-        "--frame-spread", choices=("uniform", "log"), help="--video: training clip lengths"
-    )
-    p.set_defaults(func=_toy_target)
-
+    add_toy_parsers(sub)
     sub.add_parser(
         "train", help="train a drafter: covspec train --config RECIPE.yaml (LightningCLI)"
     )
@@ -502,20 +375,6 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     _add_price_argument(p)
     p.set_defaults(func=_bench)
-
-    p = sub.add_parser(
-        "toy-eval", help="object accuracy of a target's descriptions on unseen scenes"
-    )
-    p.add_argument("--target", default="checkpoints/toy-target")
-    p.add_argument(
-        "--num", type=at_least(1), default=200, help="scenes (--video: clips per length)"
-    )
-    p.add_argument("--seed", type=int, help="scene stream (default: the held-out evaluation seed)")
-    p.add_argument("--video", action="store_true", help="event accuracy of a toy video target")
-    p.add_argument(
-        "--frames", type=at_least(2), nargs="+", default=[4, 16], help="clip lengths (--video)"
-    )
-    p.set_defaults(func=_toy_eval)
 
     p = sub.add_parser("publish", help="push an exported drafter folder to the Hugging Face Hub")
     p.add_argument("dir", help="exported folder (config.json + model.safetensors + metrics.json)")

@@ -3,11 +3,8 @@ import torch
 from transformers import AutoConfig, AutoModel, DynamicCache
 
 from covspec.modeling.adapters import TargetMismatchError, adapter_for
-from covspec.modeling.drafter import (
-    Drafter,
-    DrafterConfig,
-    default_fused_layer_ids,
-)
+from covspec.modeling.drafter import Drafter, DrafterConfig
+from covspec.modeling.drafter_config import default_fused_layer_ids
 from covspec.modeling.ttt import ttt_unroll
 from covspec.modeling.vocab import build_draft_vocab
 from tests.tiny_vlms import llava

@@ -32,7 +32,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from transformers import AutoModelForImageTextToText
 
 from covspec.modeling.adapters import adapter_for
-from covspec.modeling.drafter import VARIANTS, Drafter, DrafterConfig
+from covspec.modeling.drafter import Drafter, DrafterConfig
+from covspec.modeling.drafter_config import VARIANTS
 from covspec.modeling.drafter_inputs import (
     VisualPrefix,
     drafter_rows,

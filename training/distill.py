@@ -45,6 +45,7 @@ from covspec.modeling.identity import resolve_source, target_identity
 from covspec.modeling.tokens import tokenizer_fingerprint
 from covspec.modeling.ttt import ttt_unroll
 from covspec.modeling.vocab import build_draft_vocab
+from covspec.training.gate_terms import critic_term, explore_pairs, gate_term
 from covspec.training.guards import check_finite_weights, check_resumable, trainer_metrics
 from covspec.training.metrics import DepthAgreement, implied_tau
 
@@ -65,48 +66,6 @@ def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     if x.dim() == 2:
         return x.gather(1, idx)
     return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
-
-
-def gate_term(prefix: VisualPrefix, per_sample: torch.Tensor) -> torch.Tensor:
-    """Zero in value; its gradient moves the gate toward the choices whose samples distilled
-    with less loss than the batch's mean (straight-through on the hard Gumbel choice).
-    per_sample: (B, 2) weighted CE sum and weight sum of each sample's answer positions."""
-    has = per_sample[:, 1] > 0
-    if has.sum() < 2:
-        return prefix.weight.sum() * 0.0
-    loss = per_sample[has, 0] / per_sample[has, 1]  # (B',) detached
-    advantage = loss - loss.mean()
-    return ((prefix.weight[has] - prefix.weight[has].detach()) * advantage).mean()
-
-
-def explore_pairs(t: dict, options: int) -> tuple[dict, torch.Tensor | None]:
-    """Each sample twice, under two distinct options drawn uniformly (a critic's exploration):
-    the pair's loss difference is the option's effect with the sample's difficulty removed."""
-    if options < 2:
-        return t, None
-    b = t["ids"].shape[0]
-    force = torch.stack([torch.randperm(options)[:2] for _ in range(b)]).flatten()  # (2B,)
-
-    def twice(x):
-        if isinstance(x, torch.Tensor):
-            return x.repeat_interleave(2, 0)
-        if isinstance(x, dict):
-            return {k: twice(v) for k, v in x.items()}
-        return x
-
-    return twice(t), force.to(t["ids"].device)
-
-
-def critic_term(prefix: VisualPrefix, per_sample: torch.Tensor, force: torch.Tensor | None):
-    """Squared error of the critic's predicted loss difference between a sample's two options
-    (`explore_pairs`) against the measured one. Zero without pairs (validation)."""
-    if force is None:
-        return prefix.scores.sum() * 0.0
-    has = (per_sample[:, 1] > 0).view(-1, 2).all(1)  # (B,)
-    loss = (per_sample[:, 0] / per_sample[:, 1].clamp_min(1e-9)).view(-1, 2)  # (B, 2) detached
-    pred = prefix.scores.gather(1, force[:, None]).view(-1, 2)  # (B, 2)
-    err = (pred[:, 0] - pred[:, 1]) - (loss[:, 0] - loss[:, 1])
-    return (err[has] ** 2).mean() if has.any() else prefix.scores.sum() * 0.0
 
 
 class DrafterDistillation(L.LightningModule):

@@ -24,7 +24,7 @@ from PIL import Image as PILImage
 from tqdm.auto import tqdm
 
 from covspec.data.chat import ConversationError, validate_messages
-from covspec.data.toy_world import DEFAULT_IMAGE_SIZE, make_sample, prompt_kind
+from covspec.data.toy_world import DEFAULT_IMAGE_SIZE, PROMPT_SEED, make_sample, prompt_kind
 from covspec.modeling.outputs import check_replaceable, write_folder
 
 MESSAGE = {"role": Value("string"), "content": Value("string")}
@@ -230,7 +230,7 @@ def read_prompts_jsonl(path: str | Path, image_root: str | Path | None = None) -
     return samples
 
 
-def toy_prompts(num: int, seed: int = 31_337, mixed: bool = False) -> list[dict]:
+def toy_prompts(num: int, seed: int = PROMPT_SEED, mixed: bool = False) -> list[dict]:
     """`num` unseen toy scenes with "Describe the image." (the long-answer case), or with
     `mixed`, each scene's own first question (every description prompt and short question, as
     in training). Each carries its `objects` and `reference` answer, so task accuracy can be

@@ -31,6 +31,7 @@ from covspec.data.toy_world import (
     DEFAULT_IMAGE_SIZE,
     NUMBER_WORDS,
     POSITIONS,
+    PROMPT_SEED,
     SHAPES,
     ToyObject,
     chat_messages,
@@ -258,7 +259,7 @@ class ToyVideoClips(torch.utils.data.Dataset):
 
 
 def toy_video_prompts(
-    num: int, num_frames: int, seed: int = 31_337, image_size: int = DEFAULT_IMAGE_SIZE
+    num: int, num_frames: int, seed: int = PROMPT_SEED, image_size: int = DEFAULT_IMAGE_SIZE
 ) -> list[dict]:
     """`num` unseen clips of `num_frames` frames with "Describe the video." (the long answer),
     each with its `frames` and ground-truth `tracks`, for the bench's video length sweep."""

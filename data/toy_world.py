@@ -62,6 +62,7 @@ POSITIONS = (
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 MAX_OBJECTS = 4
 DEFAULT_IMAGE_SIZE = 72
+PROMPT_SEED = 31_337  # the stream bench and sweep prompts come from, unseen by training
 
 DESCRIBE_PROMPTS = (
     "Describe the image.",

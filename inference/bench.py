@@ -246,9 +246,8 @@ def _timed_rounds(
 ) -> dict[str, tuple]:
     """name -> (tokens, result, seconds, agreed): every method once per round, `repeats`
     rounds, each method's fastest run kept, in an order seeded by `turn` and the round
-    (`method_order`). Noise here comes in bursts of seconds and
-    only ever adds time; rounds spread a method's runs over time and the minimum is its
-    steadiest estimate. `agreed`: every round gave the same tokens (greedy decoding is
+    (`method_order`). Noise here comes in bursts of seconds and only ever adds time; rounds
+    spread a method's runs over time and the minimum is its steadiest estimate. `agreed`: every round gave the same tokens (greedy decoding is
     deterministic; a mismatch is reported, not hidden)."""
     runs: dict[str, list[tuple]] = {name: [] for name in methods}
     for r in range(repeats):

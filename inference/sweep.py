@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from covspec.data.toy_video import toy_video_prompts
+from covspec.data.toy_world import PROMPT_SEED
 from covspec.inference.bench import run_bench
 from covspec.inference.bench_report import bootstrap_sums, interval95
 from covspec.inference.media import Media
@@ -73,17 +74,18 @@ def run_sweep(
     warmup: int = 1,
     depths: list[int] | None = None,
     repeats: int = 1,
-    seed: int = 31_337,
+    seed: int | None = None,
 ) -> dict:
     """One bench per frame count (tree mode only and no prompt lookup: they add time, not
     information). `policies`: extra named methods (`auto`), each a callable runner factory for
     run_bench; `depths`: every drafter at each of these tree depths (methods `NAME@dD`);
     `repeats`: each method's fastest of that many runs per clip (run_bench); `seed`: the clip
-    stream (a sweep that picks the policy's threshold and depths and the sweep that reports
-    the policy should not share clips)."""
+    stream, default the bench's PROMPT_SEED (a sweep that picks the policy's threshold and
+    depths and the sweep that reports the policy should not share clips)."""
     if not frames or min(frames) < 2:
         raise ValueError(f"frames must be frame counts >= 2, got {frames}")
     tree = tree or DraftSettings(mode="tree", depth=6)
+    seed = PROMPT_SEED if seed is None else seed
     points = []
     for num_frames in frames:
         samples = toy_video_prompts(clips, num_frames, seed)
@@ -366,7 +368,7 @@ def write_sweep(report: dict, out: str | Path) -> Path:
     page = (
         f"# Video length sweep\n\nTarget `{report['target']}`, {report['clips_per_length']} unseen "
         f"clips per length, up to {report['max_new_tokens']} new tokens, tree depth "
-        f"{report['depth']}, clip seed {report.get('seed', 31_337)}; each method's fastest of "
+        f"{report['depth']}, clip seed {report.get('seed', PROMPT_SEED)}; each method's fastest of "
         f"{report.get('repeats', 1)} run(s) per clip.\n\n{markdown_table(report)}\n"
     )
     out = write_pages(report, out, page)

@@ -98,8 +98,9 @@ def add_video_sweep_parser(sub) -> None:
         help="rounds of every method per clip (shuffled order); each method's fastest run is kept",
     )  # fmt: skip
     p.add_argument(
-        "--seed", type=int, default=31_337,
-        help="clip stream: pick auto's threshold on one seed, report auto on another",
+        "--seed", type=int,
+        help="clip stream (default: the bench's prompt stream): pick auto's threshold on one "
+        "seed, report auto on another",
     )  # fmt: skip
     p.add_argument("--visual-policy", choices=("none", "auto"), default="none")
     p.add_argument("--keep", help="drafter folder name that keeps a visual prefix (auto)")

@@ -159,6 +159,7 @@ def test_sweep_reports_its_clip_seed_and_repeats(monkeypatch):
     report = run_sweep("t", [], [4], clips=3, max_new_tokens=2, repeats=2, seed=7)
     assert seen == [(3, 4, 7), (2, False)]  # and no prompt lookup: the sweep never reports it
     assert (report["seed"], report["repeats"]) == (7, 2)
+    assert run_sweep("t", [], [4], clips=1, max_new_tokens=2)["seed"] == 31_337  # the bench's
 
 
 def test_video_sweep_command_refuses_an_auto_policy_it_cannot_build(tmp_path, capsys):
@@ -201,7 +202,8 @@ def test_video_sweep_command_reads_auto_depths_for_the_drafter_auto_runs(tmp_pat
     (tmp_path / "depths.json").write_text(json.dumps({"points": points}))
     seen = {}
 
-    def fake_run_sweep(*args, policies=None, **kwargs):
+    def fake_run_sweep(*args, policies=None, seed=None, **kwargs):
+        seen["seed"] = seed
         model = object()
         seen["auto"] = policies["auto"](
             {"k": SimpleNamespace(model=model), "o": SimpleNamespace(model=model)}
@@ -213,7 +215,7 @@ def test_video_sweep_command_reads_auto_depths_for_the_drafter_auto_runs(tmp_pat
     args = ["video-sweep", "--target", str(target), "--drafter", str(keep), "--drafter"]
     args += [str(offload), "--visual-policy", "auto", "--keep", "k", "--offload", "o"]
     args += ["--threshold", "500", "--depth-from", str(tmp_path / "depths.json")]
-    assert main(args) == 0
+    assert main([*args, "--seed", "5"]) == 0 and seen["seed"] == 5
     assert seen["auto"].depths == [(2628, 8), (None, 4)]
 
 

@@ -55,6 +55,10 @@ class RadioConfig:
             raise ValueError(
                 f"bandwidth, coherence time > 0 and efficiency in (0, 1] needed: {self}"
             )
+        if self.shadowing_corr_s <= 0 or self.shadowing_sigma_db < 0:
+            raise ValueError(f"shadowing_corr_s > 0 and shadowing_sigma_db >= 0 needed: {self}")
+        if self.max_spectral_efficiency <= 0:
+            raise ValueError(f"max_spectral_efficiency must be > 0: {self}")
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,13 @@ class LinkConfig:
     rtt_jitter_ms: float = 0.0  # mean extra queueing delay per round trip
     overhead_bytes: int = 48  # per message: IPv6 (40) + UDP (8) headers
     description: str = ""
+
+    def __post_init__(self) -> None:
+        if not (self.rtt_ms >= 0 and self.rtt_jitter_ms >= 0 and self.overhead_bytes >= 0):
+            raise ValueError(
+                f"channel {self.name!r}: rtt_ms, rtt_jitter_ms and overhead_bytes must be >= 0, "
+                f"got {self.rtt_ms}, {self.rtt_jitter_ms}, {self.overhead_bytes}"
+            )
 
     def with_rtt(self, rtt_ms: float) -> LinkConfig:
         return replace(self, name=f"{self.name}@rtt{rtt_ms:g}ms", rtt_ms=rtt_ms)
@@ -219,6 +230,10 @@ class TraceChannel:
                     )
                 except (TypeError, ValueError) as e:
                     raise ValueError(f"{path}:{n}: not a number ({e})") from e
+                row = rows[-1]
+                rates = [r for r in (row.uplink_bps, row.downlink_bps) if r is not None]
+                if row.rtt_ms < 0 or any(r <= 0 for r in rates):
+                    raise ValueError(f"{path}:{n}: rtt_ms must be >= 0 and rates > 0, got {rec}")
         if not rows:
             raise ValueError(f"{path}: trace has no rows")
         if any(b.time_s < a.time_s for a, b in zip(rows, rows[1:], strict=False)):
@@ -239,6 +254,18 @@ class TraceChannel:
             radio.efficiency * math.log2(1 + 10 ** (r.snr_db / 10)), radio.max_spectral_efficiency
         )
         return max(spectral * radio.bandwidth_hz, 1.0)
+
+    def transfer_seconds(self, direction: Direction, nbytes: int, start: float) -> float:
+        """Seconds to push `nbytes` starting at `start`, each trace row's rate over its span."""
+        times = [r.time_s for r in self.rows]
+        bits, t = 8.0 * nbytes, start
+        nxt = int(np.searchsorted(times, t, side="right"))  # the row after the current one
+        while True:
+            rate = self.rate_bps(direction, t)
+            if nxt >= len(times) or rate * (times[nxt] - t) >= bits:
+                return t + bits / rate - start
+            bits -= rate * (times[nxt] - t)
+            t, nxt = times[nxt], nxt + 1
 
 
 @dataclass
@@ -280,7 +307,7 @@ class Link:
     def _transfer(self, direction: Direction, nbytes: int, start: float) -> float:
         if self._radios is not None:
             return self._radios[direction].transfer_seconds(nbytes, start)
-        return 8.0 * nbytes / self.channel.rate_bps(direction, start)
+        return self.channel.transfer_seconds(direction, nbytes, start)
 
     def send(self, direction: Direction, nbytes: int, ready_s: float) -> float:
         """Arrival time of a message of `nbytes` payload handed to the link at `ready_s`."""

@@ -246,6 +246,10 @@ class HiddenRequest:
 
     node: int
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.node < 256:  # one byte on the wire; trees verify far fewer nodes
+            raise ValueError(f"node index {self.node} does not fit the request's 1-byte field")
+
     def nbytes(self, vocab_size: int) -> int:
         return HEADER_BYTES + 1
 
@@ -279,4 +283,7 @@ class TokenStream:
         return _header(_ints(torch.tensor([self.token]), id_bytes(vocab_size)))
 
 
-Message = PromptUpload | FeatureDownlink | DraftUpload | VerifyResult | MismatchNack | TokenStream
+Message = (
+    PromptUpload | FeatureDownlink | DraftUpload | VerifyResult | Correction | ProgressiveUpload
+    | MismatchNack | HiddenRequest | HiddenUpload | TokenStream
+)  # fmt: skip

@@ -27,6 +27,7 @@ from covspec.data.toy_world import answer_correct
 from covspec.inference.acceptance import HeadRule, TypicalRule
 from covspec.inference.compute import resolve_compute
 from covspec.inference.link import PRESET_SOURCES, PRESETS, Link, resolve_channel
+from covspec.inference.pages import TAU_DEFINITION
 from covspec.inference.policies import LinkAwareDepth
 from covspec.inference.protocols import run_protocol
 from covspec.inference.roles import Request
@@ -35,9 +36,6 @@ from covspec.inference.timeline import Timeline
 from covspec.inference.tree import DraftSettings
 from covspec.modeling.acceptance_head import AcceptanceHead, drafter_fingerprint
 
-TAU_DEFINITION = (
-    "tau = tokens emitted per target forward in the decode loop, the bonus token included"
-)
 # protocol rows: (row name, protocol, adaptive depth?)
 METHODS = {
     "edge_only": ("edge_only", False),
@@ -211,6 +209,12 @@ class SimulationPlan:
             resolve_channel(spec)
         if any(r <= 0 for r in self.rtt_sweep_ms):
             raise ValueError(f"RTTs must be > 0 ms, got {self.rtt_sweep_ms}")
+        adaptive = any(METHODS.get(m, (None, False))[1] for m in self.methods)
+        if adaptive and not 1 <= self.settings.depth <= self.max_depth:  # LinkAwareDepth's range
+            raise ValueError(
+                f"need 1 <= depth <= max_depth, got depth {self.settings.depth}, "
+                f"max_depth {self.max_depth}"
+            )
 
 
 def _runs(plan: SimulationPlan, drafters: list[str]):

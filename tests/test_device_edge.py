@@ -1,6 +1,8 @@
 """The device-edge runtime: lossless protocols, honest byte accounting, the link and compute models."""
 
 import random
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -211,6 +213,29 @@ def test_trace_channel(tmp_path):
         TraceChannel.from_csv(bad, PRESETS["medium"])
     with pytest.raises(ValueError, match="unknown channel"):
         resolve_channel("lunar")
+    # a message that outlasts its row: 1 s at 8 Mbit/s, the rest at the next row's rate
+    rest = 8 * (2_000_000 + 48) - 8e6 * 1.0  # bits (48 B of headers) left at t = 1.5
+    slow = radio.efficiency * radio.bandwidth_hz * 1.0  # snr 0 dB: log2(2) = 1 bit/s/Hz
+    want = 1.5 + rest / slow + 0.030 / 2  # + half the RTT of the row the message started in
+    assert Link(trace).send("up", 2_000_000, 0.5) == pytest.approx(want, rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "spec, rows, says",
+    [
+        ("good@rtt-50", None, "must be >= 0"),
+        (None, "0,10,-30,8,16", "rtt_ms must be >= 0"),
+        (None, "0,10,30,0,16", "rates > 0"),
+    ],
+)
+def test_impossible_links_are_refused(spec, rows, says, tmp_path):
+    if rows:
+        spec = str(tmp_path / "t.csv")
+        Path(spec).write_text(f"time_s,snr_db,rtt_ms,uplink_mbps,downlink_mbps\n{rows}\n")
+    with pytest.raises(ValueError, match=says):
+        resolve_channel(spec)
+    with pytest.raises(ValueError, match="shadowing_corr_s"):
+        replace(PRESETS["good"].uplink, shadowing_corr_s=0.0)
 
 
 def test_roofline_prices_memory_and_compute_bound_calls():

@@ -9,6 +9,8 @@ from covspec.inference.messages import (
     DraftUpload,
     FeatureDownlink,
     FeaturePayload,
+    HiddenRequest,
+    HiddenUpload,
     MismatchNack,
     ProgressiveUpload,
     PromptUpload,
@@ -45,6 +47,8 @@ MESSAGES = {
     "progressive": ProgressiveUpload(torch.tensor([5, 9, 11]), [(1, 300), (2, 12)]),
     "nack": MismatchNack(depth=2, token=300),
     "token": TokenStream(token=70_000),
+    "hidden-request": HiddenRequest(node=255),
+    "hidden-upload": HiddenUpload(torch.randn(2, 48).to(torch.float16)),
 }
 
 
@@ -55,6 +59,15 @@ def test_size_formula_equals_serialised_bytes(name, vocab):
     if name == "token" and vocab <= 65_536:
         message = TokenStream(token=vocab - 1)
     assert len(message.serialise(vocab)) == message.nbytes(vocab)
+
+
+def test_every_message_class_is_sized_above():
+    import covspec.inference.messages as m
+
+    sized = {type(x) for x in MESSAGES.values()}
+    assert set(m.Message.__args__) <= sized  # a new message type needs its size test
+    with pytest.raises(ValueError, match="node index 256"):
+        HiddenRequest(node=256)
 
 
 def test_sizes_follow_their_parts():

@@ -9,6 +9,7 @@ from transformers import AutoModelForImageTextToText
 from covspec.data.readers import toy_prompts
 from covspec.inference.simulate import SimulationPlan, simulate
 from covspec.inference.simulate_report import write_report
+from covspec.inference.tree import DraftSettings
 from covspec.modeling.adapters import adapter_for
 from covspec.modeling.drafter import Drafter, DrafterConfig
 from covspec.scripts.cli import main
@@ -67,6 +68,9 @@ def test_bad_requests_are_refused(micro_target_dir, drafter_dir, capsys):
         SimulationPlan([str(drafter_dir)], ["sync"], ["lunar"], ["measured"], [])
     with pytest.raises(ValueError, match="unknown compute"):
         SimulationPlan([str(drafter_dir)], ["sync"], ["good"], ["abacus"], [])
+    with pytest.raises(ValueError, match="max_depth 4"):  # before any model loads
+        SimulationPlan([str(drafter_dir)], ["sync_adaptive"], ["good"], ["measured"], [],
+                       settings=DraftSettings(depth=8), max_depth=4)  # fmt: skip
     plan = SimulationPlan([str(drafter_dir)], ["sync"], ["good"], ["measured"], [])
     with pytest.raises(ValueError, match="max_new_tokens"):
         simulate(str(micro_target_dir), plan, toy_prompts(1), 0)

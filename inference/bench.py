@@ -29,13 +29,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from covspec.inference.pages import TAU_DEFINITION
 from covspec.inference.roles import now
 from covspec.inference.runner import SpecRunner, priced_drafters, suppressed_tokens
 from covspec.inference.tree import DraftSettings
 from covspec.modeling.adapters import adapter_for
 from covspec.modeling.drafter import DrafterConfig
-
-TAU_DEFINITION = "tau = tokens emitted per target forward in the decode loop, the bonus token included (ceiling: depth + 1)"
 
 
 @dataclass
@@ -283,7 +282,8 @@ def _report(target, samples, max_new_tokens, methods, rows) -> dict:
             "tau": (t.decode_tokens / t.rounds if t.rounds else None) if spec else None,
             "mean_drafted": (t.drafted / t.rounds if t.rounds else None) if spec else None,
             "acceptance_per_depth": [
-                a / n if n else 0.0 for a, n in zip(t.accepted, t.attempts, strict=True)
+                a / n if n else None  # a depth never drafted has no rate (not 0%)
+                for a, n in zip(t.accepted, t.attempts, strict=True)
             ]
             if spec
             else None,

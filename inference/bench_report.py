@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from covspec.inference.bench import PHASES
-from covspec.inference.pages import write_pages
+from covspec.inference.pages import save_figure_atomic, write_pages
 
 
 def markdown_table(report: dict) -> str:
@@ -211,7 +211,7 @@ def plot(report: dict, path: Path) -> None:
         if m["acceptance_per_depth"]:
             ax1.plot(
                 range(1, len(m["acceptance_per_depth"]) + 1),
-                m["acceptance_per_depth"],
+                [float("nan") if a is None else a for a in m["acceptance_per_depth"]],
                 marker="o",
                 label=name,
             )
@@ -224,8 +224,7 @@ def plot(report: dict, path: Path) -> None:
     ax2.axvline(1.0, color="k", lw=0.8)
     ax2.set(xlabel="wall-clock speedup vs hf_greedy", title="speedup")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure_atomic(fig, path, dpi=110)
 
 
 def pareto_plot(report: dict, path: Path, mode: str = "tree") -> bool:
@@ -262,8 +261,7 @@ def pareto_plot(report: dict, path: Path, mode: str = "tree") -> bool:
             title=f"{label} ({mode})",
         )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure_atomic(fig, path, dpi=110)
     return True
 
 

@@ -15,12 +15,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from covspec.inference.pages import write_pages
-
-TAU_DEFINITION = (
-    "tau = tokens emitted per target forward in the decode loop, the bonus token included "
-    "(ceiling: depth + 1); the first token, from the prefill, is not counted"
-)
+from covspec.inference.pages import TAU_DEFINITION, save_figure_atomic, write_pages
 
 
 def parse_choice(text: str, choices: dict[str, str]) -> str | None:
@@ -190,10 +185,7 @@ def plot(report: dict, path: Path) -> None:
     )
     ax2.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.rename(path)
+    save_figure_atomic(fig, path, dpi=110)
 
 
 def write_report(report: dict, out: str | Path) -> Path:

@@ -11,10 +11,27 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+# how every result page (bench, simulate, eval) defines the tau it reports
+TAU_DEFINITION = (
+    "tau = tokens emitted per target forward in the decode loop, the bonus token included "
+    "(ceiling: depth + 1); the first token, from the prefill, is not counted"
+)
+
 
 def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
+    tmp.rename(path)
+
+
+def save_figure_atomic(fig, path: str | Path, dpi: int) -> None:
+    """Save a matplotlib figure under a temporary name, then rename it into place; closes it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # keeps the suffix: it sets the format
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
     tmp.rename(path)
 
 

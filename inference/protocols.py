@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from covspec.inference.acceptance import nominal_state
+from covspec.inference.acceptance import UPLOAD_MODES, nominal_state
 from covspec.inference.compute import MEASURED, Op
 from covspec.inference.drafting import DrafterSide
 from covspec.inference.messages import (
@@ -82,8 +82,8 @@ class _Run:
     def _bind_acceptance_rule(self, rule, upload: str) -> None:
         """Give an acceptance rule the link's CSI and the drafter's states, the latter from the
         full upload or fetched at a mismatch (selective), as `upload` says."""
-        if upload not in ("full", "selective"):
-            raise ValueError(f"upload must be 'full' or 'selective', got {upload!r}")
+        if upload not in UPLOAD_MODES:
+            raise ValueError(f"upload must be one of {UPLOAD_MODES}, got {upload!r}")
         req, t = self.req, self.t
         req.upload_confidence = getattr(rule, "needs_draft_confidence", True)
         if self.runner.drafter is not None:  # relative depth is over the drafter's trained depth

@@ -89,10 +89,6 @@ class Request:
     def sampling(self) -> bool:
         return self.temperature > 0
 
-    @property
-    def done(self) -> bool:
-        return len(self.tokens) >= self.max_new_tokens
-
     def timed(self, phase: str, start: float) -> float:
         """Add the wall time since `start` to `phase`; returns it."""
         elapsed = now(self.device) - start
@@ -320,7 +316,7 @@ class DeviceRole:
         sampling = req.sampling
         tree = DraftTree(root_token=req.tokens[-1], track_entropy=req.upload_confidence)
         grow(tree, req.source, settings, req.temperature, req.generator if sampling else None)
-        order = tree.select(None if sampling else settings.max_nodes, keep_sibling_prefix=sampling)
+        order = tree.select(None if sampling else settings.max_nodes)  # DraftSettings: why
         req.tree, req.order = tree, order
         up = upload_for(tree, order, settings.mode == "chain", sampling)
         if req.upload_confidence:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from covspec.inference.pages import write_pages
+from covspec.inference.pages import save_figure_atomic, write_pages
 
 COLUMNS = (
     ("latency/token ms", "latency_per_token_ms", "{:.1f}"),
@@ -154,8 +154,7 @@ def plot(report: dict, path: Path) -> None:
     for ax in flat[len(panels) + 1 :]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure_atomic(fig, path, dpi=100)
     if report.get("timeline_example"):
         _timeline_plot(report["timeline_example"], path.with_name(path.stem + "-timeline.png"))
 
@@ -213,8 +212,7 @@ def _timeline_plot(examples: dict, path: Path) -> None:
                xlabel="simulated ms", title=f"one answer, simulated: {key.replace('|', ', ')}")  # fmt: skip
         ax.legend(fontsize=7, loc="upper left", ncol=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure_atomic(fig, path, dpi=100)
 
 
 def write_report(report: dict, out: str | Path) -> Path:

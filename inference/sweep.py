@@ -29,7 +29,7 @@ from covspec.data.toy_world import PROMPT_SEED
 from covspec.inference.bench import run_bench
 from covspec.inference.bench_report import bootstrap_sums, interval95
 from covspec.inference.media import Media
-from covspec.inference.pages import write_pages
+from covspec.inference.pages import save_figure_atomic, write_pages
 from covspec.inference.tree import DraftSettings
 
 FIELDS = (
@@ -359,8 +359,7 @@ def plot(report: dict, path: Path) -> None:
         ax.set_title(key.replace("_", " "))
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure_atomic(fig, path, dpi=120)
 
 
 def write_sweep(report: dict, out: str | Path) -> Path:

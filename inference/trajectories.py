@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from covspec.data.toy_world import answer_correct
 from covspec.inference.acceptance import RecordingRule, csi_vector
 from covspec.inference.link import PRESETS, Link
+from covspec.inference.pages import write_text_atomic
 from covspec.inference.protocols import run_protocol
 from covspec.inference.roles import Request
 from covspec.inference.tree import DraftSettings
@@ -187,5 +188,5 @@ def summarise(out: Path) -> dict:
         "safe_fraction": safe / max(len(one), 1),
         "samples_with_mismatches": len(set(one["sample_id"])),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     return summary

@@ -24,6 +24,9 @@ class DraftSettings:
 
     mode: "chain" (one token per depth) or "tree" (EAGLE-2: expand the `beam` most probable
       frontier nodes with `top_k` children each, verify the `max_nodes` best by cumulative prob).
+      `max_nodes` applies to greedy verification only: a sampled tree verifies every drafted
+      node, because a cut chosen from the sampled tokens' own probabilities would bias the
+      rejection sampling (it is lossless only over candidates fixed before their draws).
     stop_margin: CoVSpec adaptive length; stop deepening once the best frontier node's
       top-1 minus top-2 drafter probability falls below it (0 disables).
     branch_margin: CoVSpec parallel branching; a node gets `top_k` children only when its margin
@@ -83,24 +86,16 @@ class DraftTree:
             node = self.parents[node]
         return out[::-1]
 
-    def select(self, max_nodes: int | None = None, keep_sibling_prefix: bool = False) -> list[int]:
-        """Root + the best `max_nodes` drafted nodes by cumulative score, closed under ancestors.
-        Depth-first, first-drafted child first: parents precede children and the drafter's top
-        path is a prefix, so accepting it keeps both caches by cropping instead of gathering.
-        With `keep_sibling_prefix`, a node is kept only if all its earlier siblings are, which
-        sampling verification needs."""
+    def select(self, max_nodes: int | None = None) -> list[int]:
+        """Root + the best `max_nodes` drafted nodes by cumulative score (None: all), closed
+        under ancestors. Depth-first, first-drafted child first: parents precede children and
+        the drafter's top path is a prefix, so accepting it keeps both caches by cropping
+        instead of gathering."""
         drafted = sorted(range(1, len(self)), key=lambda n: (-self.scores[n], self.depths[n], n))
         chosen = set(drafted if max_nodes is None else drafted[:max_nodes])
         keep = {0}
         for n in sorted(chosen, key=lambda n: (self.depths[n], n)):
-            parent = self.parents[n]
-            siblings = self.children[parent]
-            prefix_ok = (
-                all(s in keep for s in siblings[: siblings.index(n)])
-                if keep_sibling_prefix
-                else True
-            )
-            if parent in keep and prefix_ok:
+            if self.parents[n] in keep:
                 keep.add(n)
         order, stack = [], [0]
         while stack:

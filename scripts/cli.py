@@ -114,7 +114,10 @@ def _add_draft_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depth", type=at_least(1), default=6)
     p.add_argument("--top-k", type=at_least(1), default=2)
     p.add_argument("--beam", type=at_least(1), default=2)
-    p.add_argument("--max-nodes", type=at_least(1), default=10)
+    p.add_argument(
+        "--max-nodes", type=at_least(1), default=10,
+        help="tree nodes verified per round, greedy only (a sampled tree verifies all it drafts)",
+    )  # fmt: skip
     p.add_argument(
         "--stop-margin", type=between(0, 1), default=0.0, help="CoVSpec adaptive length (0: off)"
     )

@@ -213,7 +213,7 @@ def _two_token_distribution(q_rows: torch.Tensor, p_root: torch.Tensor, p_next: 
                     for tok in (q.log() + gumbel).topk(2).indices.tolist():
                         new.append(tree.add(node, tok, 0.0))
                 frontier = new
-            order = tree.select(keep_sibling_prefix=True)
+            order = tree.select()
             rows = [rows[0]] + [p_next[tree.tokens[n]] for n in order[1:]]
             path, bonus = verify_sampling(tree, order, torch.stack(rows), gen)
             emitted += [tree.tokens[n] for n in path] + [bonus]

@@ -353,7 +353,10 @@ class VisualCompressor(PreTrainedModel):
         b, d = prompt.shape
         if len(images) != b:
             raise ValueError(f"{len(images)} image lists for a batch of {b} prompts")
-        visual = torch.stack([torch.cat([t[:, :d] for t, _ in imgs]).mean(0) for imgs in images])
+        visual = torch.stack(  # (B, D); a sample without images (a text turn) sums nothing
+            [torch.cat([t[:, :d] for t, _ in imgs]).mean(0) if imgs else prompt.new_zeros(d)
+             for imgs in images]
+        )  # fmt: skip
         grids = [[g for _, g in imgs] for imgs in images]
         gate = self.choose(prompt, visual, grids, temperature, force)
         rows = [
@@ -370,12 +373,14 @@ class VisualCompressor(PreTrainedModel):
         grids: Sequence[Sequence[tuple[int, int]]],  # each sample's image grids
         temperature: float | None = None,
         force: int | torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, ...]:
         """(choice (B,), probs (B, K), cost (B,), weight (B,), scores (B, K)), before any row is
         made, so a caller computes only the chosen option. `temperature` set: Gumbel-softmax
         straight-through (a gumbel gate in training); None: the gate's pick. `force` picks the
         option index for every sample (an int) or per sample (a (B,) tensor): a fixed-primitive
-        evaluation, or a critic's exploration."""
+        evaluation, or a critic's exploration. `generator`: the Gumbel noise's own stream (on
+        the logits' device), so a resumed training run samples what it would have."""
         b = prompt.shape[0]
         k = len(self.parsed)
         share = torch.tensor(
@@ -400,15 +405,23 @@ class VisualCompressor(PreTrainedModel):
             forced = torch.as_tensor(force, device=probs.device).expand(b)
             weights = F.one_hot(forced, k).to(probs)
         elif temperature is not None and not self.critic:
-            weights = F.gumbel_softmax(logits, tau=temperature, hard=True)
+            weights = gumbel_hard(logits, temperature, generator)
         else:
             weights = F.one_hot(logits.argmax(-1), k).to(probs)
+        empty = torch.tensor([not g for g in grids], device=probs.device)  # (B,) no visual token
+        if force is None and "none" in self.config.options and bool(empty.any()):
+            # nothing to compress: the text-only branch, whatever the gate would have priced
+            none = F.one_hot(torch.tensor(self.config.options.index("none")), k).to(weights)
+            weights = torch.where(empty[:, None], none, weights)
         choice = weights.argmax(-1)  # (B,)
         weight = weights.gather(1, choice[:, None])[:, 0]  # (B,)
         return choice, probs, (probs * share).sum(-1), weight, scores
 
     def sample_rows(self, option: int, imgs, prompt: torch.Tensor) -> torch.Tensor:
-        """One sample's prefix rows (m, 2D) under `option`: its images' rows, option tagged."""
+        """One sample's prefix rows (m, 2D) under `option`: its images' rows, option tagged
+        (none for a sample without images)."""
+        if not imgs:
+            return prompt.new_zeros(0, 2 * prompt.shape[-1])
         return self.tag(option, self.primitive_rows(option, imgs, prompt))
 
     def tag(self, option: int, rows: torch.Tensor) -> torch.Tensor:
@@ -443,6 +456,17 @@ class VisualCompressor(PreTrainedModel):
         if not math.isfinite(cost_weight) or cost_weight < 0:
             raise ValueError(f"cost_weight must be a finite number >= 0, got {cost_weight}")
         self.config.cost_weight = float(cost_weight)
+
+
+def gumbel_hard(
+    logits: torch.Tensor, tau: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """`F.gumbel_softmax(logits, tau, hard=True)` with the noise drawn from `generator`:
+    a one-hot sample in value, the soft sample's gradient (straight-through). (B, K)"""
+    noise = -torch.empty_like(logits).exponential_(generator=generator).log()  # Gumbel(0, 1)
+    soft = ((logits + noise) / tau).softmax(-1)
+    hard = F.one_hot(soft.argmax(-1), logits.shape[-1]).to(soft)
+    return hard - soft.detach() + soft
 
 
 def left_pad(rows: list[torch.Tensor], width: int, like: torch.Tensor):

@@ -102,9 +102,11 @@ def visual_prefix(
     ask: torch.Tensor,  # (B, T) the question's positions (`prompt_mask`)
     temperature: float | None = None,
     force: int | torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
 ) -> VisualPrefix:
     """The compressed visual prefix of every sample (`temperature`: Gumbel-softmax training;
-    None: the gate's pick; `force`: one option index for all, or a (B,) tensor of them)."""
+    None: the gate's pick; `force`: one option index for all, or a (B,) tensor of them;
+    `generator`: the Gumbel noise's stream)."""
     cfg = drafter.config
     if cfg.visual_prefix != "compressed":
         raise ValueError(f"visual_prefix is {cfg.visual_prefix!r}; only 'compressed' builds one")
@@ -118,11 +120,10 @@ def visual_prefix(
         if not ask[b].any():
             raise ValueError(f"sample {b} has no question text to condition the gate on")
         prompts.append(embeds[b, ask[b]].mean(0))  # (D,)
-        runs = image_runs(visual_mask[b])
-        if not runs:
-            raise ValueError(f"sample {b} has no visual tokens to compress")
+        runs = image_runs(visual_mask[b])  # none in a text-only turn: an empty prefix
         spans.append([(slice(start, start + n), grid_for(n)) for start, n in runs])
-        visual.append(merged[b, visual_mask[b]].to(drafter.dtype).mean(0))  # (D,) gate's summary
+        seen = merged[b, visual_mask[b]].to(drafter.dtype)  # (N, D)
+        visual.append(seen.mean(0) if runs else seen.new_zeros(seen.shape[-1]))  # gate's summary
     prompt = torch.stack(prompts).to(drafter.dtype)
     choice, probs, cost, weight, scores = comp.choose(
         prompt,
@@ -130,6 +131,7 @@ def visual_prefix(
         [[g for _, g in s] for s in spans],
         temperature,
         force,
+        generator,
     )
     rows = [
         _sample_rows(drafter, int(c), merged[b], fused[b], spans[b], prompt[b])
@@ -152,7 +154,7 @@ def _sample_rows(
     """One sample's prefix rows (m, 2D), computing only what the chosen option reads."""
     comp, d = drafter.compressor, drafter.config.hidden_size
     kind = comp.parsed[option][0]
-    if kind == "none":  # the text-only branch reads nothing
+    if kind == "none" or not spans:  # the text-only branch, or nothing to compress
         return merged.new_zeros(0, 2 * d, dtype=drafter.dtype)
     if kind in ("pool", "tpool") and not drafter.config.feature_codec_rank:
         # averaging commutes with the linear feature projection: average the raw target

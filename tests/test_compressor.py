@@ -87,6 +87,8 @@ def test_multi_image_samples_are_left_padded_and_force_picks_one_option():
     assert out.choice.tolist() == [ALL.index("pool:2")] * 2
     with pytest.raises(ValueError, match="grid"):
         comp.compress(2, torch.randn(10, 16), (3, 3), torch.randn(8))
+    mixed = comp([images[0], []], torch.randn(2, 8))  # a text-only sample takes `none`
+    assert mixed.valid.sum(1).tolist()[1] == 0 and mixed.choice[1] == ALL.index("none")
 
 
 def test_gate_gets_gradient_in_training_and_is_argmax_at_inference():
@@ -163,6 +165,17 @@ def test_compressed_drafter_save_load_round_trip(micro_model, tmp_path):
     assert back.config.compressor == cfg.compressor
     for (n, a), (_, b) in zip(d.state_dict().items(), back.state_dict().items(), strict=True):
         assert torch.equal(a, b), n
+    critic = DrafterConfig.for_target(
+        adapter,
+        visual_prefix="compressed",
+        compressor={"options": ["none", "pool:2"], "gate": "critic"},
+    )
+    d = Drafter(critic).attach_target(adapter)
+    d.set_cost_weight(0.25)  # a price set at inference is the one a later save keeps
+    d.save_pretrained(tmp_path / "priced")
+    assert Drafter.from_pretrained(tmp_path / "priced").compressor.config.cost_weight == 0.25
+    with pytest.raises(ValueError, match="no compressor gate"):
+        Drafter(DrafterConfig.for_target(adapter)).set_cost_weight(0.1)
 
 
 def test_resampler_weight_absorption_equals_multihead_attention():
@@ -314,6 +327,15 @@ def test_compressed_prefix_runner_is_lossless(micro_model, micro_target_dir, opt
         assert got.tokens == ref
         assert got.prefix_tokens == option_tokens(got.gate_choice, grid_for(81))
         assert got.draft_steps > 0
+    # a text-only prompt (a follow-up turn, a text question) has nothing to compress
+    inputs = runner.encode(None, "How many objects are there?")
+    with torch.no_grad():
+        ref = micro_model.generate(
+            **inputs, do_sample=False, max_new_tokens=12, suppress_tokens=runner.suppress_tokens
+        )[0, inputs["input_ids"].shape[1] :].tolist()
+    got = runner.generate(None, "How many objects are there?", 12, DraftSettings(depth=4))
+    assert got.tokens == ref and got.prefix_tokens == 0
+    assert got.gate_choice == ("none" if "none" in options else options[0])
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """The CSI-conditioned acceptance decision head (WISV): accept a mismatched draft token anyway?
 
-    >>> cfg = AcceptanceHeadConfig.for_pair(adapter, drafter.config)
+    >>> cfg = AcceptanceHeadConfig.for_pair(adapter, drafter.config, drafter_fingerprint(drafter))
     >>> head = AcceptanceHead(cfg)
     >>> logit = head(target_hidden, drafter_hidden, confidence, csi)   # (N,) accept logits
     >>> head.accepts(logit, preset="bad")                              # calibrated threshold
@@ -124,6 +124,31 @@ class AcceptanceHead(PreTrainedModel):
         )
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, path, *args, **kwargs) -> AcceptanceHead:
+        """Load a head folder (safetensors only). A missing or unexpected weight, or feature
+        lists other than this version's (`CONFIDENCE_FEATURES`, `CSI_FEATURES`, whose order
+        the inputs follow), is an error naming it, never a silently misread head."""
+        kwargs.setdefault("use_safetensors", True)
+        head, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
+        unexpected, missing = sorted(info["unexpected_keys"]), sorted(info["missing_keys"])
+        if unexpected or missing:
+            raise ValueError(
+                f"{path}: weights do not match its config.json "
+                f"(missing: {missing or 'none'}; unexpected: {unexpected or 'none'})"
+            )
+        c = head.config
+        for name, saved, ours in (
+            ("confidence_features", c.confidence_features, CONFIDENCE_FEATURES),
+            ("csi_features", c.csi_features, CSI_FEATURES),
+        ):
+            if list(saved) != list(ours):
+                raise ValueError(
+                    f"{path}: head trained on {name} {list(saved)}; this version computes "
+                    f"{list(ours)}, in that order: retrain the head"
+                )
+        return head
+
     def forward(
         self,
         target_hidden: torch.Tensor,  # (N, Ht) target state predicting the draft token
@@ -176,13 +201,16 @@ class AcceptanceHead(PreTrainedModel):
 
 
 def drafter_fingerprint(drafter: nn.Module) -> str:
-    """A short digest of a drafter's weights: a retrained drafter gets another one."""
+    """A short digest of a drafter's weights: a retrained drafter gets another one, the same
+    drafter cast to bfloat16 (as a bf16 target's runner casts it) keeps it: floats are hashed
+    at bfloat16 precision."""
     import hashlib
 
     digest = hashlib.sha256()
     for name, tensor in sorted(drafter.state_dict().items()):
         digest.update(name.encode())
-        flat = tensor.detach().float().flatten()
+        t = tensor.detach()
+        flat = (t.to(torch.bfloat16) if t.is_floating_point() else t).float().flatten()
         digest.update(flat[:: max(1, flat.numel() // 64)].cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 

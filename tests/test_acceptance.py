@@ -188,13 +188,49 @@ def test_calibration_keeps_the_estimated_drop_within_budget():
     samples = ["a", "b", "c", "a", "b", "d"]
     out = calibrate(logits, safe, ["bad"] * 6, samples, {"bad": 0.25})
     # accepting down to 1.0 breaks answer "c" only: 1/4 answers = the budget; 0.5 would break "b"
-    assert out["bad"]["threshold"] == pytest.approx(1.0 - 1e-6)
+    assert out["bad"]["threshold"] == 0.5  # the next lower logit: accepts > 0.5
     assert out["bad"]["estimated_accuracy_drop"] == pytest.approx(0.25)
     strict = calibrate(logits, safe, ["good"] * 6, samples, {"good": 0.0})
-    assert strict["good"]["threshold"] == pytest.approx(2.0 - 1e-6)  # stops before the first unsafe
+    assert strict["good"]["threshold"] == 1.5  # stops before the first unsafe
+    # a near tie below an accepted logit is not accepted with it
+    tie = torch.tensor([2.0, 2.0 - 4e-7, -1.0])
+    near = calibrate(tie, torch.tensor([1.0, 0.0, 1.0]), ["bad"] * 3, ["a", "b", "c"], {"bad": 0.0})
+    assert near["bad"]["estimated_accuracy_drop"] == 0.0 and near["bad"]["accepted_rate"] == 1 / 3
+    assert (tie > near["bad"]["threshold"]).tolist() == [True, False, False]
     # a better channel's share is capped at a worse one's (here its logits rank higher)
     both = calibrate(
         torch.cat([logits, logits + 5]), torch.cat([safe, torch.ones(6)]), ["bad"] * 6 + ["good"] * 6,
         samples * 2, {"bad": 0.25, "good": 0.003},
     )  # fmt: skip
     assert both["good"]["accepted_rate"] <= both["bad"]["accepted_rate"] + 1e-6
+
+
+def test_head_loading_is_strict_and_the_drafter_fingerprint_survives_bf16(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from covspec.modeling.acceptance_head import AcceptanceHeadConfig
+
+    head = AcceptanceHead(AcceptanceHeadConfig(target_hidden_size=8, drafter_hidden_size=8))
+    head.save_pretrained(tmp_path / "ok")
+    assert (
+        AcceptanceHead.from_pretrained(tmp_path / "ok").config.csi_features
+        == head.config.csi_features
+    )
+    head.save_pretrained(tmp_path / "missing")
+    weights = load_file(tmp_path / "missing" / "model.safetensors")
+    save_file(
+        {k: v for k, v in weights.items() if k != "mlp.0.weight"},
+        tmp_path / "missing" / "model.safetensors",
+    )
+    with pytest.raises(ValueError, match="missing: \\['mlp.0.weight'\\]"):
+        AcceptanceHead.from_pretrained(tmp_path / "missing")
+    head.config.csi_features = list(reversed(head.config.csi_features))  # same width, other order
+    head.save_pretrained(tmp_path / "reordered")
+    with pytest.raises(ValueError, match="csi_features"):
+        AcceptanceHead.from_pretrained(tmp_path / "reordered")
+    drafter = torch.nn.Linear(16, 16)
+    fp32 = drafter_fingerprint(drafter)
+    assert drafter_fingerprint(drafter.to(torch.bfloat16)) == fp32  # the runner casts to bf16
+    with torch.no_grad():
+        drafter.weight[0, 0] += 1.0
+    assert drafter_fingerprint(drafter) != fp32

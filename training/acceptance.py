@@ -6,10 +6,12 @@
 
 Each example is a mismatch of lossless decoding under one channel state, labelled safe or not
 by rollout (inference/trajectories.py). The loss is a weighted logistic loss: a safe example
-weighs the round latency its acceptance would save under its channel (`round_cost_s`, seconds),
-an unsafe one weighs `wrong_accept_cost` (the accuracy penalty in the same unit), so the
-Bayes-optimal rule accepts when p(safe) x saving > (1 - p) x penalty: a slow channel makes the
-head more permissive. After each validation pass the per-preset thresholds are calibrated on
+weighs the round latency its acceptance would save under its channel (`round_cost_s`), in units
+of the batch's mean round latency, an unsafe one weighs `wrong_accept_cost` in that same unit
+(1.0: a wrong acceptance costs as much as an average round saves), so the Bayes-optimal rule
+accepts when p(safe) x saving > (1 - p) x penalty: a slow channel makes the head more
+permissive. (The unit is per batch so the loss scale does not depend on the link presets;
+batches mix presets, so it is close to the dataset's mean.) After each validation pass the per-preset thresholds are calibrated on
 the validation split (unseen conversations): the most permissive logit threshold whose estimated
 task accuracy drop, the fraction of answers with an accepted unsafe token, stays within that
 preset's budget. Metrics: AUROC, accepted rate, precision and estimated accuracy drop per
@@ -128,8 +130,14 @@ class AcceptanceHeadTraining(L.LightningModule):
         samples = dm.val_set["sample_id"] if dm is not None else None
         logits = torch.cat([r["logits"] for r in rows])
         safe = torch.cat([r["batch"]["safe"] for r in rows])
-        if presets is None or len(presets) != len(logits):
+        if presets is None or self.trainer.sanity_checking:
             return
+        if len(presets) != len(logits):  # e.g. a validation set sharded over several devices
+            raise RuntimeError(
+                f"calibration needs every validation example in dataset order on one process: "
+                f"got {len(logits)} logits for {len(presets)} examples "
+                f"(world size {self.trainer.world_size}); train the head on one device"
+            )
         self.calibration = calibrate(logits, safe, presets, samples, self.budgets)
         for preset, c in self.calibration.items():
             for key in ("accepted_rate", "precision", "estimated_accuracy_drop"):
@@ -168,7 +176,10 @@ def calibrate(
                 broken.add(ids[i])
             nxt = order[k + 1] if k + 1 < len(order) else None
             if nxt is None or z[nxt] < z[i]:  # only cut between distinct logits
-                threshold, taken = float(z[i]) - 1e-6, k + 1
+                # `accepts` is logit > threshold: the next lower logit itself is the exact cut
+                # (no margin that a near tie could slip under), below the lowest one any value
+                threshold = float(z[nxt]) if nxt is not None else float(z[i]) - 1.0
+                taken = k + 1
         accept = z > threshold
         unsafe_answers = {ids[i] for i in range(len(idx)) if accept[i] and y[i] < 0.5}
         out[preset] = {

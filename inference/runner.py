@@ -154,7 +154,7 @@ class SpecRunner:
         if gate_cost_weight is not None:
             if drafter.config.visual_prefix != "compressed":
                 raise ValueError(f"{folder} has no visual compressor: it has no gate to price")
-            drafter.compressor.set_cost_weight(gate_cost_weight)
+            drafter.set_cost_weight(gate_cost_weight)
         return cls(model, processor, drafter)
 
     @property

@@ -89,6 +89,10 @@ class DrafterWeightsError(ValueError):
     """A drafter folder whose weights do not match its config (missing, unexpected, old layout)."""
 
 
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
 class Drafter(PreTrainedModel):
     config_class = DrafterConfig
     base_model_prefix = "drafter"
@@ -126,6 +130,16 @@ class Drafter(PreTrainedModel):
             self.register_buffer("t2d", t2d, persistent=True)
         self._target: tuple[nn.Module, nn.Module] | None = None  # (embeddings, lm_head), unsaved
         self.post_init()
+
+    def set_cost_weight(self, cost_weight: float) -> None:
+        """Run the compressor's critic gate at another price (`VisualCompressor.set_cost_weight`),
+        recorded in this drafter's config too, so a `save_pretrained` after it keeps the price."""
+        if self.config.visual_prefix != "compressed":
+            raise ValueError(
+                f"visual_prefix is {self.config.visual_prefix!r}: no compressor gate to price"
+            )
+        self.compressor.set_cost_weight(cost_weight)
+        self.config.compressor = {**self.config.compressor, "cost_weight": float(cost_weight)}
 
     @classmethod
     def from_pretrained(cls, path, *args, **kwargs) -> Drafter:
@@ -246,8 +260,23 @@ class Drafter(PreTrainedModel):
         pairs += [(first.input_layernorm, layer.input_layernorm),
                   (first.hidden_norm, layer.input_layernorm),
                   (first.post_attention_layernorm, layer.post_attention_layernorm)]  # fmt: skip
+        if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma: norms around the MLP too
+            raise ValueError(
+                f"{type(layer).__name__} is not a Llama-layout decoder layer (extra norms around "
+                "its MLP): start the drafter from scratch (init_from_target: false)"
+            )
         for mine, theirs in pairs:
             mine.load_state_dict(theirs.state_dict())
+            if isinstance(mine, nn.Linear):
+                continue
+            x = torch.randn(2, self.config.hidden_size, dtype=_dtype_of(mine), device=self.device)
+            if not torch.allclose(mine(x), theirs(x.to(_dtype_of(theirs))).to(x), atol=1e-4):
+                # e.g. Gemma's (1 + w) norms or a GELU MLP: same weights, another function
+                raise ValueError(
+                    f"{type(layer).__name__}'s {type(theirs).__name__} computes another function "
+                    f"than the drafter's {type(mine).__name__} with the same weights: start the "
+                    "drafter from scratch (init_from_target: false)"
+                )
         if hasattr(self, "fc"):
             d = self.config.hidden_size
             self.fc.weight.zero_()

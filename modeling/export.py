@@ -82,6 +82,8 @@ def check_exportable(drafter: Drafter, format: str) -> None:
             f"config.fused_layer_ids={c.fused_layer_ids}: the original EAGLE-3 code builds "
             "`fc` for exactly 3 target layers; use format='speculators'"
         )
+    if c.target_vocab_size is None:
+        raise ExportError("config.target_vocab_size is not recorded; cannot size the vocabulary")
     if c.draft_vocab_size and not drafter.has_draft_vocab():
         raise ExportError(
             f"config.draft_vocab_size={c.draft_vocab_size} but no draft vocabulary is installed "
@@ -92,8 +94,6 @@ def check_exportable(drafter: Drafter, format: str) -> None:
             "config.draft_vocab_size equals the target vocabulary but d2t is not the identity; "
             "speculators keeps no mapping for a full-size draft vocabulary"
         )
-    if c.target_vocab_size is None:
-        raise ExportError("config.target_vocab_size is not recorded; cannot size the vocabulary")
     head = drafter.head()  # raises unless attached to the target
     if getattr(head, "bias", None) is not None:
         raise ExportError("the LM head has a bias, which EAGLE-3 checkpoints cannot carry")

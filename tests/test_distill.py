@@ -135,6 +135,12 @@ def test_class_path_recipes_parse_through_the_cli(recipe, monkeypatch):
         assert isinstance(cli.model, AcceptanceHeadTraining)
         assert isinstance(cli.datamodule, TrajectoryDataModule)
         assert [type(c).__name__ for c in callbacks] == ["ExportAcceptanceHead"]
+        if "toy" not in recipe:  # never the toy head's folders, which its base recipe names
+            folder = Path(recipe).parent.name
+            assert (
+                folder in callbacks[0].dirpath
+                and folder in cli.config_init.trainer.default_root_dir
+            )
     else:
         assert isinstance(cli.model, DeviceDrafterDistillation)
         assert isinstance(cli.datamodule, ConversationDataModule)
@@ -333,6 +339,22 @@ def test_init_from_target_starts_the_drafter_at_the_targets_last_layer(micro_tar
     narrow = _module(micro_target_dir).drafter
     with pytest.raises(ValueError, match="does not fit"):
         narrow.init_from_target_layer(_half_width(last), module.adapter.language_model().norm)
+
+
+def test_init_from_target_refuses_a_gemma_layer():
+    from covspec.modeling.adapters import adapter_for
+    from covspec.modeling.drafter import Drafter, DrafterConfig
+    from tests.tiny_vlms import gemma3
+
+    model = gemma3()[0]
+    adapter = adapter_for(model.eval())
+    drafter = Drafter(DrafterConfig.for_target(adapter))
+    last = adapter.decoder_layers()[-1]
+    with pytest.raises(ValueError, match="not a Llama-layout decoder layer"):
+        drafter.init_from_target_layer(last, adapter.language_model().norm)
+    del last.pre_feedforward_layernorm  # even without the extra norms: (1 + w) norms differ
+    with pytest.raises(ValueError, match="computes another function"):
+        drafter.init_from_target_layer(last, adapter.language_model().norm)
 
 
 def _half_width(layer):

@@ -181,6 +181,12 @@ def test_eagle3_full_vocab_identity_mapping(target, tmp_path):
         ({"step_bias": True}, "speculators", "step_bias"),
         ({"variant": "text_only"}, "speculators", "text_only"),
         ({"num_hidden_layers": 2}, "eagle3", "num_hidden_layers"),
+        (
+            {"visual_prefix": "compressed", "compressor": {"options": ["pool:2"]}},
+            "speculators",
+            "visual_prefix='compressed'",
+        ),
+        ({"target_vocab_size": None}, "speculators", "target_vocab_size is not recorded"),
     ],
 )
 def test_refusals_name_the_field(target, tmp_path, kw, fmt, field):
@@ -207,6 +213,18 @@ def test_two_layer_drafter_exports_to_speculators(target, tmp_path):
         == 2
     )
     _assert_same_logits(d, out)
+
+
+def test_feature_codec_folds_into_one_fc(target, tmp_path):
+    d = _drafter(target[1], feature_codec_rank=4)  # the device-edge codec: fc_up @ fc_down
+    out = export_drafter(d, tmp_path / "codec")
+    fc = load_file(out / "model.safetensors")["fc.weight"]
+    torch.testing.assert_close(fc, d.fc_up.weight @ d.fc_down.weight)
+    # the engine runs the folded fc unquantised: the same drafter without its wire's int8 step
+    plain = _drafter(target[1])
+    state = {k: v for k, v in d.state_dict().items() if not k.startswith("fc_")}
+    plain.load_state_dict({**state, "fc.weight": d.feature_projection()})
+    _assert_same_logits(plain, out)
 
 
 def test_cli_export_end_to_end(target, tmp_path, capsys):

@@ -19,3 +19,15 @@ class RewriteSharedConfig(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
         (Path(trainer.log_dir) / "config.yaml").write_text("model:\n  target: another-run\n")
+
+
+class StopAfter(L.Callback):
+    """Ends the run cleanly after `steps` optimizer steps (an interruption whose last
+    checkpoint a rerun resumes from), the schedule still sized for the full run."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if trainer.global_step >= self.steps:
+            trainer.should_stop = True

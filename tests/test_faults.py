@@ -295,6 +295,7 @@ def test_over_long_rows_are_cut_or_skipped_and_counted_never_fatal(micro_target_
         (["toy-target", "--video", "--paraphrase"], "no paraphrase variant"),
         (["toy-data", "--out", "x", "--video", "--paraphrase"], "toy video world has none"),
         (["toy-eval", "--target", "checkpoints/no-such-target"], "target folder not found"),
+        (["toy-eval", "--frames", "8"], "--frames [8] sets clip lengths: add --video"),
         (["bench", "--target", "./nope", "--toy", "1"], "target folder not found: ./nope"),
         (["export-checkpoint", "nope.ckpt", "--out", "x"], "checkpoint not found"),
     ],
@@ -305,6 +306,20 @@ def test_user_mistakes_print_one_line(argv, says, at_root, capsys, micro_target_
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and says in err[0], err
+
+
+@pytest.mark.parametrize(
+    "argv, default",
+    [
+        (["toy-eval"], "checkpoints/toy-target"),
+        (["toy-eval", "--video"], "checkpoints/toy-video-target"),
+    ],
+)
+def test_toy_eval_default_target_follows_video(argv, default, tmp_path, monkeypatch, capsys):
+    (tmp_path / "checkpoints").mkdir()  # as in a clone: the folder, without the toy targets
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert f"target folder not found: {default}" in capsys.readouterr().err
 
 
 def test_train_mistakes_print_one_line_and_debug_the_traceback(tmp_path, at_root, capsys):
@@ -451,3 +466,25 @@ def test_checkpoint_of_an_older_covspec_is_not_resumed_but_exported(
     assert _same(load_file(run / "export" / "model.safetensors"), tensors)
     save_file({"x": torch.zeros(1)}, run / "bogus.ckpt")
     assert main(["export-checkpoint", str(run / "bogus.ckpt"), "--out", str(run / "e2")]) == 2
+
+
+@pytest.mark.parametrize("gate", ["critic", "gumbel"])
+def test_elastic_run_stopped_and_resumed_equals_the_whole_run(
+    gate, micro_target_dir, tmp_path, at_root
+):
+    """The gate's random draws (a critic's option pairs, Gumbel noise) come from a per-step
+    stream: 4 steps in one go and 2 + 2 resumed give bit-identical exports."""
+    elastic = (
+        "--model.visual_prefix=compressed",
+        f"--model.compressor={{options: [none, 'pool:2', 'resampler:2'], gate: {gate}}}",
+        "--seed_everything=0",
+    )
+    assert main(_train_args(micro_target_dir, tmp_path / "whole", *elastic)) == 0
+    stop = ("--trainer.callbacks+=tests.fault_helpers.StopAfter", "--trainer.callbacks.steps=2")
+    assert main(_train_args(micro_target_dir, tmp_path / "part", *elastic, *stop)) == 0
+    assert main(_train_args(micro_target_dir, tmp_path / "part", *elastic)) == 0  # resumes
+    a = load_file(tmp_path / "whole" / "drafter" / "model.safetensors")
+    b = load_file(tmp_path / "part" / "drafter" / "model.safetensors")
+    assert _same(a, b), {
+        k: (a[k] - b[k]).abs().max().item() for k in a if not torch.equal(a[k], b[k])
+    }

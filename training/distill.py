@@ -293,6 +293,14 @@ class DrafterDistillation(L.LightningModule):
             }
         return t
 
+    def step_generator(self, device: torch.device | str = "cpu") -> torch.Generator:
+        """The gate's random draws for this step (Gumbel noise, a critic's option pairs): a
+        stream of its own, seeded by the run's seed, the global step and the rank, so a run
+        resumed from a checkpoint draws what the uninterrupted one would have."""
+        rank = self._trainer.global_rank if self._trainer else 0
+        seed = (torch.initial_seed() * 1_000_003 + self.global_step * 7_919 + rank) % 2**63
+        return torch.Generator(device=device).manual_seed(seed)
+
     def gate_temperature(self) -> float:
         """Gumbel-softmax temperature, annealed geometrically over the run."""
         start, end = self.hparams.gate_temperature
@@ -314,8 +322,9 @@ class DrafterDistillation(L.LightningModule):
         prefix = None
         if "target" in t:
             temperature = self.gate_temperature() if self.training else None
+            noise = self.step_generator(t["ids"].device) if temperature is not None else None
             prefix = visual_prefix(
-                self.drafter, **t["target"], temperature=temperature, force=force
+                self.drafter, **t["target"], temperature=temperature, force=force, generator=noise
             )
             next_embeds = torch.cat([prefix.embeds.to(next_embeds), next_embeds], 1)
             feats = torch.cat([prefix.features.to(feats), feats], 1)
@@ -327,7 +336,8 @@ class DrafterDistillation(L.LightningModule):
     def losses(self, batch: dict, agreement: DepthAgreement) -> torch.Tensor:
         t, force = self.teacher(batch), None
         if self.training and "target" in t and self.drafter.compressor.critic:
-            t, force = explore_pairs(t, len(self.drafter.compressor.parsed))
+            pairs = self.step_generator()  # CPU: randperm draws there
+            t, force = explore_pairs(t, len(self.drafter.compressor.parsed), pairs)
         hidden, _, prefix = self.unroll(t, force)
         s = hidden[0].shape[1]  # S-1 drafter positions; position i predicts token i+2
         target_mask = torch.zeros_like(t["loss_mask"][:, 1:])

@@ -29,13 +29,17 @@ def gate_term(prefix: VisualPrefix, per_sample: torch.Tensor) -> torch.Tensor:
     return ((prefix.weight[has] - prefix.weight[has].detach()) * advantage).mean()
 
 
-def explore_pairs(t: dict, options: int) -> tuple[dict, torch.Tensor | None]:
+def explore_pairs(
+    t: dict, options: int, generator: torch.Generator | None = None
+) -> tuple[dict, torch.Tensor | None]:
     """Each sample twice, under two distinct options drawn uniformly (a critic's exploration):
-    the pair's loss difference is the option's effect with the sample's difficulty removed."""
+    the pair's loss difference is the option's effect with the sample's difficulty removed.
+    `generator` (CPU): the draws' own stream, so a resumed run draws what it would have."""
     if options < 2:
         return t, None
     b = t["ids"].shape[0]
-    force = torch.stack([torch.randperm(options)[:2] for _ in range(b)]).flatten()  # (2B,)
+    draws = [torch.randperm(options, generator=generator)[:2] for _ in range(b)]
+    force = torch.stack(draws).flatten()  # (2B,)
 
     def twice(x):
         if isinstance(x, torch.Tensor):

@@ -74,13 +74,17 @@ def _toy_eval(args: argparse.Namespace) -> None:
     from covspec.training.toy_target import EVAL_SEED, object_accuracy
     from covspec.training.toy_video_target import event_accuracy
 
-    target = resolve_source(args.target, "target")
+    if args.frames is not None and not args.video:
+        raise ValueError(f"--frames {args.frames} sets clip lengths: add --video")
+    default = "checkpoints/toy-video-target" if args.video else "checkpoints/toy-target"
+    target = resolve_source(args.target or default, "target")
     processor = AutoProcessor.from_pretrained(target)
     model = AutoModelForImageTextToText.from_pretrained(target).eval()
     seed = args.seed if args.seed is not None else EVAL_SEED
     if args.video:
         size = processor.image_processor.size["height"]
-        metrics = event_accuracy(model, processor, args.num, tuple(args.frames), size, seed)
+        frames = tuple(args.frames or (4, 16))
+        metrics = event_accuracy(model, processor, args.num, frames, size, seed)
     else:
         metrics = object_accuracy(model, processor, args.num, seed=seed)
     print(json.dumps(metrics, indent=2))
@@ -148,13 +152,15 @@ def add_toy_parsers(sub) -> None:
     p = sub.add_parser(
         "toy-eval", help="object accuracy (--video: event accuracy) of a target on unseen scenes"
     )
-    p.add_argument("--target", default="checkpoints/toy-target")
+    p.add_argument(
+        "--target", help="default: checkpoints/toy-target (--video: checkpoints/toy-video-target)"
+    )
     p.add_argument(
         "--num", type=at_least(1), default=200, help="scenes (--video: clips per length)"
     )
     p.add_argument("--seed", type=int, help="scene stream (default: the held-out evaluation seed)")
     p.add_argument("--video", action="store_true", help="event accuracy of a toy video target")
     p.add_argument(
-        "--frames", type=at_least(2), nargs="+", default=[4, 16], help="clip lengths (--video)"
+        "--frames", type=at_least(2), nargs="+", help="clip lengths (--video; default: 4 16)"
     )
     p.set_defaults(func=_toy_eval)

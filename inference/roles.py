@@ -207,7 +207,8 @@ class EdgeRole:
         visual = FeaturePayload()
         if cfg.visual_prefix == "full":  # the MSD-style baseline also needs the merged embeddings
             rows = out.visual_mask[0, positions]
-            visual = FeaturePayload(values=out.hidden_states[0][0, positions[rows]])
+            merged = out.hidden_states[0][0, positions[rows]]  # (V, D)
+            visual = FeaturePayload(values=merged.to(self.encoder.wire_dtype))  # as sent
         elif cfg.visual_prefix == "compressed":  # the edge runs the compressor, sends its rows once
             ask = prompt_mask(attention, out.visual_mask)
             prefix = visual_prefix(

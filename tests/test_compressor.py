@@ -428,3 +428,23 @@ def test_a_critics_price_moves_its_pick_monotonically_toward_fewer_rows():
     single.config.gate = "critic"
     with pytest.raises(ValueError, match="only a critic gate"):
         single.set_cost_weight(0.1)
+
+
+def test_full_visual_rows_cross_the_link_at_the_wire_dtype(micro_model, micro_target_dir):
+    """The MSD-style baseline's visual rows are priced as sent (float16), like every feature
+    row, not at the target's float32."""
+    from covspec.inference.roles import EdgeRole
+
+    adapter = adapter_for(micro_model)
+    torch.manual_seed(0)
+    drafter = Drafter(DrafterConfig.for_target(adapter, variant="full_visual")).attach_target(
+        adapter
+    )
+    runner = SpecRunner(
+        micro_model, AutoProcessor.from_pretrained(micro_target_dir), drafter.eval()
+    )
+    s = make_sample(43, 0)
+    encoder = runner.feature_encoder(wire=True)
+    down = EdgeRole(runner, encoder).prefill(Request(s["image"], "Describe the image.", 4))
+    assert down.visual.values.dtype == torch.float16 and down.visual.values.shape[0] == 81
+    assert down.visual.nbytes() == 81 * adapter.hidden_size * 2

@@ -86,7 +86,7 @@ def add_video_sweep_parser(sub) -> None:
     from covspec.scripts.cli import _add_draft_arguments
 
     p = sub.add_parser(
-        "video-sweep", help="drafters over toy clip lengths (80 to 5000+ visual tokens)"
+        "video-sweep", help="drafters over toy clip lengths (72 to 5000+ visual tokens)"
     )
     p.add_argument("--target", default="checkpoints/toy-video-target")
     p.add_argument("--drafter", action="append", default=[], help="drafter folder (repeatable)")

@@ -112,7 +112,9 @@ def test_feature_path_over_the_wire(adapter, rank):
     with torch.no_grad():
         want = d.eval().project_features(states, like=states[:, : d.config.hidden_size])
     got = FeatureDecoder(d)(sent, 7)
-    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    # float16 rows round at ~1e-3 relative, int8 codes at ~1/254 of each row's range: 2% of
+    # the values' range holds both and still fails a decoder that is off by a few percent
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-2 * want.abs().max().item())
     assert len(sent.serialise()) == sent.nbytes()
     if rank:
         assert sent.nbytes() == 7 * (rank + 2)  # int8 codes + one float16 scale per row

@@ -1,6 +1,9 @@
 """A seconds-long micro version of `covspec toy-target`: same code path, tiny sizes."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -35,7 +38,7 @@ def micro_target(micro_target_dir):
     return micro_target_dir, json.loads((micro_target_dir / REPORT_NAME).read_text())
 
 
-def test_folder_loads_with_auto_classes_and_gives_identical_logits(micro_target):
+def test_folder_loads_with_auto_classes_and_gives_identical_logits(micro_target, tmp_path):
     out, report = micro_target
     assert {
         "config.json",
@@ -45,15 +48,34 @@ def test_folder_loads_with_auto_classes_and_gives_identical_logits(micro_target)
         REPORT_NAME,
     } <= {p.name for p in out.iterdir()}
     assert not list(out.parent.glob(".*tmp*")), "temporary folder left behind"
+    s = make_sample(5, 0)
+    s["image"].save(tmp_path / "scene.png")
+    (tmp_path / "messages.json").write_text(json.dumps(s["messages"]))
+    # a fresh interpreter that never imports covspec: transformers' Auto classes alone
+    script = f"""
+import json, sys, torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+processor = AutoProcessor.from_pretrained({str(out)!r})
+model = AutoModelForImageTextToText.from_pretrained({str(out)!r}).eval()
+messages = json.load(open({str(tmp_path / "messages.json")!r}))
+text = processor.apply_chat_template(messages, tokenize=False)
+inputs = processor(images=[Image.open({str(tmp_path / "scene.png")!r})], text=text, return_tensors="pt")
+with torch.no_grad():
+    torch.save(model(**inputs).logits, {str(tmp_path / "logits.pt")!r})
+assert not any(m.startswith("covspec") for m in sys.modules)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, env=env)
     processor = AutoProcessor.from_pretrained(out)
     model = AutoModelForImageTextToText.from_pretrained(out).eval()
-    s = make_sample(5, 0)
     text = processor.apply_chat_template(s["messages"], tokenize=False)
     inputs = processor(images=[s["image"]], text=text, return_tensors="pt")
-    again = AutoModelForImageTextToText.from_pretrained(out).eval()
     with torch.no_grad():
-        torch.testing.assert_close(model(**inputs).logits, again(**inputs).logits, rtol=0, atol=0)
-    assert 0.0 <= report["object_accuracy"] <= 1.0 and report["num_scenes"] == 2
+        ours = model(**inputs).logits
+    theirs = torch.load(tmp_path / "logits.pt", weights_only=True)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=0)
+    assert report["num_scenes"] == 2 and set(report) >= {"object_accuracy", "train_seconds"}
 
 
 def test_second_call_is_cached_and_force_retrains(tmp_path, micro_target):

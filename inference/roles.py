@@ -211,9 +211,11 @@ class EdgeRole:
             visual = FeaturePayload(values=merged.to(self.encoder.wire_dtype))  # as sent
         elif cfg.visual_prefix == "compressed":  # the edge runs the compressor, sends its rows once
             ask = prompt_mask(attention, out.visual_mask)
+            grids = self.runner.adapter.visual_grids(inputs)
             prefix = visual_prefix(
-                self.runner.drafter, inputs["input_ids"], out.hidden_states, out.visual_mask, ask
-            )
+                self.runner.drafter, inputs["input_ids"], out.hidden_states, out.visual_mask, ask,
+                grids=grids,
+            )  # fmt: skip
             req.prefix_tokens = int(prefix.valid.sum())
             req.gate_choice = self.runner.drafter.compressor.config.options[int(prefix.choice[0])]
             visual = FeaturePayload(values=prefix.tokens[0].to(self.encoder.wire_dtype))

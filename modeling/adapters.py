@@ -18,12 +18,25 @@ hooks, so only the requested layers are kept, never all L+1 of them.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+Grid = tuple[int, int]  # (rows, cols) of one visual block's patches
+
+
+def visual_runs(visual_row: torch.Tensor) -> list[tuple[int, int]]:
+    """(T,) bool -> [(start, length)] of each contiguous run of visual positions."""
+    pos = visual_row.nonzero()[:, 0].tolist()
+    if not pos:
+        return []
+    starts = [i for i in range(len(pos)) if i == 0 or pos[i] != pos[i - 1] + 1]
+    ends = starts[1:] + [len(pos)]
+    return [(pos[a], b - a) for a, b in zip(starts, ends, strict=True)]
 
 
 class TargetMismatchError(ValueError):
@@ -114,6 +127,39 @@ class TargetAdapter:
     @functools.cached_property
     def _visual_ids(self) -> torch.Tensor:
         return torch.tensor(self.visual_token_ids())
+
+    def visual_grids(self, inputs: Mapping[str, Any]) -> list[list[Grid]] | None:
+        """Per sample, the (rows, cols) patch grid of every visual block in sequence order (an
+        image, a video frame, an any-res base view or its unpadded tiles, a lone newline token
+        as (1, 1)); a block's tokens are rows x cols consecutive positions, and the blocks tile
+        the sample's visual tokens. None: every contiguous run of visual tokens is one square
+        image (LLaVA-1.5, Gemma 3, Idefics3 crops), so its length tells its grid."""
+        return None
+
+    def _blocks_per_run(self, inputs, per_image, per_video) -> list[list[Grid]]:
+        """Assign each sample's runs, in order, the next image's or video's blocks (by the
+        run's token id) from the batch-ordered lists `per_image` and `per_video`."""
+        queues = {
+            self.config_token(self.image_token_field): list(per_image),
+            self.config_token(self.video_token_field): list(per_video),
+        }
+        out = []
+        ids = inputs["input_ids"]
+        for row, mask in zip(ids, self.visual_mask(ids), strict=True):
+            grids: list[Grid] = []
+            for start, _ in visual_runs(mask):
+                queue = queues.get(int(row[start]))
+                if not queue:
+                    raise ValueError(
+                        f"more visual blocks in input_ids than the processor outputs describe "
+                        f"(token id {int(row[start])})"
+                    )
+                grids += queue.pop(0)
+            out.append(grids)
+        return out
+
+    def config_token(self, field: str | None) -> int | None:
+        return getattr(self.config, field, None) if field else None
 
     def check_layer_ids(self, layer_ids: Sequence[int]) -> None:
         bad = [i for i in layer_ids if not 0 <= i <= self.num_layers]
@@ -235,12 +281,60 @@ class LlavaNextAdapter(TargetAdapter):
             for m, kw in calls
         ]
 
+    max_patches: int | None = None  # OneVision: "anyres_max_N" shrinks larger tile grids
+
+    def visual_grids(self, inputs):
+        """An image is its base view (side x side) then its unpadded tiles with one newline
+        column, rows x (cols + 1), as HF's `pack_image_features` lays them out."""
+        sizes = inputs.get("image_sizes")
+        images = [self._anyres_blocks(size) for size in (sizes if sizes is not None else [])]
+        return self._blocks_per_run(inputs, images, self._video_blocks(inputs))
+
+    def _video_blocks(self, inputs) -> list[list[Grid]]:
+        return []
+
+    def _anyres_blocks(self, size) -> list[Grid]:
+        from transformers.models.llava_next.modeling_llava_next import (
+            get_anyres_image_grid_shape,
+        )
+
+        vc = self.config.vision_config
+        side = vc.image_size // vc.patch_size
+        tiles_h, tiles_w = get_anyres_image_grid_shape(
+            [int(x) for x in size], self.config.image_grid_pinpoints, vc.image_size
+        )
+        h, w = tiles_h * side, tiles_w * side
+        oh, ow = (int(x) for x in size)
+        if ow / oh > w / h:  # HF's unpad_image: the padding the resize added is cut off
+            h -= 2 * ((h - int(round(oh * (w / ow), 7))) // 2)
+        else:
+            w -= 2 * ((w - int(round(ow * (h / oh), 7))) // 2)
+        if self.max_patches:
+            ratio = math.sqrt(h * w / (self.max_patches * side**2))
+            if ratio > 1.1:
+                h, w = int(h // ratio), int(w // ratio)
+        return [(side, side), (h, w + 1)]
+
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     """LLaVA-OneVision: images (any-res) and video frames."""
 
     model_types = ("llava_onevision",)
     video_token_field = "video_token_index"
+
+    @property
+    def max_patches(self) -> int | None:  # type: ignore[override]
+        ratio = getattr(self.config, "vision_aspect_ratio", "anyres_max_9")
+        return int(ratio.removeprefix("anyres_max_")) if ratio.startswith("anyres_max_") else None
+
+    def _video_blocks(self, inputs) -> list[list[Grid]]:
+        """A clip: every frame pooled to ceil(side/2) x ceil(side/2), then one newline token."""
+        videos = inputs.get("pixel_values_videos")
+        if videos is None:
+            return []
+        vc = self.config.vision_config
+        pooled = math.ceil(vc.image_size // vc.patch_size / 2)
+        return [[(pooled, pooled)] * videos.shape[1] + [(1, 1)] for _ in range(videos.shape[0])]
 
 
 class Qwen2VLAdapter(TargetAdapter):
@@ -256,6 +350,18 @@ class Qwen2VLAdapter(TargetAdapter):
     model_types = ("qwen2_vl", "qwen2_5_vl")
     image_token_field = "image_token_id"
     video_token_field = "video_token_id"
+
+    def visual_grids(self, inputs):
+        """Each image its (h, w) grid after the spatial merge; a video one such grid per
+        temporal patch (`*_grid_thw` counts patches before the merge)."""
+        merge = self.config.vision_config.spatial_merge_size
+
+        def blocks(thw) -> list[list[Grid]]:
+            rows = [] if thw is None else thw.tolist()
+            return [[(h // merge, w // merge)] * t for t, h, w in rows]
+
+        images, videos = blocks(inputs.get("image_grid_thw")), blocks(inputs.get("video_grid_thw"))
+        return self._blocks_per_run(inputs, images, videos)
 
     def model_inputs(self, inputs):
         inputs = dict(inputs)

@@ -4,13 +4,16 @@
     >>> out = adapter.forward(inputs, layers)
     >>> rows = drafter_rows(drafter.config, attention_mask, out.visual_mask)    # (B, T) bool
     >>> ask = prompt_mask(attention_mask, out.visual_mask, loss_mask)           # (B, T) bool
-    >>> prefix = visual_prefix(drafter, input_ids, out.hidden_states, out.visual_mask, ask)
+    >>> prefix = visual_prefix(drafter, input_ids, out.hidden_states, out.visual_mask, ask,
+    ...                        grids=adapter.visual_grids(inputs))
     >>> prefix.embeds, prefix.features, prefix.valid      # (B, M, D), (B, M, D), (B, M)
 
 Training (training/distill.py) and the edge role of the runner (inference/roles.py) both call
 these, so a drafter sees at inference exactly what it was trained on (tests/test_compressor.py
-checks it sample by sample). Each image is a contiguous run of visual positions; its patch grid
-comes from `grid_for` (square when the count is a perfect square, else one row). A visual token
+checks it sample by sample). The visual positions are cut into blocks (an image, a video frame,
+an any-res view) by the target adapter's `visual_grids`; for families that give none, each
+contiguous run is one image whose grid `grid_for` guesses (square when the count is a perfect
+square, else one row). A visual token
 handed to the compressor is the pair [merged input embedding; projected fused target state] of
 its position, the two streams the drafter's first layer reads.
 """
@@ -22,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from covspec.modeling.adapters import Grid, visual_runs
 from covspec.modeling.compressor import grid_for, left_pad
 
 if TYPE_CHECKING:
@@ -84,14 +88,7 @@ def prompt_mask(
     return ask
 
 
-def image_runs(visual_row: torch.Tensor) -> list[tuple[int, int]]:
-    """(T,) bool -> [(start, length)] of each contiguous run of visual positions (one image)."""
-    pos = visual_row.nonzero()[:, 0].tolist()
-    if not pos:
-        return []
-    starts = [i for i in range(len(pos)) if i == 0 or pos[i] != pos[i - 1] + 1]
-    ends = starts[1:] + [len(pos)]
-    return [(pos[a], b - a) for a, b in zip(starts, ends, strict=True)]
+image_runs = visual_runs  # (T,) bool -> [(start, length)] of each contiguous visual run
 
 
 def visual_prefix(
@@ -103,10 +100,12 @@ def visual_prefix(
     temperature: float | None = None,
     force: int | torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    grids: list[list[Grid]] | None = None,
 ) -> VisualPrefix:
     """The compressed visual prefix of every sample (`temperature`: Gumbel-softmax training;
     None: the gate's pick; `force`: one option index for all, or a (B,) tensor of them;
-    `generator`: the Gumbel noise's stream)."""
+    `generator`: the Gumbel noise's stream; `grids`: each sample's visual blocks from the
+    target adapter's `visual_grids`, None when every run is one square image)."""
     cfg = drafter.config
     if cfg.visual_prefix != "compressed":
         raise ValueError(f"visual_prefix is {cfg.visual_prefix!r}; only 'compressed' builds one")
@@ -121,7 +120,7 @@ def visual_prefix(
             raise ValueError(f"sample {b} has no question text to condition the gate on")
         prompts.append(embeds[b, ask[b]].mean(0))  # (D,)
         runs = image_runs(visual_mask[b])  # none in a text-only turn: an empty prefix
-        spans.append([(slice(start, start + n), grid_for(n)) for start, n in runs])
+        spans.append(block_spans(runs, None if grids is None else grids[b]))
         seen = merged[b, visual_mask[b]].to(drafter.dtype)  # (N, D)
         visual.append(seen.mean(0) if runs else seen.new_zeros(seen.shape[-1]))  # gate's summary
     prompt = torch.stack(prompts).to(drafter.dtype)
@@ -141,6 +140,27 @@ def visual_prefix(
     return VisualPrefix(
         tokens[..., :d], tokens[..., d:], valid, choice, probs, cost, weight, scores
     )  # fmt: skip
+
+
+def block_spans(runs: list[tuple[int, int]], grids: list[Grid] | None) -> list[tuple[slice, Grid]]:
+    """(positions, grid) of every visual block: each run one square-guessed image without
+    `grids`, else the runs cut into the given blocks in order (video frames, any-res views)."""
+    if grids is None:
+        return [(slice(start, start + n), grid_for(n)) for start, n in runs]
+    spans, blocks = [], list(grids)
+    for start, n in runs:
+        end = start + n
+        while start < end:
+            if not blocks:
+                raise ValueError(f"visual run ending at {end} is longer than its grids describe")
+            h, w = blocks.pop(0)
+            spans.append((slice(start, start + h * w), (h, w)))
+            start += h * w
+        if start != end:
+            raise ValueError(f"visual grids overrun a run ending at {end} (by {start - end})")
+    if blocks:
+        raise ValueError(f"{len(blocks)} visual grid(s) left over after every visual run")
+    return spans
 
 
 def _sample_rows(

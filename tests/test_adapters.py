@@ -111,3 +111,54 @@ def test_logits_from_hidden_equal_the_models_logits(family):
     torch.testing.assert_close(got, out.logits[:, 2:5], rtol=1e-6, atol=1e-6, msg=name)
     kept = adapter.forward(inputs, layer_ids=[adapter.num_layers], logits_to_keep=1)
     assert kept.logits.shape[1] == 1  # the family honours logits_to_keep
+
+
+GRIDS = {  # the fixtures' visual blocks, in sequence order (None: runs are square images)
+    "llava_next": [(4, 4), (8, 9)],  # base view, then 2x2 tiles of 4x4 + a newline column
+    "llava_onevision": [(4, 4), (8, 9)] + [(2, 2)] * 4 + [(1, 1)],  # + 4 pooled frames, newline
+    "qwen2_vl": [(2, 2)] + [(2, 2)] * 2,  # 4x4 patches merged 2x2; the video's 2 time steps
+    "qwen2_5_vl": [(2, 2)] + [(2, 2)] * 2,
+}
+
+
+def test_visual_grids_tile_the_visual_tokens(family):
+    from covspec.modeling.drafter_inputs import block_spans, image_runs
+
+    name, model, inputs = family
+    adapter = adapter_for(model)
+    grids = adapter.visual_grids(inputs)
+    mask = adapter.visual_mask(inputs["input_ids"])
+    assert grids is None if name not in GRIDS else grids == [GRIDS[name]]
+    spans = block_spans(image_runs(mask[0]), None if grids is None else grids[0])
+    covered = sorted(p for s, _ in spans for p in range(s.start, s.stop))
+    assert covered == mask[0].nonzero()[:, 0].tolist()  # every visual position, once
+    if grids is not None:
+        with pytest.raises(ValueError, match="visual"):
+            block_spans(image_runs(mask[0]), grids[0][:-1])
+
+
+@pytest.mark.parametrize("name", ["llava_next", "llava_onevision"])
+@pytest.mark.parametrize("size", [(32, 32), (20, 32), (32, 12), (16, 31)])
+def test_anyres_grid_matches_hf_packing(name, size):
+    """Where HF's pack_image_features puts the newline rows: every (cols + 1)-th position of
+    the tile block, after side x side base positions, for unpadded non-square images too."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    from tests.tiny_vlms import FAMILIES
+
+    torch.manual_seed(0)
+    model = FAMILIES[name]()[0].eval()
+    adapter = adapter_for(model)
+    vc, d = model.config.vision_config, model.config.text_config.hidden_size
+    side = vc.image_size // vc.patch_size
+    crops = image_size_to_num_patches(size, model.config.image_grid_pinpoints, vc.image_size)
+    feats = [torch.zeros(crops, side * side, d)]
+    marker = torch.ones(d)
+    if name == "llava_next":
+        packed, _ = model.model.pack_image_features(feats, torch.tensor([size]), "default", marker)
+    else:
+        packed, _ = model.model.pack_image_features(feats, torch.tensor([size]), marker)
+    newline = packed[0][:, 0].eq(1).nonzero()[:, 0].tolist()
+    (base, (rows, cols)) = adapter._anyres_blocks(size)
+    assert base == (side, side) and packed[0].shape[0] == side * side + rows * cols
+    assert newline == [side * side + r * cols + cols - 1 for r in range(rows)]

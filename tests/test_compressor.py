@@ -448,3 +448,35 @@ def test_full_visual_rows_cross_the_link_at_the_wire_dtype(micro_model, micro_ta
     down = EdgeRole(runner, encoder).prefill(Request(s["image"], "Describe the image.", 4))
     assert down.visual.values.dtype == torch.float16 and down.visual.values.shape[0] == 81
     assert down.visual.nbytes() == 81 * adapter.hidden_size * 2
+
+
+@pytest.mark.parametrize(
+    "family, option, rows",
+    [
+        # any-res image: base 4x4 -> 2x2, tiles 8x9 (newline column kept) -> 4x5; video: 4
+        # pooled 2x2 frames -> 1 row each; the clip's newline token -> 1 row
+        ("llava_onevision", "pool:2", 4 + 20 + 4 + 1),
+        # frames pooled in time two by two: 2 chunks of 2x2 rows; the images pass unpooled
+        ("llava_onevision", "tpool:2", 16 + 72 + 2 * 4 + 1),
+        ("qwen2_vl", "pool:2", 1 + 1 + 1),  # one 2x2 image, two 2x2 video time steps
+    ],
+)
+def test_real_families_compress_by_their_own_grids(family, option, rows):
+    """The adapter's grids, not run lengths, shape the compression: an any-res image is its
+    base view and tile grid, a clip its frames (so temporal pooling pools them)."""
+    from tests.tiny_vlms import FAMILIES
+
+    torch.manual_seed(0)
+    model, inputs = FAMILIES[family]()
+    adapter = adapter_for(model.eval())
+    cfg = DrafterConfig.for_target(
+        adapter, visual_prefix="compressed", compressor={"options": [option]}
+    )
+    d = Drafter(cfg).attach_target(adapter).eval()
+    with torch.no_grad():
+        out = adapter.forward(inputs, sorted({0, *cfg.fused_layer_ids}))
+        ask = torch.zeros_like(out.visual_mask)
+        ask[0, 0] = True  # the gate's question: any text position will do here
+        prefix = visual_prefix(d, inputs["input_ids"], out.hidden_states, out.visual_mask, ask,
+                               grids=adapter.visual_grids(inputs))  # fmt: skip
+    assert int(prefix.valid.sum()) == rows

@@ -290,6 +290,7 @@ class DrafterDistillation(L.LightningModule):
                 "hidden_states": {i: out.hidden_states[i] for i in target_layer_ids(cfg)},
                 "visual_mask": out.visual_mask,
                 "ask": prompt_mask(batch["attention_mask"], out.visual_mask, batch["loss_mask"]),
+                "grids": self.adapter.visual_grids(inputs),
             }
         return t
 

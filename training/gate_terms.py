@@ -46,6 +46,8 @@ def explore_pairs(
             return x.repeat_interleave(2, 0)
         if isinstance(x, dict):
             return {k: twice(v) for k, v in x.items()}
+        if isinstance(x, list):  # per-sample lists (the adapter's visual grids)
+            return [v for v in x for _ in range(2)]
         return x
 
     return twice(t), force.to(t["ids"].device)

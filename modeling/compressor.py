@@ -146,6 +146,11 @@ class VisualCompressorConfig(PretrainedConfig):
             parse_option(option)
         if len(set(options)) != len(options):
             raise ValueError(f"compressor options repeat an entry: {options}")
+        if min(gate_hidden_size, score_size, resampler_heads) < 1:
+            raise ValueError(
+                "gate_hidden_size, score_size and resampler_heads must be >= 1, got "
+                f"{gate_hidden_size}, {score_size}, {resampler_heads}"
+            )
         if (2 * hidden_size) % resampler_heads:
             raise ValueError(
                 f"resampler_heads {resampler_heads} must divide 2 * hidden_size {2 * hidden_size}"
@@ -403,6 +408,8 @@ class VisualCompressor(PreTrainedModel):
         probs = logits.softmax(-1)  # (B, K)
         if force is not None:
             forced = torch.as_tensor(force, device=probs.device).expand(b)
+            if bool(((forced < 0) | (forced >= k)).any()):
+                raise ValueError(f"force must index one of the {k} options, got {force}")
             weights = F.one_hot(forced, k).to(probs)
         elif temperature is not None and not self.critic:
             weights = gumbel_hard(logits, temperature, generator)

@@ -99,6 +99,19 @@ class DrafterConfig(PretrainedConfig):
             raise ValueError(f"num_hidden_layers must be >= 1, got {num_hidden_layers}")
         if feature_codec_rank is not None and feature_codec_rank < 1:
             raise ValueError(f"feature_codec_rank must be >= 1 or None, got {feature_codec_rank}")
+        kv_heads = num_key_value_heads or num_attention_heads
+        if hidden_size % num_attention_heads or num_attention_heads % kv_heads:
+            raise ValueError(
+                f"num_attention_heads {num_attention_heads} must divide hidden_size {hidden_size} "
+                f"and be a multiple of num_key_value_heads {kv_heads}"
+            )
+        layer_ids = list(fused_layer_ids)
+        if target_features and (not layer_ids or len(set(layer_ids)) < len(layer_ids)):
+            raise ValueError(f"fused_layer_ids must be distinct and not empty, got {layer_ids}")
+        if compressor is not None:  # refused now, naming the field, not when the model is built
+            if "hidden_size" in compressor:
+                raise ValueError("compressor must not set hidden_size: it is the drafter's")
+            VisualCompressorConfig(hidden_size=hidden_size, **compressor)
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size or hidden_size * 8 // 3
         self.num_hidden_layers = num_hidden_layers

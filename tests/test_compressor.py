@@ -146,6 +146,21 @@ def test_drafter_config_fields_replace_the_variant_enum(tmp_path):
         compressor={"options": ["pool:2"]},
     )  # fmt: skip
     assert both.variant == "text_only_compressed" and not both.target_features
+    bad = [
+        ({"visual_prefix": "compressed", "compressor": {"options": ["bogus:3"]}}, "kind"),
+        ({"visual_prefix": "compressed", "compressor": {"options": ["pool:2"], "hidden_size": 4}},
+         "hidden_size"),
+        ({"visual_prefix": "compressed", "compressor": {"options": ["pool:2"], "resampler_heads": 0}},
+         "resampler_heads"),
+        ({"fused_layer_ids": []}, "fused_layer_ids"),
+        ({"fused_layer_ids": [1, 1]}, "fused_layer_ids"),
+        ({"num_attention_heads": 3}, "num_attention_heads 3"),
+    ]  # fmt: skip
+    for kw, match in bad:  # refused when the config is made, not when the model is built
+        with pytest.raises(ValueError, match=match):
+            DrafterConfig(**{"hidden_size": 8, "num_attention_heads": 2, **kw})
+    with pytest.raises(ValueError, match="force must index"):
+        _compressor().choose(torch.randn(1, 8), torch.randn(1, 8), [[(9, 9)]], force=len(ALL))
 
 
 @pytest.fixture(scope="module")

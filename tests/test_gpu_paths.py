@@ -58,6 +58,16 @@ def deepspeed_child(target_dir: str, out_dir: str) -> None:
     assert engine.zero_optimization_stage() == 2
     for exclude in (True, False):
         engine.save_checkpoint(out_dir, tag=f"exclude_{exclude}", exclude_frozen_parameters=exclude)
+    # as Lightning's DeepSpeedStrategy saves last.ckpt: a folder, the module's hooks' client
+    # state (hyper-parameters, the drafter's config) beside the engine's tensors
+    client = {"hyper_parameters": dict(module.hparams), "global_step": 0, "state_dict": {}}
+    module.on_save_checkpoint(client)
+    del client["state_dict"]
+    engine.save_checkpoint(
+        str(Path(out_dir) / "last.ckpt"), client_state=client, tag="checkpoint",
+        exclude_frozen_parameters=True,
+    )  # fmt: skip
+    torch.save(module.drafter.state_dict(), Path(out_dir) / "drafter.pt")
     names = {
         "trainable": [n for n, p in module.named_parameters() if p.requires_grad],
         "frozen": [n for n, p in module.named_parameters() if not p.requires_grad],
@@ -113,6 +123,17 @@ def test_deepspeed_zero2_checkpoint_excludes_frozen_target(micro_target_dir, tmp
     assert set(names["frozen"]) <= set(full)  # without the flag the engine writes the target
     for k in names["trainable"]:
         torch.testing.assert_close(excluded[k], full[k])
+    # resume checks and export read a DeepSpeed checkpoint folder
+    from covspec.training.checkpoint_export import drafter_from_checkpoint, read_checkpoint
+    from covspec.training.guards import check_resumable
+
+    checkpoint = read_checkpoint(tmp_path / "last.ckpt")
+    drafter = drafter_from_checkpoint(checkpoint)
+    want = torch.load(tmp_path / "drafter.pt", weights_only=True)
+    for k, v in drafter.state_dict().items():
+        torch.testing.assert_close(v, want[k])
+    client = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "module")}
+    check_resumable(client, drafter)  # what DeepSpeed hands on_load_checkpoint: no state_dict
 
 
 # -- a pruned draft vocabulary, end to end --------------------------------------------------------
@@ -128,7 +149,13 @@ def pruned_drafter(micro_target_dir, tmp_path_factory):
         "vocab_size"
     ]
     size = full_vocab // 2
-    module = DrafterDistillation(
+
+    class VocabBeforeOptimizer(DrafterDistillation):
+        def configure_optimizers(self):  # DeepSpeed copies the weights here: the head is set
+            assert self.drafter.has_draft_vocab(), "draft vocabulary built after the optimizer"
+            return super().configure_optimizers()
+
+    module = VocabBeforeOptimizer(
         target=target,
         unroll_steps=2,
         draft_vocab_size=size,

@@ -30,15 +30,23 @@ class CheckpointError(ValueError):
     """A file that is not a covspec drafter checkpoint, or one whose tensors do not fit."""
 
 
+DEEPSPEED_STATES = "checkpoint/mp_rank_00_model_states.pt"  # in Lightning's DeepSpeed folder
+
+
 def read_checkpoint(path: str | Path) -> dict:
-    """The checkpoint's dict (tensors and plain values only: `weights_only` loading)."""
+    """The checkpoint's dict (tensors and plain values only: `weights_only` loading). A
+    DeepSpeed checkpoint is a folder: its model-states file holds the module's tensors (whole
+    under ZeRO 1-2) beside Lightning's client state."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+    file = path / DEEPSPEED_STATES if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {file}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, or pickled objects we do not load
         raise CheckpointError(f"{path} is not a readable Lightning checkpoint: {e}") from None
+    if path.is_dir():
+        checkpoint = {**checkpoint, "state_dict": checkpoint.get("module", {})}
     hparams = checkpoint.get("hyper_parameters") or {}
     if "unroll_steps" not in hparams or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path} is not a checkpoint of a covspec drafter run")

@@ -123,8 +123,13 @@ class DrafterDistillation(L.LightningModule):
 
     # -- model ----------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        if self.drafter is not None:
-            return
+        if self.drafter is None:
+            self._load_target()
+        # before the strategy wraps the model: DeepSpeed's optimizer copies the weights then,
+        # and a head initialised later would be overwritten by its first step
+        self._build_draft_vocab()
+
+    def _load_target(self) -> None:
         hp = self.hparams
         dtype = hp.target_dtype
         if dtype == "auto":
@@ -216,18 +221,22 @@ class DrafterDistillation(L.LightningModule):
             drafter.init_codec_from(codec_start)
         return drafter
 
-    def on_fit_start(self) -> None:
-        """Build the pruned draft vocabulary from answer-token counts (summed over ranks)."""
-        d = self.drafter
+    def _build_draft_vocab(self) -> None:
+        """Build the pruned draft vocabulary from answer-token counts (summed over ranks) when
+        fitting; a checkpoint restored after this replaces it with its own."""
+        d, trainer = self.drafter, self._trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return
         if not d.config.draft_vocab_size or d.has_draft_vocab():
-            return  # full vocabulary, or a map restored from a checkpoint
-        counts = torch.zeros(self.adapter.vocab_size, device=self.device)
-        for i, batch in enumerate(self.trainer.datamodule.train_dataloader()):
+            return  # full vocabulary, or a map already installed
+        device = trainer.strategy.root_device  # the module is not on it yet
+        counts = torch.zeros(self.adapter.vocab_size, device=device)
+        for i, batch in enumerate(trainer.datamodule.train_dataloader()):
             if i >= self.hparams.draft_vocab_batches:
                 break
-            ids = batch["input_ids"][batch["loss_mask"]].to(self.device)
+            ids = batch["input_ids"][batch["loss_mask"]].to(device)
             counts += torch.bincount(ids, minlength=counts.numel()).to(counts.dtype)
-        counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        counts = trainer.strategy.reduce(counts, reduce_op="sum")
         d.set_draft_vocab(build_draft_vocab(counts, d.config.draft_vocab_size))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

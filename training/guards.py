@@ -78,6 +78,10 @@ def check_resumable(checkpoint: dict[str, Any], drafter, path: str | None = None
                 f"has {current.get(name)!r}: resume with the recipe it was made with, or pass "
                 "--resume none to start over"
             )
+    if "state_dict" not in checkpoint:
+        # DeepSpeed keeps the tensors in its own files and hands back only the client state;
+        # its engine loads them, and the settings checked above fix which tensors there are
+        return
     have = {
         k.removeprefix("drafter.") for k in checkpoint["state_dict"] if k.startswith("drafter.")
     }

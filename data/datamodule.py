@@ -6,7 +6,8 @@
     >>> dm.setup("fit"); batch = next(iter(dm.train_dataloader()))
     >>> batch["input_ids"].shape, batch["loss_mask"].shape     # (B, T) each, right-padded
 
-A data spec is `toy:N[:SEED]` (N toy-world conversations; `toypara:` for the paraphrase world) or a path to a jsonl. Batches
+A data spec is `toy:N[:SEED]` (N toy-world conversations; `toypara:` for the paraphrase world) or a path to a jsonl;
+`val_data: holdout:N` holds N training conversations out for validation instead. Batches
 carry input_ids, attention_mask, loss_mask (assistant tokens), the processor's vision tensors and
 `overlong` = (rows truncated, rows skipped) for the model to log.
 
@@ -75,6 +76,22 @@ def load_conversations(
     if not Path(spec).is_file():
         raise FileNotFoundError(f"data file not found: {spec}")
     return read_conversations_jsonl(spec, image_root=image_root, verify_images=verify_images)
+
+
+def holdout(rows, spec: str, seed: int):
+    """`holdout:N`: N conversations of the training data, drawn by `seed`, become the
+    validation set and leave the training set (a corpus that ships no validation split)."""
+    try:
+        num = int(spec.removeprefix("holdout:"))
+    except ValueError:
+        raise ValueError(f"holdout spec must be 'holdout:N', got {spec!r}") from None
+    if not 0 < num < len(rows):
+        raise ValueError(f"{spec}: must hold out between 1 and {len(rows) - 1} of {len(rows)} rows")
+    if not hasattr(rows, "select"):
+        raise ValueError(f"{spec} needs a jsonl or toy image dataset, not {type(rows).__name__}")
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    val, train = sorted(order[:num]), sorted(order[num:])
+    return rows.select(train), rows.select(val)
 
 
 def visual_placeholder_ids(processor) -> list[int]:
@@ -189,7 +206,7 @@ class ConversationDataModule(L.LightningDataModule):
         """Local rank 0 only: read every data file once with image verification, so a missing
         or corrupt image fails here naming file:line, before any rank starts training."""
         for spec in (self.hparams.train_data, self.hparams.val_data):
-            if spec and not spec.startswith(("toy:", "toypara:", "toyvideo:")):
+            if spec and not spec.startswith(("toy:", "toypara:", "toyvideo:", "holdout:")):
                 load_conversations(spec, self.hparams.image_root, verify_images=True)
 
     def setup(self, stage: str | None = None) -> None:
@@ -201,8 +218,12 @@ class ConversationDataModule(L.LightningDataModule):
                 text = AutoConfig.from_pretrained(target).get_text_config()
                 self.max_length = getattr(text, "max_position_embeddings", None)
         # images were verified in prepare_data; every rank reads the rows only
-        if self.train_set is None and stage in (None, "fit"):
-            self.train_set = load_conversations(hp.train_data, hp.image_root, hp.seed, False)
+        held = str(hp.val_data or "").startswith("holdout:")
+        if (self.train_set is None and stage in (None, "fit")) or (held and self.val_set is None):
+            rows = load_conversations(hp.train_data, hp.image_root, hp.seed, False)
+            self.train_set, self.val_set = (
+                holdout(rows, hp.val_data, hp.seed) if held else (rows, self.val_set)
+            )
         if self.val_set is None and hp.val_data and stage in (None, "fit", "validate"):
             self.val_set = load_conversations(hp.val_data, hp.image_root, hp.seed + 1, False)
 

@@ -55,6 +55,8 @@ def _decode_speedups(methods: dict) -> dict[str, float | None]:
     )
     prompt_ms /= len(spec)
     hf_decode = methods["hf_greedy"]["ms_per_sample"]["total"] - prompt_ms
+    if hf_decode <= 0:  # generate's whole run took less than the others' prompt: noise, no ratio
+        return {name: None for name in spec}
     out = {}
     for name, m in spec.items():
         ms = m["ms_per_sample"]

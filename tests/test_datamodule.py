@@ -76,3 +76,23 @@ def test_images_are_verified_once_in_prepare_data(micro_target_dir, tmp_path, mo
 def test_bad_max_length_refused():
     with pytest.raises(ValueError, match="max_length"):
         ConversationDataModule(target="x", max_length=0)
+
+
+def test_holdout_moves_rows_from_training_to_validation(micro_target_dir):
+    dm = ConversationDataModule(
+        target=str(micro_target_dir), train_data="toy:20:3", val_data="holdout:5", batch_size=4
+    )
+    dm.prepare_data()
+    dm.setup("fit")
+    train, val = [r["id"] for r in dm.train_set], [r["id"] for r in dm.val_set]
+    assert len(train) == 15 and len(val) == 5 and not set(train) & set(val)
+    again = ConversationDataModule(
+        target=str(micro_target_dir), train_data="toy:20:3", val_data="holdout:5", batch_size=4
+    )
+    again.setup("validate")  # the same rows, whichever stage asks first
+    assert [r["id"] for r in again.val_set] == val
+    for bad in ("holdout:0", "holdout:20", "holdout:x"):
+        with pytest.raises(ValueError, match="holdout"):
+            ConversationDataModule(
+                target=str(micro_target_dir), train_data="toy:20:3", val_data=bad
+            ).setup("fit")

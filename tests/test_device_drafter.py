@@ -91,3 +91,26 @@ def test_other_processing_refused(micro_target_dir, tmp_path):
     AutoModelForImageTextToText.from_pretrained(micro_target_dir).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="preprocesses images differently"):
         check_shared_processing(str(micro_target_dir), str(tmp_path))
+
+
+def test_resume_refuses_other_adapters_or_models(micro_target_dir, micro_small_dir):
+    from covspec.training.guards import CheckpointMismatchError
+
+    def module(**kw):
+        m = DeviceDrafterDistillation(str(micro_target_dir), str(micro_small_dir), **kw)
+        m.configure_model()
+        return m
+
+    saved = {"state_dict": module(lora_rank=4).state_dict()}
+    module(lora_rank=4).on_save_checkpoint(saved)
+    module(lora_rank=4).on_load_checkpoint(saved)  # the same settings resume
+    with pytest.raises(CheckpointMismatchError, match="other LoRA adapters"):
+        module(lora_rank=8).on_load_checkpoint(saved)
+    with pytest.raises(CheckpointMismatchError, match="other LoRA adapters"):
+        module(lora_rank=4, lora_projector=True).on_load_checkpoint(saved)
+    other = module(lora_rank=4)
+    other.target.config.text_config.rms_norm_eps *= 2  # a target of another config
+    with pytest.raises(CheckpointMismatchError, match="another target"):
+        other.on_load_checkpoint(saved)
+    with pytest.raises(CheckpointMismatchError, match="no device-drafter identity"):
+        module(lora_rank=4).on_load_checkpoint({"state_dict": {}})

@@ -314,7 +314,8 @@ def test_sweep_report_schema_table_plot_and_policy(video_target, drafters, tmp_p
         for m in p["methods"].values():
             assert m["identical_fraction"] == 1.0 and m["tau"] >= 1.0
             assert m["drafter_ms_per_step"] > 0 and m["drafter_kv_bytes"] > 0
-            assert m["speedup"] > 0 and m["decode_speedup"] > 0
+            # decode time is a difference of timings: too noisy on a busy CPU, it is None
+            assert m["speedup"] > 0 and (m["decode_speedup"] is None or m["decode_speedup"] > 0)
     page = markdown_table(report)
     assert "| 3 | 27 |" in page and "| auto | - |" in page and "| pool3 | 3.0 |" in page
     assert "`elastic` gate picks (prompts per option): 2 frames: " in page

@@ -27,9 +27,11 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from covspec.modeling.adapters import adapter_for
+from covspec.modeling.identity import target_identity
 from covspec.modeling.outputs import check_replaceable, write_folder
 from covspec.modeling.tokens import tokenizer_fingerprint
 from covspec.training.distill import NON_MODEL_KEYS
+from covspec.training.guards import CheckpointMismatchError
 from covspec.training.metrics import DepthAgreement, implied_tau
 
 LM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -119,6 +121,39 @@ class DeviceDrafterDistillation(L.LightningModule):
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items() if "lora_" in k
         }
+        # what a resume must match: the two models and which adapters exist, at which shapes
+        checkpoint["covspec_device"] = {
+            "target": target_identity(self.target),
+            "student": target_identity(self.student.get_base_model()),
+            "adapters": {k: list(v.shape) for k, v in checkpoint["state_dict"].items()},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Resume only this run's adapters on these models (strict_loading is off because the
+        checkpoint holds adapters only, so a mismatch would otherwise load in part, silently)."""
+        where = f"checkpoint {getattr(self._trainer, 'ckpt_path', None) or ''}".strip()
+        saved = checkpoint.get("covspec_device")
+        if saved is None:
+            raise CheckpointMismatchError(
+                f"{where} records no device-drafter identity: pass --resume none to start over"
+            )
+        for name, model in (("target", self.target), ("student", self.student.get_base_model())):
+            if saved[name] != target_identity(model):
+                raise CheckpointMismatchError(
+                    f"{where} was trained with another {name} ({saved[name]}): pass --resume "
+                    "none to start over, or resume with the models it was made with"
+                )
+        want = {k: list(v.shape) for k, v in self.state_dict().items() if "lora_" in k}
+        if saved["adapters"] != want:
+            missing, extra = (
+                sorted(set(want) - set(saved["adapters"])),
+                sorted(set(saved["adapters"]) - set(want)),
+            )
+            raise CheckpointMismatchError(
+                f"{where} holds other LoRA adapters than this run's settings make (missing: "
+                f"{missing[:3] or 'none'}; unexpected: {extra[:3] or 'none'}; or other ranks): "
+                "resume with the recipe it was made with, or pass --resume none"
+            )
 
     def _answer_logits(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, V) teacher and student logits at the positions that predict answer tokens."""
@@ -152,6 +187,10 @@ class DeviceDrafterDistillation(L.LightningModule):
                 f"student loss is {loss.item()} at global step {self.global_step}"
             )
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        if (self.global_step + 1) % 50 == 0:  # top-1 agreement over the last 50 steps
+            rate = self.train_agreement.compute().reshape(-1)
+            self.train_agreement.reset()
+            self.log("train/agreement", rate[0])
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

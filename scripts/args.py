@@ -14,6 +14,7 @@ their argparse type, so `--max-new-tokens 0` is refused before any model loads.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import traceback
@@ -45,7 +46,7 @@ def at_least(low: int) -> Callable[[str], int]:
 
 
 def between(low: float | None, high: float | None) -> Callable[[str], float]:
-    """A float flag in [low, high] (None: unbounded on that side)."""
+    """A finite float flag in [low, high] (None: unbounded on that side)."""
 
     def parse(text: str) -> float:
         try:
@@ -53,7 +54,7 @@ def between(low: float | None, high: float | None) -> Callable[[str], float]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
         if (
-            value != value
+            not math.isfinite(value)
             or (low is not None and value < low)
             or (high is not None and value > high)
         ):

@@ -129,7 +129,8 @@ def _add_draft_arguments(p: argparse.ArgumentParser) -> None:
 
 def _add_price_argument(p) -> None:
     p.add_argument(
-        "--gate-cost-weight", type=float, action="append", default=[], dest="gate_cost_weights",
+        "--gate-cost-weight", type=between(0, None), action="append", default=[],
+        dest="gate_cost_weights",
         help="run each critic-gated drafter at this price of a prefix row (repeatable): "
         "several points on one elastic drafter's tau / rows curve",
     )  # fmt: skip

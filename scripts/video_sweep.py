@@ -34,12 +34,17 @@ def _video_sweep(args: argparse.Namespace) -> None:
     from covspec.modeling.identity import resolve_source
     from covspec.scripts.cli import _draft_settings
 
+    if args.visual_policy != "auto":  # its flags would be ignored otherwise
+        given = [f for f in ("keep", "offload", "threshold", "threshold_from", "depth_from")
+                 if getattr(args, f) is not None]  # fmt: skip
+        if given:
+            flags = ", ".join("--" + f.replace("_", "-") for f in given)
+            raise ValueError(f"{flags} set --visual-policy auto: add it")
+
     target = resolve_source(args.target, "target")
     drafters = [resolve_source(d, "drafter") for d in args.drafter]
     names = {Path(d).name for d in drafters}
     policies, threshold, depths = None, None, None
-    if args.depth_from and args.visual_policy != "auto":
-        raise ValueError("--depth-from sets the depths of --visual-policy auto: add it")
     if args.visual_policy == "auto":
         for role, name in (("--keep", args.keep), ("--offload", args.offload)):
             if name not in names:

@@ -1,6 +1,6 @@
-"""Fault injection (issue 14): nothing lost, nothing deleted, every bad input refused early.
+"""Fault injection: nothing lost, nothing deleted, every bad input refused early.
 
-One test per fault a new user hit, each named after it: a lost export, a resumed checkpoint or a
+One test per fault, each named after it: a lost export, a resumed checkpoint or a
 drafter of another target, output folders deleted, bad data found late, tracebacks instead of
 one line, NaN caught a step late, another run's recipe in a card, and a killed run that must
 resume to the very same weights. Runner losslessness has its own file (tests/test_lossless.py).
@@ -284,6 +284,8 @@ def test_over_long_rows_are_cut_or_skipped_and_counted_never_fatal(micro_target_
     "argv, says",
     [
         (["bench", "--max-new-tokens", "0"], "--max-new-tokens: must be >= 1, got 0"),
+        (["bench", "--gate-cost-weight", "inf"], "--gate-cost-weight: must be in [0, None]"),
+        (["bench", "--gate-cost-weight", "-1"], "--gate-cost-weight: must be in [0, None]"),
         (["bench", "--toy", "x"], "expected an integer"),
         (["simulate", "--stop-margin", "2"], "must be in [0, 1]"),
         (["simulate", "--rtt-sweep", "10,-5"], "positive milliseconds"),

@@ -180,6 +180,9 @@ def test_video_sweep_command_refuses_an_auto_policy_it_cannot_build(tmp_path, ca
     assert "--offload 'other' is not one of the --drafter folders" in capsys.readouterr().err
     assert main([*base, "--keep", "d", "--offload", "d"]) == 2
     assert "needs --threshold-from" in capsys.readouterr().err
+    fixed = base[:-2]  # no --visual-policy auto: its flags would be ignored, so are refused
+    assert main([*fixed, "--keep", "d", "--threshold", "5"]) == 2
+    assert "--keep, --threshold set --visual-policy auto: add it" in capsys.readouterr().err
 
 
 def test_video_sweep_command_reads_auto_depths_for_the_drafter_auto_runs(tmp_path, monkeypatch):

@@ -31,9 +31,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from covspec.inference.pages import TAU_DEFINITION
 from covspec.inference.roles import now
-from covspec.inference.runner import SpecRunner, priced_drafters, suppressed_tokens
+from covspec.inference.runner import SpecRunner, priced_drafters
 from covspec.inference.tree import DraftSettings
-from covspec.modeling.adapters import adapter_for
 from covspec.modeling.drafter import DrafterConfig
 
 
@@ -84,14 +83,8 @@ class _Tally:
 
 
 def _hf_method(encoder: SpecRunner, extra: dict):
-    model = encoder.model
-
     def run(image, prompt, max_new_tokens):
-        inputs = encoder.encode(image, prompt)  # the runner's prompt: same tokens, same media
-        if max_new_tokens <= 0:
-            return [], None
-        out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, **extra)
-        return out[0, inputs["input_ids"].shape[1] :].tolist(), None
+        return encoder.greedy(image, prompt, max_new_tokens, **extra), None
 
     return run
 
@@ -120,15 +113,14 @@ def build_methods(
     `tree_depths`, methods `NAME/tree@dD`, when given), and each of `policies` ({name:
     factory(runners by drafter name) -> object with the runner's `generate`}, run in tree
     mode)."""
-    # Same suppressed tokens as the runner (visual placeholders); it also keeps prompt lookup
-    # from proposing image tokens copied out of the prompt, which crashes transformers' VLMs.
-    suppress = {"suppress_tokens": suppressed_tokens(model, adapter_for(model))}
+    # `greedy` suppresses what the runner does (visual placeholders); that also keeps prompt
+    # lookup from proposing image tokens copied out of the prompt, which crashes HF's VLMs.
     encoder = SpecRunner(model, processor, None)
     methods = {
-        "hf_greedy": (_Tally("baseline"), _hf_method(encoder, suppress)),
+        "hf_greedy": (_Tally("baseline"), _hf_method(encoder, {})),
         "hf_prompt_lookup": (
             _Tally("baseline"),
-            _hf_method(encoder, {**suppress, "prompt_lookup_num_tokens": 10}),
+            _hf_method(encoder, {"prompt_lookup_num_tokens": 10}),
         ),
     }
     runners = {}

@@ -93,14 +93,7 @@ def _diff(found: dict | None, wanted: dict) -> str:
 
 def _methods(runner: SpecRunner, modes: list[DraftSettings], max_new_tokens: int) -> dict:
     def hf(media, prompt):
-        inputs = runner.encode(media, prompt)
-        out = runner.model.generate(
-            **inputs,
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            suppress_tokens=runner.suppress_tokens,  # as the runner: no visual placeholders
-        )
-        return out[0, inputs["input_ids"].shape[1] :].tolist(), None
+        return runner.greedy(media, prompt, max_new_tokens), None
 
     def spec(settings):
         def run(media, prompt):

@@ -209,6 +209,21 @@ class SpecRunner:
             )
 
     @torch.inference_mode()
+    def greedy(self, image, prompt: str, max_new_tokens: int, **generate_kwargs) -> list[int]:
+        """The target's own greedy answer through HF `generate` (the reference lossless
+        decoding must equal, and the baseline it is timed against): the same prompt tokens
+        and suppressed visual placeholders as `generate` below. `generate_kwargs`: e.g.
+        `prompt_lookup_num_tokens` for transformers' prompt-lookup baseline."""
+        if max_new_tokens <= 0:
+            return []
+        inputs = self.encode(image, prompt)
+        out = self.model.generate(
+            **inputs, do_sample=False, max_new_tokens=max_new_tokens,
+            suppress_tokens=self.suppress_tokens, **generate_kwargs,
+        )  # fmt: skip
+        return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+    @torch.inference_mode()
     def generate(
         self,
         image,

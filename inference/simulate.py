@@ -168,13 +168,7 @@ def _decode(runner, method, sample, max_new, timeline, settings, max_depth, head
 
 def greedy_tokens(runner: SpecRunner, sample: dict, max_new: int) -> list[int]:
     """The target's own greedy answer (HF `generate`): what lossless decoding must equal."""
-    inputs = runner.encode(sample["image"], sample["prompt"])
-    with torch.inference_mode():
-        out = runner.model.generate(
-            **inputs, do_sample=False, max_new_tokens=max_new,
-            suppress_tokens=runner.suppress_tokens,
-        )  # fmt: skip
-    return out[0, inputs["input_ids"].shape[1] :].tolist()
+    return runner.greedy(sample["image"], sample["prompt"], max_new)
 
 
 @dataclass

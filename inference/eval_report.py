@@ -22,9 +22,12 @@ def parse_choice(text: str, choices: dict[str, str]) -> str | None:
     """The option letter a free-form answer picks, or None when it names none.
 
     In the spirit of MMMU's `parse_multi_choice_response` (lmms_eval/tasks/mmmu/utils.py), but
-    deterministic (no random fallback): a leading letter ("B", "B.", "(B)"), else a bracketed
-    letter, else a standalone option letter (the last one named; an "A" opening a phrase such
-    as "A red circle" is the article), else the option text named last.
+    deterministic (no random fallback), in this order: a leading letter ("B", "B.", "(B)");
+    a letter the answer declares ("answer is B", "option (B)", "B is correct"); a bracketed
+    letter; a standalone option letter, the last one named (an "A" or "I" opening a phrase
+    such as "A red circle" is the article or the pronoun); else the option text named as whole
+    words, the longest such text when several are ("12" over "2"), the first named among
+    equals.
     """
     letters = [c for c in choices if len(c) == 1 and c.isalpha()]
     if not letters:
@@ -34,15 +37,25 @@ def parse_choice(text: str, choices: dict[str, str]) -> str | None:
     m = re.match(rf"^\(?([{group}])\)?(?=$|[.:,)\n])", text)
     if m:
         return m.group(1)
+    declared = (
+        rf"\b(?:answer|option|choice)\s*(?:is|:)?\s*\(?([{group}])\)?\b",
+        rf"\b\(?([{group}])\)?\s+is\s+(?:the\s+)?(?:correct|right|best|answer)",
+    )
+    for pattern in declared:
+        m = re.search(pattern, text, re.IGNORECASE)
+        if m and m.group(1).upper() in letters:
+            return m.group(1).upper()
     found = re.findall(rf"\(([{group}])\)", text)
-    found = found or re.findall(rf"\b([{group}])\b(?![ \t]+[a-z])", text)
+    found = found or re.findall(rf"\b([{group}])\b(?<![AI]\b(?=[ \t]+[a-z]))", text)
     if found:
         return found[-1]
     lowered = text.lower()
-    named = [
-        (lowered.rfind(t.lower()), c) for c, t in choices.items() if t and t.lower() in lowered
-    ]
-    return max(named)[1] if named else None
+    named = []
+    for c, t in choices.items():
+        hit = re.search(rf"(?<!\w){re.escape(t.lower())}(?!\w)", lowered) if t else None
+        if hit:
+            named.append((-len(t), hit.start(), c))
+    return min(named)[2] if named else None
 
 
 def _method_stats(records: list[dict], name: str, base: dict | None) -> dict:

@@ -23,6 +23,7 @@ an error naming it, or with the benchmark's skip_bad a skipped line that reruns 
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -118,13 +119,15 @@ def _refusal(runner: SpecRunner, media: Media | None, prompt: str, max_new: int)
     return None
 
 
-def _run_sample(runner: SpecRunner, sample, methods: dict, media, k: int, warm: bool) -> dict:
+def _run_sample(
+    runner: SpecRunner, sample, methods: dict, media, order_seed: int, warm: bool
+) -> dict:
     names = list(methods)
     if warm:  # one untimed pass: first calls pay for allocation and lazy initialisation
         for name in names:
             methods[name](media, sample.prompt)
     runs = {}
-    for name in method_order(names, k):
+    for name in method_order(names, order_seed):
         start = now(runner.device)
         tokens, result = methods[name](media, sample.prompt)
         runs[name] = (tokens, result, now(runner.device) - start)
@@ -194,14 +197,19 @@ def run_eval(
     samples = bench.samples(skip_ids=set(log.records))
     seen_skips = len(bench.skipped)
     bar = tqdm(total=len(todo), desc=f"eval {bench.spec.name}", unit="sample")
+    evaluated = 0  # in this process: each one warms up on its first sample that runs
     with torch.inference_mode(), bar:
-        for k, sample in enumerate(samples):
+        for sample in samples:
             media = as_media(Media(sample.images, sample.video))
             reason = _refusal(runner, media, sample.prompt, max_new_tokens)
             if reason is not None:
                 bench.reject(sample.id, reason)  # raises naming the row unless skip_bad
             else:
-                log.append(_run_sample(runner, sample, methods, media, k, k < warmup))
+                # the method order is seeded by the row's id: the same after a resume
+                order_seed = zlib.crc32(sample.id.encode())
+                record = _run_sample(runner, sample, methods, media, order_seed, evaluated < warmup)
+                log.append(record)
+                evaluated += 1
             for rid, why in bench.skipped[seen_skips:]:
                 log.append({"id": rid, "category": None, "skipped": why})
                 bar.update(1)

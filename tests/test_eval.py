@@ -152,6 +152,17 @@ def test_parse_choice():
     assert parse_choice("It is a blue square.", choices) == "B"  # the option's text
     assert parse_choice("nothing", choices) is None
     assert parse_choice("B", {}) is None
+    # a declared letter wins over letters in the explanation; only "A"/"I" can be words
+    assert parse_choice("B is the best option.", choices) == "B"
+    assert parse_choice("D is correct.", choices) == "D"
+    assert parse_choice("B is correct, not A.", choices) == "B"
+    assert parse_choice("Option B is correct, not D.", choices) == "B"
+    assert parse_choice("The answer is B because it contains vitamin C.", choices) == "B"
+    # option text as whole words, the longest match first: "12" is not "2", "not" is not "no"
+    numbers = {"A": "2", "B": "12", "C": "3", "D": "4"}
+    assert parse_choice("There are 12 people.", numbers) == "B"
+    assert parse_choice("I do not know", {"A": "Yes", "B": "No"}) is None
+    assert parse_choice("No, it is not.", {"A": "Yes", "B": "No"}) == "B"
 
 
 def test_methods_run_in_a_seeded_shuffled_order_per_sample():
@@ -189,3 +200,35 @@ def test_methods_run_in_a_seeded_shuffled_order_per_sample():
     first = orders[0]
     shifts = {first[i:] + first[:i] for i in range(len(first))}
     assert set(orders) - shifts
+
+
+def test_warm_up_falls_on_the_first_sample_that_runs(
+    micro_target_dir, drafter_dir, dirs, tmp_path, monkeypatch
+):
+    """A refused first row (with --skip-bad) must not use up the warm-up; each row's method
+    order is seeded by its id, so a resumed run times it in the same order."""
+    import covspec.inference.evaluate as ev
+
+    warmed, seeds = [], []
+    real_run = ev._run_sample
+
+    def spy(runner, sample, methods, media, order_seed, warm):
+        warmed.append((sample.id, warm))
+        seeds.append(order_seed)
+        return real_run(runner, sample, methods, media, order_seed, warm)
+
+    first = {}
+
+    def refuse_first(runner, media, prompt, max_new):
+        first.setdefault("id", prompt)
+        return "too long" if prompt == first["id"] else None
+
+    monkeypatch.setattr(ev, "_run_sample", spy)
+    monkeypatch.setattr(ev, "_refusal", refuse_first)
+    out = tmp_path / "mmbench.json"
+    args = (micro_target_dir, drafter_dir, "mmbench", dirs["mmbench"], out)
+    assert _eval(*args, "--limit", "3", "--skip-bad") == 0
+    assert [w for _, w in warmed] == [True, False]
+    import zlib
+
+    assert seeds == [zlib.crc32(i.encode()) for i, _ in warmed]

@@ -51,11 +51,15 @@ def sample_frames(path: str | Path, num_frames: int) -> list[Image.Image]:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             total, rate = stream.frames, stream.average_rate
-            if total > 0 and rate and stream.time_base:
+            if total <= 0:  # Matroska / WebM headers do not say: count packets, decode none
+                total = sum(1 for packet in container.demux(stream) if packet.size)
+                container.seek(stream.start_time or 0, stream=stream, backward=True)
+            if total <= 0:
+                raise VideoError("the video stream holds no frames")
+            if rate and stream.time_base:
                 frames = _seek_frames(container, stream, total, rate, num_frames)
-            else:  # the container does not say how many frames: count them by decoding
-                frames = _all_frames(container, stream)
-                frames = [frames[i] for i in frame_indices(len(frames), num_frames)]
+            else:  # no clock to seek by: one decoding pass keeping only the wanted frames
+                frames = _streamed_frames(container, stream, total, num_frames)
     except VideoError:
         raise
     except (av.FFmpegError, OSError, ValueError) as e:
@@ -82,11 +86,18 @@ def _seek_frames(container, stream, total: int, rate: Fraction, num_frames: int)
     return frames
 
 
-def _all_frames(container, stream) -> list[Image.Image]:
-    frames = [f.to_image().convert("RGB") for f in container.decode(stream)]
-    if not frames:
-        raise VideoError("the video stream holds no frames")
-    return frames
+def _streamed_frames(container, stream, total: int, num_frames: int) -> list[Image.Image]:
+    wanted = frame_indices(total, num_frames)
+    keep = set(wanted)
+    seen: dict[int, Image.Image] = {}
+    for i, frame in enumerate(container.decode(stream)):
+        if i in keep:
+            seen[i] = frame.to_image().convert("RGB")
+        if i >= wanted[-1]:
+            break
+    if len(seen) < len(keep):
+        raise VideoError(f"decoded {len(seen)} of the {len(keep)} frames wanted of {total}")
+    return [seen[i] for i in wanted]
 
 
 def _folder_frames(path: Path, num_frames: int) -> list[Image.Image]:

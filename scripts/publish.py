@@ -37,7 +37,9 @@ from covspec.training.model_card import (
 )
 
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json")  # one of them is required
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# what an exported folder holds: weights, configs, card, tokenizer files; nothing else goes up
+# (a pickle by any name, an optimizer state, a script a loader might run)
+ALLOWED_SUFFIXES = (".safetensors", ".json", ".md", ".txt", ".jinja", ".model", ".tiktoken")
 DRY_RUN_SUFFIX = ".publish-dry-run"
 
 
@@ -74,9 +76,12 @@ def source_files(folder: Path) -> list[Path]:
         for p in folder.rglob("*")
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
-    pickles = [str(p) for p in files if p.suffix in PICKLE_SUFFIXES]
-    if pickles:
-        raise PublishError(f"{folder} holds pickle weights {pickles}: publish safetensors only")
+    others = [str(p) for p in files if p.suffix.lower() not in ALLOWED_SUFFIXES]
+    if others:
+        raise PublishError(
+            f"{folder} holds files that are not safetensors, configs or tokenizer files "
+            f"{others[:5]}: publish safetensors only (remove or move them)"
+        )
     names = {str(p) for p in files}
     if "config.json" not in names:
         raise PublishError(f"{folder} has no config.json: not an exported HF folder")
@@ -101,6 +106,10 @@ def is_local_path(value: str, folder: Path) -> bool:
 
 def resolve_base_model(cli_value: str | None, part: ExportedPart, folder: Path) -> str:
     """--base-model, else the target recorded in config.json (else the recipe's model.target)."""
+    model = (part.recipe or {}).get("model") or {}
+    recorded = part.config.get("target_name_or_path") or (
+        model.get("target") if isinstance(model, dict) else None
+    )
     if cli_value:
         try:
             validate_repo_id(cli_value)
@@ -108,11 +117,12 @@ def resolve_base_model(cli_value: str | None, part: ExportedPart, folder: Path) 
             raise PublishError(
                 f"--base-model {cli_value!r} is not a Hub model id (ORG/NAME)"
             ) from None
+        if recorded and not is_local_path(str(recorded), folder) and recorded != cli_value:
+            raise PublishError(
+                f"--base-model {cli_value!r} is not the target this drafter was trained for "
+                f"({recorded!r}, in {folder}/config.json)"
+            )
         return cli_value
-    model = (part.recipe or {}).get("model") or {}
-    recorded = part.config.get("target_name_or_path") or (
-        model.get("target") if isinstance(model, dict) else None
-    )
     if not recorded:
         raise PublishError(
             f"{folder}/config.json records no target: pass --base-model with the Hub id of the target"
@@ -154,8 +164,8 @@ def _dry_run_dir(folder: Path, repo_id: str, dry_run_dir: str | None) -> Path:
         else folder.parent / f"{repo_id.split('/')[-1]}{DRY_RUN_SUFFIX}"
     )
     src, dst = folder.resolve(), out.resolve()
-    if dst == src or src in dst.parents:
-        raise PublishError(f"dry-run folder {out} is inside the source folder {folder}")
+    if dst == src or src in dst.parents or dst in src.parents:
+        raise PublishError(f"dry-run folder {out} is, holds or is inside the source {folder}")
     if out.exists():
         if not out.is_dir() or (any(out.iterdir()) and not out.name.endswith(DRY_RUN_SUFFIX)):
             raise PublishError(f"dry-run folder {out} exists and is not empty: remove it first")
@@ -183,23 +193,41 @@ def _staging_dir(folder: Path) -> tempfile.TemporaryDirectory:
 def upload(
     staging: Path, repo_id: str, *, token: str, private: bool, exist_ok: bool, message: str
 ) -> str:
-    """create_repo (a 409 without --exist-ok is refused) then upload_folder; the commit URL."""
+    """create_repo (a 409 without --exist-ok is refused) then upload_folder; the commit URL.
+    An existing repo is replaced whole (its other files deleted in the same commit) and must
+    already be private when --private is asked; a repo this call created is deleted again when
+    the upload fails (e.g. the Hub refuses the card), never left empty."""
     if constants.is_offline_mode():
         raise PublishError("HF_HUB_OFFLINE is set: unset it to upload, or pass --dry-run")
     api = HfApi(token=token)
+    created = True
     try:  # private=None keeps the account's default visibility unless --private
-        api.create_repo(repo_id, private=True if private else None, exist_ok=exist_ok)
+        api.create_repo(repo_id, private=True if private else None)
     except HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else None
-        if status == 409:
+        if status != 409:
+            raise PublishError(f"creating {repo_id} failed: {str(e).splitlines()[0]}") from None
+        if not exist_ok:
             raise PublishError(
                 f"repo {repo_id} already exists on the Hub: pass --exist-ok to add a commit to it"
             ) from None
-        raise PublishError(f"creating {repo_id} failed: {str(e).splitlines()[0]}") from None
+        created = False
+    if not created and private and not api.repo_info(repo_id).private:
+        raise PublishError(
+            f"repo {repo_id} exists and is public: --private cannot apply to it; make it "
+            "private on the Hub first, or publish without --private"
+        )
     try:
-        info = api.upload_folder(repo_id=repo_id, folder_path=staging, commit_message=message)
-    except HfHubHTTPError as e:
-        raise PublishError(f"uploading to {repo_id} failed: {str(e).splitlines()[0]}") from None
+        info = api.upload_folder(
+            repo_id=repo_id, folder_path=staging, commit_message=message,
+            delete_patterns=None if created else "*",  # no stale weights beside the new card
+        )  # fmt: skip
+    except (HfHubHTTPError, ValueError) as e:  # ValueError: the Hub refused the card's YAML
+        if created:
+            api.delete_repo(repo_id, missing_ok=True)
+        undone = "; the repo it had created was deleted" if created else ""
+        why = " ".join(str(e).split())  # the Hub's card verdict spans lines
+        raise PublishError(f"uploading to {repo_id} failed: {why}{undone}") from None
     return info.commit_url
 
 

@@ -142,14 +142,23 @@ def test_folder_refusals(drafter_dir, tmp_path):
     with pytest.raises(PublishError, match="--repo-id 'a/b/c' is not a Hub repo id"):
         publish(drafter_dir, "a/b/c", dry_run=True)
 
+    nest = tmp_path / "old.publish-dry-run"  # a dry-run folder's name, holding the source
+    shutil.copytree(drafter_dir, nest / "toy-drafter")
+    with pytest.raises(PublishError, match="is, holds or is inside the source"):
+        publish(nest / "toy-drafter", REPO, dry_run=True, dry_run_dir=str(nest))
+    assert (nest / "toy-drafter" / "config.json").is_file()  # never removed by a dry run
+    with pytest.raises(PublishError, match="not the target this drafter was trained for"):
+        publish(drafter_dir, REPO, dry_run=True, base_model="meta-llama/Llama-3.1-8B")
+
     _edit_config(drafter_dir, model_type="covspec_compressor")
     with pytest.raises(PublishError, match="model_type 'covspec_compressor'.*covspec_drafter"):
         publish(drafter_dir, REPO, dry_run=True)
 
-    (drafter_dir / "pytorch_model.bin").write_bytes(b"pickle")
-    with pytest.raises(PublishError, match=r"pickle weights \['pytorch_model.bin'\]"):
-        publish(drafter_dir, REPO, dry_run=True)
-    (drafter_dir / "pytorch_model.bin").unlink()
+    for name in ("pytorch_model.bin", "optimizer.PT", "arr.pkl.gz", "extra.joblib", "run.py"):
+        (drafter_dir / name).write_bytes(b"pickle")
+        with pytest.raises(PublishError, match=rf"not safetensors.*\['{re.escape(name)}'\]"):
+            publish(drafter_dir, REPO, dry_run=True)
+        (drafter_dir / name).unlink()
 
     (drafter_dir / "model.safetensors").unlink()
     with pytest.raises(PublishError, match="has no model.safetensors"):
@@ -170,6 +179,9 @@ class FakeHub:
     def __init__(self, create_status: int = 200) -> None:
         self.create_status = create_status
         self.requests: list[tuple[str, str, bytes]] = []
+        self.private = False  # an existing repo's visibility
+        self.remote_files: list[str] = []  # an existing repo's files
+        self.card_error: str | None = None  # the Hub's /api/validate-yaml verdict
 
     def calls(self) -> list[str]:
         """The requests in order, less huggingface_hub's best-effort telemetry lookup
@@ -190,7 +202,18 @@ class FakeHub:
                 return httpx2.Response(409, json={"error": error, "url": url})
             return httpx2.Response(200, json={"url": url})
         if path == "/api/validate-yaml":
+            if self.card_error:
+                return httpx2.Response(400, json={"errors": [{"message": self.card_error}]})
             return httpx2.Response(200, json={"errors": [], "warnings": []})
+        if path == "/api/repos/delete":
+            return httpx2.Response(200, json={})
+        if re.fullmatch(r"/api/models/[^/]+/[^/]+", path) and request.method == "GET":
+            return httpx2.Response(200, json={"id": REPO, "private": self.private, "sha": "a" * 40})
+        if re.fullmatch(r"/api/models/[^/]+/[^/]+/tree/main.*", path):
+            tree = [
+                {"type": "file", "path": f, "size": 1, "oid": "b" * 40} for f in self.remote_files
+            ]
+            return httpx2.Response(200, json=tree)
         if re.fullmatch(r"/api/models/[^/]+/[^/]+/preupload/main", path):
             files = [
                 {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
@@ -201,6 +224,12 @@ class FakeHub:
             url = f"https://huggingface.co/{m.group(1)}/commit/{'a' * 40}"
             return httpx2.Response(200, json={"commitUrl": url, "commitOid": "a" * 40})
         return httpx2.Response(404, json={"error": f"fake hub: no {request.method} {path}"})
+
+    def deleted(self) -> list[str]:
+        """Paths the commit deletes from the repo."""
+        (body,) = [b for m, p, b in self.requests if p.endswith("/commit/main")]
+        lines = [json.loads(line) for line in body.splitlines() if line]
+        return sorted(x["value"]["path"] for x in lines[1:] if x["key"] == "deletedFile")
 
     def committed(self) -> dict[str, bytes]:
         """{path in repo: content} of the commit's ndjson payload."""
@@ -261,8 +290,21 @@ def test_existing_repo_needs_exist_ok(drafter_dir, fake_hub):
     create = next(b for m, p, b in fake_hub.requests if p == "/api/repos/create")
     assert "visibility" not in json.loads(create)  # the account's default is kept
 
+    fake_hub.remote_files = ["pytorch_model.bin", "README.md"]  # an older upload's files
     result = publish(drafter_dir, REPO, token="hf_fake", exist_ok=True)
     assert result.url.endswith("a" * 40) and "README.md" in fake_hub.committed()
+    assert "pytorch_model.bin" in fake_hub.deleted()  # no stale pickle beside the new card
+    with pytest.raises(PublishError, match="exists and is public: --private cannot apply"):
+        publish(drafter_dir, REPO, token="hf_fake", exist_ok=True, private=True)
+    fake_hub.private = True
+    publish(drafter_dir, REPO, token="hf_fake", exist_ok=True, private=True)
+
+
+def test_a_refused_card_leaves_no_empty_repo(drafter_dir, fake_hub):
+    fake_hub.card_error = "license: must be one of the Hub's licenses"
+    with pytest.raises(PublishError, match="license.*the repo it had created was deleted"):
+        publish(drafter_dir, REPO, token="hf_fake")
+    assert "DELETE /api/repos/delete" in fake_hub.calls()
 
 
 def test_offline_mode_refused(drafter_dir, monkeypatch):

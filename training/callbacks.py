@@ -71,9 +71,9 @@ Trained by online-logit distillation with a {steps}-step training-time-test unro
     }. Embeddings (and a full-vocabulary LM head) are the target's and are not stored here; {
         "`covspec export --format speculators` writes a self-contained folder for vLLM / "
         "speculators."
-        if cfg.target_features and cfg.visual_prefix != "compressed"
-        else "no EAGLE-3 export exists for it (serving engines run neither a compressor nor a "
-        "drafter without target features)."
+        if cfg.target_features and cfg.visual_prefix != "compressed" and not cfg.step_bias
+        else "no EAGLE-3 export exists for it (serving engines run no compressor, no drafter "
+        "without target features and no HiViS step bias)."
     }
 
 Load it with the project's code (no `trust_remote_code`):

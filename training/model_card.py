@@ -105,11 +105,12 @@ def dataset_name(recipe: dict | None) -> str:
     data = (recipe or {}).get("data") or {}
     if not isinstance(data, dict):
         return DEFAULT_DATASET
-    if data.get("val_data"):
-        return f"{data['val_data']} (validation)"
-    if data.get("train_data"):
-        return f"{data['train_data']} (validation split)"
-    return DEFAULT_DATASET
+    val, train = data.get("val_data"), data.get("train_data")
+    if val and str(val).startswith("holdout:") and train:  # carved out of the training data
+        return f"{train} ({str(val).removeprefix('holdout:')} held-out conversations)"
+    if val:
+        return f"{val} (validation)"
+    return DEFAULT_DATASET  # no validation data: nothing was measured on the training data
 
 
 def drafter_eval_results(part: ExportedPart) -> list[EvalResult]:

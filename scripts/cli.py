@@ -183,6 +183,8 @@ def _add_simulate_parser(sub) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    import torch
+
     from covspec.data.benchmarks import load_benchmark
     from covspec.inference.eval_report import markdown
     from covspec.inference.evaluate import run_eval
@@ -193,11 +195,13 @@ def _eval(args: argparse.Namespace) -> None:
         video_dir=args.video_dir, num_frames=args.num_frames, limit=args.limit,
         skip_bad=args.skip_bad,
     )  # fmt: skip
-    runner = SpecRunner.from_folders(args.target, args.drafter, device=args.device)
+    dtype = getattr(torch, args.dtype)
+    runner = SpecRunner.from_folders(args.target, args.drafter, dtype, device=args.device)
     modes = [_draft_settings(args, mode) for mode in args.mode or ["chain", "tree"]]
     info = {
         "target": args.target, "drafter": args.drafter, "data": args.data_dir or bench.spec.hub_id,
         "split": args.split or bench.spec.split, "config": args.config or bench.spec.config,
+        "dtype": args.dtype,
         "num_frames": args.num_frames if bench.spec.video else None,
     }  # fmt: skip
     report = run_eval(
@@ -226,7 +230,14 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--config", help="dataset config (MMBench: en; MVBench: one task)")
     p.add_argument("--video-dir", help="where the clips are (default: --data-dir)")
     p.add_argument("--num-frames", type=at_least(1), default=8, help="frames sampled per clip")
-    p.add_argument("--limit", type=at_least(1), help="the first N rows only")
+    p.add_argument(
+        "--limit", type=at_least(1),
+        help="N rows spread evenly over the set (sets ordered by subject or task stay covered)",
+    )  # fmt: skip
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+        help="target and drafter dtype (bfloat16 on a GPU, as served)",
+    )  # fmt: skip
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad rows, not fail")
     p.add_argument("--max-new-tokens", type=at_least(1), default=128)
     p.add_argument(

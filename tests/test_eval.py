@@ -88,7 +88,7 @@ def test_resume_skips_finished_samples(micro_target_dir, drafter_dir, dirs, tmp_
     lines = _lines(out)
     assert lines[:3] == first  # the finished samples were not redone
     ids = [json.loads(line)["id"] for line in lines[1:]]
-    assert ids == ["1000", "1001", "1002", "1003"]
+    assert ids == ["1000", "1002", "1001", "1003"]  # --limit 2 took rows spread over the 4
     report = json.loads(out.read_text())
     assert report["num_samples"] == 4 and report["overall"]["tree"]["identical_fraction"] == 1.0
     assert _eval(*args) == 0 and _lines(out) == lines  # nothing left to do

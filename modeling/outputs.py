@@ -10,7 +10,9 @@ covspec (made before markers existed), or with `overwrite`; anything else is ref
 byte is written, naming the folder. The new folder is written beside the old one and swapped in
 with one atomic exchange (Linux `renameat2(RENAME_EXCHANGE)`); where the file system cannot
 exchange, two renames are used and a folder left at the `.old` name by a crash between them is
-put back by the next write. No Lightning, no torch: every layer may use it.
+put back by the next write. Writers of one folder take turns (an advisory lock on a hidden
+sibling), so one never removes another's half-written temporary folder. No Lightning, no
+torch: every layer may use it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 MARKER = ".covspec-output"
@@ -96,10 +99,31 @@ def write_folder(
     """Run `write(tmp)` into a fresh sibling of `out`, mark it, then swap it in: at every
     instant `out` is either the complete old folder or the complete new one."""
     out = Path(out)
-    if out.parent.is_dir():
-        recover(out)
-    check_replaceable(out, overwrite, legacy)
+    check_replaceable(out, overwrite, legacy)  # refused before anything is created
     out.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(out):  # one writer at a time: `recover` must not take another's tmp folder
+        recover(out)
+        check_replaceable(out, overwrite, legacy)
+        return _swap_in(out, write, kind)
+
+
+@contextmanager
+def _locked(out: Path):
+    """An exclusive advisory lock on a hidden sibling of `out` (POSIX flock; none elsewhere)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    with open(out.parent / f".{out.name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _swap_in(out: Path, write: Callable[[Path], None], kind: str) -> Path:
     tag = uuid.uuid4().hex[:8]
     tmp, old = out.parent / f".{out.name}.tmp-{tag}", out.parent / f".{out.name}.old-{tag}"
     tmp.mkdir()

@@ -490,3 +490,34 @@ def test_elastic_run_stopped_and_resumed_equals_the_whole_run(
     assert _same(a, b), {
         k: (a[k] - b[k]).abs().max().item() for k in a if not torch.equal(a[k], b[k])
     }
+
+
+def test_two_writers_of_one_folder_take_turns(tmp_path):
+    """A second export into the same folder waits for the first instead of deleting its
+    half-written temporary folder (both used to start at once, and the first failed)."""
+    import threading
+    import time
+
+    from covspec.modeling.outputs import write_folder
+
+    out, started, errors = tmp_path / "drafter", threading.Event(), []
+
+    def slow(tmp):
+        started.set()
+        time.sleep(0.5)
+        (tmp / "weights").write_text("first")
+
+    def first():
+        try:
+            write_folder(out, slow)
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    started.wait(5)
+    write_folder(out, lambda tmp: (tmp / "weights").write_text("second"))
+    thread.join(10)
+    assert not errors, errors
+    assert (out / "weights").read_text() == "second"  # the later writer's folder is the one kept
+    assert not list(tmp_path.glob(".drafter.tmp-*")) and not list(tmp_path.glob(".drafter.old-*"))

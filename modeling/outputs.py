@@ -10,8 +10,8 @@ covspec (made before markers existed), or with `overwrite`; anything else is ref
 byte is written, naming the folder. The new folder is written beside the old one and swapped in
 with one atomic exchange (Linux `renameat2(RENAME_EXCHANGE)`); where the file system cannot
 exchange, two renames are used and a folder left at the `.old` name by a crash between them is
-put back by the next write. Writers of one folder take turns (an advisory lock on a hidden
-sibling), so one never removes another's half-written temporary folder. No Lightning, no
+put back by the next write. Writers into one parent folder take turns (an advisory lock on
+that folder), so one never removes another's half-written temporary folder. No Lightning, no
 torch: every layer may use it.
 """
 
@@ -95,41 +95,52 @@ def write_folder(
     overwrite: bool = False,
     kind: str = "output",
     legacy: Callable[[Path], bool] | None = None,
+    info: dict | None = None,
 ) -> Path:
     """Run `write(tmp)` into a fresh sibling of `out`, mark it, then swap it in: at every
-    instant `out` is either the complete old folder or the complete new one."""
+    instant `out` is either the complete old folder or the complete new one. `info` (plain
+    values) is recorded in the marker beside the kind (`marker_info` reads it back)."""
     out = Path(out)
     check_replaceable(out, overwrite, legacy)  # refused before anything is created
     out.parent.mkdir(parents=True, exist_ok=True)
     with _locked(out):  # one writer at a time: `recover` must not take another's tmp folder
         recover(out)
         check_replaceable(out, overwrite, legacy)
-        return _swap_in(out, write, kind)
+        return _swap_in(out, write, {"created_by": "covspec", "kind": kind, **(info or {})})
 
 
 @contextmanager
 def _locked(out: Path):
-    """An exclusive advisory lock on a hidden sibling of `out` (POSIX flock; none elsewhere)."""
+    """An exclusive advisory lock on the parent folder of `out` (POSIX flock on the folder
+    itself, so no lock file is left behind; writers into one parent take turns)."""
     try:
         import fcntl
     except ImportError:  # not POSIX
         yield
         return
-    with open(out.parent / f".{out.name}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
-def _swap_in(out: Path, write: Callable[[Path], None], kind: str) -> Path:
+def marker_info(folder: str | Path) -> dict:
+    """What `write_folder` recorded in a folder's marker; {} without one."""
+    try:
+        return json.loads((Path(folder) / MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _swap_in(out: Path, write: Callable[[Path], None], marker: dict) -> Path:
     tag = uuid.uuid4().hex[:8]
     tmp, old = out.parent / f".{out.name}.tmp-{tag}", out.parent / f".{out.name}.old-{tag}"
     tmp.mkdir()
     try:
         write(tmp)
-        (tmp / MARKER).write_text(json.dumps({"created_by": "covspec", "kind": kind}) + "\n")
+        (tmp / MARKER).write_text(json.dumps(marker) + "\n")
         if out.exists() and _exchange(tmp, out):
             shutil.rmtree(tmp)  # now holds the old folder
             return out

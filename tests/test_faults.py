@@ -116,6 +116,17 @@ def test_rerun_with_a_complete_checkpoint_exports_a_missing_export(
     assert _same(load_file(out / "drafter" / "model.safetensors"), tensors)
     assert main(_train_args(micro_target_dir, out)) == 0  # now current: not rewritten
     assert "is current" in capsys.readouterr().out
+    # an export from an earlier checkpoint, written after the last one: newer, yet stale
+    last = torch.load(out / "ckpt" / "last.ckpt", weights_only=True)
+    early = {**last, "global_step": last["global_step"] - 1}
+    early["state_dict"] = {k: v * 0.5 for k, v in last["state_dict"].items()}
+    torch.save(early, out / "early.ckpt")
+    assert main(["export-checkpoint", str(out / "early.ckpt"), "--out", str(out / "drafter")]) == 0
+    assert not _same(load_file(out / "drafter" / "model.safetensors"), tensors)
+    capsys.readouterr()
+    assert main(_train_args(micro_target_dir, out)) == 0
+    assert "exported drafter" in capsys.readouterr().out  # by its step, not its file time
+    assert _same(load_file(out / "drafter" / "model.safetensors"), tensors)
 
 
 def _target_of(run: Path) -> str:

@@ -22,7 +22,7 @@ import yaml
 from lightning.pytorch.utilities import rank_zero_only
 
 from covspec.modeling.drafter import Drafter, DrafterConfig
-from covspec.modeling.outputs import check_replaceable, write_folder
+from covspec.modeling.outputs import check_replaceable, marker_info, write_folder
 from covspec.training.guards import trainer_metrics
 from covspec.training.metrics import implied_tau
 from covspec.training.model_card import TAU_DEFINITION
@@ -136,7 +136,10 @@ def write_drafter_folder(
         (tmp / "README.md").write_text(card)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
 
-    out = write_folder(out, write, overwrite=overwrite, kind="drafter", legacy=is_drafter_folder)
+    out = write_folder(
+        out, write, overwrite=overwrite, kind="drafter", legacy=is_drafter_folder,
+        info={"trained_steps": int(trained)},  # what a resumed run's export_if_stale compares
+    )  # fmt: skip
     print(f"exported drafter to {out} (val tau {metrics.get('val/tau', float('nan')):.3f})")
     return out
 
@@ -172,15 +175,19 @@ class ExportDrafter(L.Callback):
         )  # fmt: skip
 
     def export_if_stale(self, checkpoint: str | Path) -> Path | None:
-        """Export from `checkpoint` when the folder is missing or older than it (a run killed
-        between its last checkpoint and its export); None when the folder is current."""
-        out, checkpoint = Path(self.dirpath), Path(checkpoint)
-        if (out / "model.safetensors").is_file() and (
-            out.stat().st_mtime >= checkpoint.stat().st_mtime
-        ):
-            return None
+        """Export from `checkpoint` when the folder is missing or holds another step than it
+        (a run killed between its last checkpoint and its export, or a folder exported from an
+        earlier checkpoint since); None when the folder is current. A folder that records no
+        step (an older covspec's) counts as current when it is newer than the checkpoint."""
         # imported here: checkpoint_export builds on this module's folder writer
-        from covspec.training.checkpoint_export import export_checkpoint
+        from covspec.training.checkpoint_export import export_checkpoint, read_checkpoint
 
+        out, checkpoint = Path(self.dirpath), Path(checkpoint)
+        if (out / "model.safetensors").is_file():
+            steps = marker_info(out).get("trained_steps")
+            if steps is None and out.stat().st_mtime >= checkpoint.stat().st_mtime:
+                return None
+            if steps is not None and steps == int(read_checkpoint(checkpoint)["global_step"]):
+                return None
         self.exported = export_checkpoint(checkpoint, out, overwrite=self.overwrite)
         return self.exported

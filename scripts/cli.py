@@ -297,15 +297,23 @@ def _publish(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from pathlib import Path
 
+    from huggingface_hub.utils import validate_repo_id
     from transformers import AutoModelForImageTextToText
 
     from covspec.modeling.adapters import adapter_for
     from covspec.modeling.drafter import Drafter
     from covspec.modeling.export import check_out_dir, export_drafter
-    from covspec.modeling.identity import target_identity
+    from covspec.modeling.identity import looks_local, target_identity
     from covspec.modeling.tokens import tokenizer_fingerprint
 
     check_out_dir(Path(args.out), args.overwrite)  # before loading anything
+    if args.verifier:
+        try:
+            validate_repo_id(args.verifier)
+        except ValueError:
+            raise ValueError(
+                f"--verifier {args.verifier!r} is not a Hub model id (ORG/NAME)"
+            ) from None
     for name, folder in (("drafter", args.drafter), ("target", args.target)):
         if not Path(folder).is_dir():
             raise FileNotFoundError(f"{name} folder {folder} does not exist")
@@ -314,16 +322,23 @@ def _export(args: argparse.Namespace) -> None:
     drafter.attach_target(
         adapter_for(target), tokenizer_fingerprint(args.target), target_identity(target)
     )
+    verifier = args.verifier or drafter.config.target_name_or_path or args.target
     path = export_drafter(
         drafter,
         args.out,
         args.format,
         dtype=args.dtype,
         target_architectures=target.config.architectures,
-        target_name_or_path=drafter.config.target_name_or_path or args.target,
+        target_name_or_path=verifier,
         overwrite=args.overwrite,
     )
     print(f"wrote {args.format} EAGLE-3 checkpoint to {path}")
+    if looks_local(verifier):  # an engine elsewhere resolves the verifier by this name
+        print(
+            f"note: the export names its verifier by the local path {verifier!r}; pass "
+            "--verifier ORG/NAME (the target's Hub id) for a checkpoint others can load",
+            file=sys.stderr,
+        )
 
 
 def _add_export_parser(sub: argparse._SubParsersAction) -> None:
@@ -334,6 +349,9 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder (refused if non-empty)")
     p.add_argument(
         "--dtype", choices=["bfloat16", "float16", "float32"], help="default: the drafter's"
+    )
+    p.add_argument(
+        "--verifier", help="the target's Hub id to name in the export (default: the recorded one)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=_export)

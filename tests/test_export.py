@@ -239,6 +239,15 @@ def test_cli_export_end_to_end(target, tmp_path, capsys):
     assert spec.config.speculators_config.verifier.architectures == [
         "LlavaForConditionalGeneration"
     ]
+    assert "--verifier ORG/NAME" in capsys.readouterr().err  # the recorded target is a folder
+    named = tmp_path / "named"
+    assert (
+        main([*argv[:-1], str(named), "--format", "speculators", "--verifier", "org/target"]) == 0
+    )
+    config = json.loads((named / "config.json").read_text())
+    assert config["speculators_config"]["verifier"]["name_or_path"] == "org/target"
+    assert "--verifier ORG/NAME" not in capsys.readouterr().err
+    assert main([*argv, "--format", "speculators", "--verifier", "not a repo"]) == 2
     capsys.readouterr()
     assert main([*argv, "--format", "eagle3"]) == 2  # non-empty --out without --overwrite
     assert str(out) in capsys.readouterr().err

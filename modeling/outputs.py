@@ -8,11 +8,11 @@ Every folder covspec writes carries a marker file (`.covspec-output`). An existi
 replaced only when it has that marker, when `legacy(folder)` recognises an output of an older
 covspec (made before markers existed), or with `overwrite`; anything else is refused before a
 byte is written, naming the folder. The new folder is written beside the old one and swapped in
-with one atomic exchange (Linux `renameat2(RENAME_EXCHANGE)`); where the file system cannot
-exchange, two renames are used and a folder left at the `.old` name by a crash between them is
-put back by the next write. Writers into one parent folder take turns (an advisory lock on
-that folder), so one never removes another's half-written temporary folder. No Lightning, no
-torch: every layer may use it.
+with one atomic exchange (Linux `renameat2(RENAME_EXCHANGE)`), its files synced to disk first;
+where the file system cannot exchange, two renames are used and a folder left at the `.old` name
+by a crash between them is put back by the next write. Writers into one parent folder take turns
+(an advisory lock on that folder), so one never removes another's half-written temporary folder.
+No Lightning, no torch: every layer may use it.
 """
 
 from __future__ import annotations
@@ -126,6 +126,28 @@ def _locked(out: Path):
         os.close(fd)  # closing releases the lock
 
 
+def _sync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot sync a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sync(folder: Path) -> None:
+    """fsync every file under `folder`, then its folders, deepest first."""
+    for root, _dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _sync_dir(Path(root))
+
+
 def marker_info(folder: str | Path) -> dict:
     """What `write_folder` recorded in a folder's marker; {} without one."""
     try:
@@ -141,12 +163,15 @@ def _swap_in(out: Path, write: Callable[[Path], None], marker: dict) -> Path:
     try:
         write(tmp)
         (tmp / MARKER).write_text(json.dumps(marker) + "\n")
+        _sync(tmp)  # on disk before it takes the name: a power cut leaves no empty files in it
         if out.exists() and _exchange(tmp, out):
+            _sync_dir(out.parent)
             shutil.rmtree(tmp)  # now holds the old folder
             return out
         if out.exists():
             out.rename(old)  # a crash here leaves `old`, which `recover` puts back
         tmp.rename(out)
+        _sync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not out.exists():

@@ -37,14 +37,14 @@ def parse_choice(text: str, choices: dict[str, str]) -> str | None:
     m = re.match(rf"^\(?([{group}])\)?(?=$|[.:,)\n])", text)
     if m:
         return m.group(1)
+    # only the words are case-free: "the answer is a dog" names no letter
     declared = (
-        rf"\b(?:answer|option|choice)\s*(?:is|:)?\s*\(?([{group}])\)?\b",
-        rf"\b\(?([{group}])\)?\s+is\s+(?:the\s+)?(?:correct|right|best|answer)",
+        rf"(?i:\b(?:answer|choice))\s*(?i:is|:)?\s*\(?([{group}])\)?(?![\w])",
+        rf"(?<![\w])\(?([{group}])\)?\s+(?i:is)\s+(?i:the\s+)?(?i:correct|right|best|answer)\b",
     )
-    for pattern in declared:
-        m = re.search(pattern, text, re.IGNORECASE)
-        if m and m.group(1).upper() in letters:
-            return m.group(1).upper()
+    stated = [m for pattern in declared for m in re.finditer(pattern, text)]
+    if stated:  # the last statement: "Option A is wrong ... the answer is C" says C
+        return max(stated, key=lambda m: m.start(1)).group(1)
     found = re.findall(rf"\(([{group}])\)", text)
     found = found or re.findall(rf"\b([{group}])\b(?<![AI]\b(?=[ \t]+[a-z]))", text)
     if found:

@@ -309,9 +309,8 @@ def task_correct(sample: dict, text: str) -> bool | None:
 def load_head(folder: str, runner: SpecRunner) -> AcceptanceHead:
     """The acceptance head, refused by name when trained for another target or drafter."""
     head = AcceptanceHead.from_pretrained(folder)
-    head.check_pair(
-        runner.adapter, drafter_fingerprint(runner.drafter), runner.drafter.name_or_path
-    )
+    digests = {drafter_fingerprint(runner.drafter, legacy) for legacy in (False, True)}
+    head.check_pair(runner.adapter, digests, runner.drafter.name_or_path)
     return head.eval()
 
 

@@ -180,11 +180,19 @@ class AcceptanceHead(PreTrainedModel):
     def check_pair(
         self,
         adapter: TargetAdapter,
-        drafter_fingerprint: str | None,
+        drafter_fingerprint: str | set[str] | None,
         drafter_name: str | None = None,
     ) -> None:
-        """Refuse a target or drafter other than the ones this head was trained against."""
+        """Refuse a target or drafter other than the ones this head was trained against
+        (`drafter_fingerprint`: the drafter's digest, or the set of its current and legacy
+        ones, so a head an earlier version trained is still recognised)."""
         c = self.config
+        if isinstance(drafter_fingerprint, set):
+            drafter_fingerprint = (
+                c.drafter_fingerprint
+                if c.drafter_fingerprint in drafter_fingerprint
+                else min(drafter_fingerprint)
+            )
         expected = {
             "target model type": (c.target_model_type, adapter.config.model_type),
             "target vocab size": (c.target_vocab_size, adapter.vocab_size),
@@ -200,17 +208,19 @@ class AcceptanceHead(PreTrainedModel):
                 )
 
 
-def drafter_fingerprint(drafter: nn.Module) -> str:
+def drafter_fingerprint(drafter: nn.Module, legacy: bool = False) -> str:
     """A short digest of a drafter's weights: a retrained drafter gets another one, the same
     drafter cast to bfloat16 (as a bf16 target's runner casts it) keeps it: floats are hashed
-    at bfloat16 precision."""
+    at bfloat16 precision. `legacy`: the float32 digest heads of earlier versions recorded."""
     import hashlib
 
     digest = hashlib.sha256()
     for name, tensor in sorted(drafter.state_dict().items()):
         digest.update(name.encode())
         t = tensor.detach()
-        flat = (t.to(torch.bfloat16) if t.is_floating_point() else t).float().flatten()
+        if t.is_floating_point() and not legacy:
+            t = t.to(torch.bfloat16)
+        flat = t.float().flatten()
         digest.update(flat[:: max(1, flat.numel() // 64)].cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 

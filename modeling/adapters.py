@@ -147,14 +147,18 @@ class TargetAdapter:
         ids = inputs["input_ids"]
         for row, mask in zip(ids, self.visual_mask(ids), strict=True):
             grids: list[Grid] = []
-            for start, _ in visual_runs(mask):
-                queue = queues.get(int(row[start]))
-                if not queue:
-                    raise ValueError(
-                        f"more visual blocks in input_ids than the processor outputs describe "
-                        f"(token id {int(row[start])})"
-                    )
-                grids += queue.pop(0)
+            for start, n in visual_runs(mask):
+                end = start + n
+                while start < end:  # a run may hold several images / videos back to back
+                    queue = queues.get(int(row[start]))
+                    if not queue:
+                        raise ValueError(
+                            "more visual blocks in input_ids than the processor outputs "
+                            f"describe (token id {int(row[start])} at position {start})"
+                        )
+                    blocks = queue.pop(0)
+                    grids += blocks
+                    start += sum(h * w for h, w in blocks)
             out.append(grids)
         return out
 
@@ -287,8 +291,21 @@ class LlavaNextAdapter(TargetAdapter):
         """An image is its base view (side x side) then its unpadded tiles with one newline
         column, rows x (cols + 1), as HF's `pack_image_features` lays them out."""
         sizes = inputs.get("image_sizes")
-        images = [self._anyres_blocks(size) for size in (sizes if sizes is not None else [])]
+        sizes = [] if sizes is None else list(sizes)
+        images = [
+            self._anyres_blocks(size) if tiled else self._single_view_blocks()
+            for size, tiled in zip(sizes, self._tiled(inputs, len(sizes)), strict=True)
+        ]
         return self._blocks_per_run(inputs, images, self._video_blocks(inputs))
+
+    def _tiled(self, inputs, num_images: int) -> list[bool]:
+        """Which images are laid out any-res (all, for LLaVA-NeXT)."""
+        return [True] * num_images
+
+    def _single_view_blocks(self) -> list[Grid]:
+        vc = self.config.vision_config
+        side = vc.image_size // vc.patch_size
+        return [(side, side), (1, 1)]  # the base view and its newline token
 
     def _video_blocks(self, inputs) -> list[list[Grid]]:
         return []
@@ -326,6 +343,14 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     def max_patches(self) -> int | None:  # type: ignore[override]
         ratio = getattr(self.config, "vision_aspect_ratio", "anyres_max_9")
         return int(ratio.removeprefix("anyres_max_")) if ratio.startswith("anyres_max_") else None
+
+    def _tiled(self, inputs, num_images: int) -> list[bool]:
+        """OneVision tiles only an image alone in its sample (HF's `batch_num_images`); with
+        several, each is its base view and a newline token."""
+        counts = inputs.get("batch_num_images")
+        if counts is None:
+            return [True] * num_images
+        return [int(n) == 1 for n in counts for _ in range(int(n))]
 
     def _video_blocks(self, inputs) -> list[list[Grid]]:
         """A clip: every frame pooled to ceil(side/2) x ceil(side/2), then one newline token."""

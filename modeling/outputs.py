@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -120,7 +121,13 @@ def _locked(out: Path):
         return
     fd = os.open(out.parent, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:  # NFS (EBADF on a directory), Lustre without flock (ENOSYS), ...
+            warnings.warn(
+                f"no lock on {out.parent} ({e.strerror}): writers of {out.name} must not overlap",
+                stacklevel=3,
+            )
         yield
     finally:
         os.close(fd)  # closing releases the lock

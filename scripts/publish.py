@@ -190,6 +190,14 @@ def _staging_dir(folder: Path) -> tempfile.TemporaryDirectory:
         return tempfile.TemporaryDirectory(prefix="covspec-publish-")
 
 
+def _exists(api: HfApi, repo_id: str) -> bool:
+    try:
+        api.repo_info(repo_id)
+    except HfHubHTTPError:
+        return False
+    return True
+
+
 def upload(
     staging: Path, repo_id: str, *, token: str, private: bool, exist_ok: bool, message: str
 ) -> str:
@@ -205,7 +213,9 @@ def upload(
         api.create_repo(repo_id, private=True if private else None)
     except HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else None
-        if status != 409:
+        # a token that may write to an existing repo but not create one gets 401-403
+        exists = status == 409 or (exist_ok and status in (401, 402, 403) and _exists(api, repo_id))
+        if not exists:
             raise PublishError(f"creating {repo_id} failed: {str(e).splitlines()[0]}") from None
         if not exist_ok:
             raise PublishError(
@@ -223,9 +233,13 @@ def upload(
             delete_patterns=None if created else "*",  # no stale weights beside the new card
         )  # fmt: skip
     except (HfHubHTTPError, ValueError) as e:  # ValueError: the Hub refused the card's YAML
+        undone = ""
         if created:
-            api.delete_repo(repo_id, missing_ok=True)
-        undone = "; the repo it had created was deleted" if created else ""
+            try:
+                api.delete_repo(repo_id, missing_ok=True)
+                undone = "; the repo it had created was deleted"
+            except HfHubHTTPError:
+                undone = f"; the repo it had created could not be deleted: remove {repo_id}"
         why = " ".join(str(e).split())  # the Hub's card verdict spans lines
         raise PublishError(f"uploading to {repo_id} failed: {why}{undone}") from None
     return info.commit_url

@@ -234,3 +234,21 @@ def test_head_loading_is_strict_and_the_drafter_fingerprint_survives_bf16(tmp_pa
     with torch.no_grad():
         drafter.weight[0, 0] += 1.0
     assert drafter_fingerprint(drafter) != fp32
+    # a head an earlier version trained recorded the float32 digest: still recognised
+    drafter = torch.nn.Linear(16, 16)  # float32 values bfloat16 cannot hold exactly
+    assert drafter_fingerprint(drafter, legacy=True) != drafter_fingerprint(drafter)
+    old = AcceptanceHead(
+        AcceptanceHeadConfig(
+            target_hidden_size=8, drafter_hidden_size=8,
+            drafter_fingerprint=drafter_fingerprint(drafter, legacy=True),
+        )
+    )  # fmt: skip
+    from types import SimpleNamespace
+
+    adapter = SimpleNamespace(
+        config=SimpleNamespace(model_type=None), vocab_size=None, hidden_size=None
+    )
+    both = {drafter_fingerprint(drafter), drafter_fingerprint(drafter, legacy=True)}
+    old.check_pair(adapter, both)
+    with pytest.raises(TargetMismatchError, match="drafter"):
+        old.check_pair(adapter, {drafter_fingerprint(drafter)})

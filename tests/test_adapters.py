@@ -162,3 +162,26 @@ def test_anyres_grid_matches_hf_packing(name, size):
     (base, (rows, cols)) = adapter._anyres_blocks(size)
     assert base == (side, side) and packed[0].shape[0] == side * side + rows * cols
     assert newline == [side * side + r * cols + cols - 1 for r in range(rows)]
+
+
+@torch.no_grad()
+def test_onevision_multi_image_samples_are_base_views_back_to_back():
+    """HF tiles an image only when it is alone in its sample; two images adjacent in one run
+    are each a base view and a newline token, and the model's own forward agrees."""
+    from covspec.modeling.drafter_inputs import block_spans, image_runs
+    from tests.tiny_vlms import IMAGE, _ids, _text, llava_onevision
+
+    torch.manual_seed(0)
+    model = llava_onevision()[0].eval()
+    adapter = adapter_for(model)
+    inputs = {
+        "input_ids": _ids(_text(2), [IMAGE] * 17, [IMAGE] * 17, _text(3, 1)),
+        "pixel_values": torch.randn(2, 5, 3, 16, 16),
+        "image_sizes": torch.tensor([[32, 32], [32, 32]]),
+        "batch_num_images": torch.tensor([2]),
+    }
+    model(**inputs)  # HF accepts this layout: 17 tokens per image
+    grids = adapter.visual_grids(inputs)
+    assert grids == [[(4, 4), (1, 1), (4, 4), (1, 1)]]
+    spans = block_spans(image_runs(adapter.visual_mask(inputs["input_ids"])[0]), grids[0])
+    assert [s.stop - s.start for s, _ in spans] == [16, 1, 16, 1]

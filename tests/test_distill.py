@@ -355,6 +355,12 @@ def test_init_from_target_refuses_a_gemma_layer():
     del last.pre_feedforward_layernorm  # even without the extra norms: (1 + w) norms differ
     with pytest.raises(ValueError, match="computes another function"):
         drafter.init_from_target_layer(last, adapter.language_model().norm)
+    from tests.tiny_vlms import llava  # a bf16 Llama-layout target is accepted (GPU default)
+
+    bf16 = adapter_for(llava()[0].to(torch.bfloat16).eval())
+    fresh = Drafter(DrafterConfig.for_target(bf16))
+    fresh.init_from_target_layer(bf16.decoder_layers()[-1], bf16.language_model().norm)
+    assert torch.equal(fresh.norm.weight, bf16.language_model().norm.weight.float())
 
 
 def _half_width(layer):

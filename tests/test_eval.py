@@ -158,6 +158,11 @@ def test_parse_choice():
     assert parse_choice("B is correct, not A.", choices) == "B"
     assert parse_choice("Option B is correct, not D.", choices) == "B"
     assert parse_choice("The answer is B because it contains vitamin C.", choices) == "B"
+    pets = {"A": "cat", "B": "dog", "C": "bird", "D": "fish"}
+    assert parse_choice("The answer is a dog.", pets) == "B"  # "a" is no letter here
+    walk = "Let us check each option. Option A: yes. Option B: no. Therefore the answer is C."
+    assert parse_choice(walk, pets) == "C"  # the last statement counts
+    assert parse_choice("Option A is incorrect; the correct answer is (C).", pets) == "C"
     # option text as whole words, the longest match first: "12" is not "2", "not" is not "no"
     numbers = {"A": "2", "B": "12", "C": "3", "D": "4"}
     assert parse_choice("There are 12 people.", numbers) == "B"

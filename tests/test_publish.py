@@ -200,6 +200,8 @@ class FakeHub:
             if self.create_status == 409:  # the Hub's answer carries the url too
                 error = "You already created this model repo"
                 return httpx2.Response(409, json={"error": error, "url": url})
+            if self.create_status == 403:  # a token that may write but not create
+                return httpx2.Response(403, json={"error": "no create permission"})
             return httpx2.Response(200, json={"url": url})
         if path == "/api/validate-yaml":
             if self.card_error:
@@ -298,6 +300,10 @@ def test_existing_repo_needs_exist_ok(drafter_dir, fake_hub):
         publish(drafter_dir, REPO, token="hf_fake", exist_ok=True, private=True)
     fake_hub.private = True
     publish(drafter_dir, REPO, token="hf_fake", exist_ok=True, private=True)
+    fake_hub.create_status = 403  # may write to the existing repo, may not create one
+    publish(drafter_dir, REPO, token="hf_fake", exist_ok=True)
+    with pytest.raises(PublishError, match="creating .* failed"):
+        publish(drafter_dir, REPO, token="hf_fake")  # without --exist-ok a 403 is a refusal
 
 
 def test_a_refused_card_leaves_no_empty_repo(drafter_dir, fake_hub):

@@ -225,18 +225,21 @@ class DrafterDistillation(L.LightningModule):
         """Build the pruned draft vocabulary from answer-token counts (summed over ranks) when
         fitting; a checkpoint restored after this replaces it with its own."""
         d, trainer = self.drafter, self._trainer
-        if trainer is None or trainer.state.fn != "fit":
-            return
+        if trainer is None or trainer.state.fn != "fit" or trainer.ckpt_path:
+            return  # not fitting, or resuming: the checkpoint brings its own vocabulary
         if not d.config.draft_vocab_size or d.has_draft_vocab():
             return  # full vocabulary, or a map already installed
-        device = trainer.strategy.root_device  # the module is not on it yet
-        counts = torch.zeros(self.adapter.vocab_size, device=device)
-        for i, batch in enumerate(trainer.datamodule.train_dataloader()):
-            if i >= self.hparams.draft_vocab_batches:
-                break
-            ids = batch["input_ids"][batch["loss_mask"]].to(device)
-            counts += torch.bincount(ids, minlength=counts.numel()).to(counts.dtype)
-        counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        # on the CPU: Lightning runs configure_model under its device context, which forked
+        # loader workers would inherit (CUDA cannot start in a forked child)
+        with torch.device("cpu"):
+            counts = torch.zeros(self.adapter.vocab_size)
+            for i, batch in enumerate(trainer.datamodule.train_dataloader()):
+                if i >= self.hparams.draft_vocab_batches:
+                    break
+                ids = batch["input_ids"][batch["loss_mask"]].cpu()
+                counts += torch.bincount(ids, minlength=counts.numel()).to(counts.dtype)
+        device = trainer.strategy.root_device  # a collective needs the backend's device
+        counts = trainer.strategy.reduce(counts.to(device), reduce_op="sum").cpu()
         d.set_draft_vocab(build_draft_vocab(counts, d.config.draft_vocab_size))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -304,11 +307,14 @@ class DrafterDistillation(L.LightningModule):
         return t
 
     def step_generator(self, device: torch.device | str = "cpu") -> torch.Generator:
-        """The gate's random draws for this step (Gumbel noise, a critic's option pairs): a
-        stream of its own, seeded by the run's seed, the global step and the rank, so a run
+        """The gate's random draws for this batch (Gumbel noise, a critic's option pairs): a
+        stream of its own, seeded by the run's seed, the batch count and the rank, so a run
         resumed from a checkpoint draws what the uninterrupted one would have."""
-        rank = self._trainer.global_rank if self._trainer else 0
-        seed = (torch.initial_seed() * 1_000_003 + self.global_step * 7_919 + rank) % 2**63
+        trainer = self._trainer
+        rank = trainer.global_rank if trainer else 0
+        # the batch count, not the optimizer step: accumulated micro-batches draw apart
+        batch = trainer.fit_loop.total_batch_idx if trainer else 0
+        seed = (torch.initial_seed() * 1_000_003 + batch * 7_919 + rank) % 2**63
         return torch.Generator(device=device).manual_seed(seed)
 
     def gate_temperature(self) -> float:

@@ -225,8 +225,10 @@ class DrafterDistillation(L.LightningModule):
         """Build the pruned draft vocabulary from answer-token counts (summed over ranks) when
         fitting; a checkpoint restored after this replaces it with its own."""
         d, trainer = self.drafter, self._trainer
-        if trainer is None or trainer.state.fn != "fit" or trainer.ckpt_path:
-            return  # not fitting, or resuming: the checkpoint brings its own vocabulary
+        # (a resumed run counts too: Lightning restores the checkpoint only after this hook,
+        # and the restored map and head then replace these)
+        if trainer is None or trainer.state.fn != "fit":
+            return
         if not d.config.draft_vocab_size or d.has_draft_vocab():
             return  # full vocabulary, or a map already installed
         # on the CPU: Lightning runs configure_model under its device context, which forked

@@ -139,10 +139,11 @@ class TargetAdapter:
     def _blocks_per_run(self, inputs, per_image, per_video) -> list[list[Grid]]:
         """Assign each sample's runs, in order, the next image's or video's blocks (by the
         run's token id) from the batch-ordered lists `per_image` and `per_video`."""
-        queues = {
-            self.config_token(self.image_token_field): list(per_image),
-            self.config_token(self.video_token_field): list(per_video),
-        }
+        image, video = (
+            getattr(self.config, f, None) if f else None
+            for f in (self.image_token_field, self.video_token_field)
+        )
+        queues = {image: list(per_image), video: list(per_video)}
         out = []
         ids = inputs["input_ids"]
         for row, mask in zip(ids, self.visual_mask(ids), strict=True):
@@ -161,9 +162,6 @@ class TargetAdapter:
                     start += sum(h * w for h, w in blocks)
             out.append(grids)
         return out
-
-    def config_token(self, field: str | None) -> int | None:
-        return getattr(self.config, field, None) if field else None
 
     def check_layer_ids(self, layer_ids: Sequence[int]) -> None:
         bad = [i for i in layer_ids if not 0 <= i <= self.num_layers]

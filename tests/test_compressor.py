@@ -495,3 +495,26 @@ def test_real_families_compress_by_their_own_grids(family, option, rows):
         prefix = visual_prefix(d, inputs["input_ids"], out.hidden_states, out.visual_mask, ask,
                                grids=adapter.visual_grids(inputs))  # fmt: skip
     assert int(prefix.valid.sum()) == rows
+
+
+def test_training_and_the_edge_cut_visual_runs_by_the_adapters_grids(
+    micro_model, micro_target_dir, monkeypatch
+):
+    """Both callers hand the adapter's grids to the compressor: told that the micro target's
+    81-token image is one row of 81, pool:2 makes 41 rows, not the square guess's 25."""
+    from covspec.modeling.adapters import TargetAdapter
+
+    monkeypatch.setattr(TargetAdapter, "visual_grids", lambda self, inputs: [[(1, 81)]])
+    module = _module(
+        micro_target_dir, visual_prefix="compressed", compressor={"options": ["pool:2"]}
+    )
+    module.eval()
+    t = module.teacher(_batch(micro_target_dir, n=1, seed=5))
+    with torch.no_grad():
+        assert int(visual_prefix(module.drafter, **t["target"]).valid.sum()) == 41
+    runner = SpecRunner(
+        micro_model, AutoProcessor.from_pretrained(micro_target_dir), module.drafter
+    )
+    req = Request(make_sample(5, 0)["image"], "How many shapes?", max_new_tokens=4)
+    EdgeRole(runner, runner.feature_encoder()).prefill(req)
+    assert req.prefix_tokens == 41

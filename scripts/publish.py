@@ -157,6 +157,27 @@ def stage(
     return [(name, (out / name).stat().st_size) for name in names]
 
 
+def _identity(folder: Path) -> tuple[int, int]:
+    st = folder.stat()
+    return st.st_dev, st.st_ino
+
+
+def _check_unchanged(folder: Path, identity: tuple[int, int]) -> None:
+    """An export swaps a whole new folder in under the same name (modeling/outputs.py): if
+    the name now points at another folder, the card (read before) and the staged weights
+    (linked after) may come from two exports. Checked after staging: the staged files are
+    hard links, so a folder still the same here is the one every staged file came from."""
+    try:
+        same = _identity(folder) == identity
+    except FileNotFoundError:
+        same = False
+    if not same:
+        raise PublishError(
+            f"{folder} was replaced while it was being published (an export finished "
+            "meanwhile): nothing was uploaded; run publish again"
+        )
+
+
 def _dry_run_dir(folder: Path, repo_id: str, dry_run_dir: str | None) -> Path:
     out = (
         Path(dry_run_dir)
@@ -264,6 +285,7 @@ def publish(
         validate_repo_id(repo_id)
     except ValueError:
         raise PublishError(f"--repo-id {repo_id!r} is not a Hub repo id (ORG/NAME)") from None
+    identity = _identity(folder) if folder.is_dir() else None
     files = source_files(folder)
     try:
         part = folder_files(folder)
@@ -275,6 +297,7 @@ def publish(
     if dry_run:
         out = _dry_run_dir(folder, repo_id, dry_run_dir)
         listing = stage(folder, out, files, card, link=False)
+        _check_unchanged(folder, identity)
         meta = _checked(out / "README.md", base, model_type)
         return PublishResult(out, listing, dry_run=True, metadata=meta)
     token = token or get_token()
@@ -285,6 +308,7 @@ def publish(
     message = commit_message or f"covspec publish: {model_type} from {folder.name}"
     with _staging_dir(folder) as tmp:
         listing = stage(folder, Path(tmp), files, card, link=True)
+        _check_unchanged(folder, identity)
         meta = _checked(Path(tmp) / "README.md", base, model_type)
         url = upload(
             Path(tmp), repo_id, token=token, private=private, exist_ok=exist_ok, message=message

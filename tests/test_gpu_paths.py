@@ -47,6 +47,7 @@ def deepspeed_child(target_dir: str, out_dir: str) -> None:
     config = {
         "train_micro_batch_size_per_gpu": 1,
         "zero_optimization": {"stage": 2},
+        "gradient_clipping": 0.5,  # as the recipe's gradient_clip_val reaches the engine
         "zero_allow_untested_optimizer": True,
     }
     engine, *_ = deepspeed.initialize(
@@ -73,7 +74,34 @@ def deepspeed_child(target_dir: str, out_dir: str) -> None:
         "frozen": [n for n, p in module.named_parameters() if not p.requires_grad],
     }
     (Path(out_dir) / "names.json").write_text(json.dumps(names))
+    (Path(out_dir) / "guard.json").write_text(
+        json.dumps(_nonfinite_step(module, engine, trainable))
+    )
     torch.distributed.destroy_process_group()
+
+
+def _nonfinite_step(module, engine, trainable) -> dict:
+    """A finite step, then one with a NaN gradient, each followed by the module's batch-end
+    hook as Lightning calls it under its DeepSpeedStrategy: what the hook said, and whether the
+    weights stayed finite (ZeRO skips the step itself; the hook must stop the run)."""
+    from types import SimpleNamespace
+
+    module._trainer = SimpleNamespace(
+        strategy=SimpleNamespace(deepspeed_engine=engine), global_step=0, log_every_n_steps=10**9
+    )
+    module.on_train_start()
+    said = []
+    for scale in (1.0, float("nan")):
+        engine.backward(sum((p.float() ** 2).sum() for p in trainable) * scale)
+        engine.step()
+        try:
+            module.on_train_batch_end(None, None, 0)
+            said.append("")
+        except FloatingPointError as e:
+            said.append(str(e))
+        module._trainer.global_step += 1
+    finite = all(bool(p.isfinite().all()) for p in trainable)
+    return {"said": said, "skipped": engine.skipped_steps, "finite": finite}
 
 
 def _free_port() -> int:
@@ -113,6 +141,10 @@ def test_deepspeed_zero2_checkpoint_excludes_frozen_target(micro_target_dir, tmp
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     names = json.loads((tmp_path / "names.json").read_text())
+    # ZeRO hides the gradients from on_before_optimizer_step: the batch-end hook stops the run
+    guard = json.loads((tmp_path / "guard.json").read_text())
+    assert guard["said"][0] == "" and "skipped the update of global step 1" in guard["said"][1]
+    assert guard["skipped"] == 1 and guard["finite"]
     assert names["frozen"] and all(n.startswith("target.") for n in names["frozen"])
     assert names["trainable"] and all(n.startswith("drafter.") for n in names["trainable"])
 

@@ -317,3 +317,27 @@ def test_offline_mode_refused(drafter_dir, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(PublishError, match="HF_HUB_OFFLINE is set"):
         publish(drafter_dir, REPO, token="hf_fake")
+
+
+def test_a_folder_replaced_mid_publish_is_refused(drafter_dir, fake_hub, monkeypatch, tmp_path):
+    """An export that swaps a new folder in after the card was read and before the weights
+    were staged would pair the new weights with the old card: refused, nothing uploaded."""
+    import covspec.scripts.publish as pub
+    from covspec.modeling.outputs import write_folder
+
+    real_stage = pub.stage
+
+    def stage_after_an_export(folder, out, files, card, link):
+        write_folder(
+            folder, lambda tmp: shutil.copytree(folder, tmp, dirs_exist_ok=True), overwrite=True
+        )
+        return real_stage(folder, out, files, card, link)
+
+    monkeypatch.setattr(pub, "stage", stage_after_an_export)
+    with pytest.raises(PublishError, match="was replaced while it was being published"):
+        publish(drafter_dir, REPO, dry_run=True, dry_run_dir=str(tmp_path / "preview"))
+    with pytest.raises(PublishError, match="was replaced while it was being published"):
+        publish(drafter_dir, REPO, token="hf_fake")
+    assert fake_hub.calls() == []  # refused before the repo was created
+    monkeypatch.setattr(pub, "stage", real_stage)  # no export meanwhile: published
+    assert publish(drafter_dir, REPO, token="hf_fake").url.endswith("a" * 40)

@@ -46,7 +46,12 @@ from covspec.modeling.tokens import tokenizer_fingerprint
 from covspec.modeling.ttt import ttt_unroll
 from covspec.modeling.vocab import build_draft_vocab
 from covspec.training.gate_terms import critic_term, explore_pairs, gate_term
-from covspec.training.guards import check_finite_weights, check_resumable, trainer_metrics
+from covspec.training.guards import (
+    check_finite_weights,
+    check_resumable,
+    check_step_applied,
+    trainer_metrics,
+)
 from covspec.training.metrics import DepthAgreement, implied_tau
 
 # batch entries that are bookkeeping, not model inputs
@@ -262,7 +267,8 @@ class DrafterDistillation(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Refuse a non-finite gradient before it reaches the weights: the last checkpoint then
-        still holds the finite weights of the step before (NaN loss is refused earlier)."""
+        still holds the finite weights of the step before (NaN loss is refused earlier). Under
+        DeepSpeed no gradient is in sight here; `on_train_batch_end` asks the engine instead."""
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return  # fp16 loss scaling: an overflow is expected, and its step skipped
         grads = {n: p.grad for n, p in self.drafter.named_parameters() if p.grad is not None}
@@ -449,7 +455,15 @@ class DrafterDistillation(L.LightningModule):
         self.log("data/truncated", self._overlong[0], reduce_fx="max")
         self.log("data/skipped", self._overlong[1], reduce_fx="max")
 
+    def on_train_start(self) -> None:
+        engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
+        # a resumed engine restores its count: only steps skipped by this run stop it
+        self._skipped_before = engine.skipped_steps if engine is not None else 0
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
+        if engine is not None:  # ZeRO hides its gradients from on_before_optimizer_step
+            check_step_applied(engine, self._skipped_before, self.global_step)
         if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
             self._log_agreement("train", self.train_agreement)
 

@@ -3,6 +3,7 @@
     >>> trainer = L.Trainer(plugins=[AtomicCheckpointIO()])   # `covspec train` installs it
     >>> check_resumable(checkpoint, drafter, "last.ckpt")     # in DrafterDistillation
     >>> check_finite_weights(state_dict, step)                # before a checkpoint is written
+    >>> check_step_applied(engine, skipped_before, step)      # after a DeepSpeed step
 
 A resumed run continues a checkpoint only when the checkpoint was made for the same target
 (config, tokenizer and weights digests, modeling/identity.py) and the same drafter settings,
@@ -54,6 +55,24 @@ def check_finite_weights(state_dict: dict[str, torch.Tensor], step: int) -> None
             f"drafter weights {', '.join(bad[:3])} are not finite at global step {step}; "
             "not checkpointed, the last checkpoint keeps the last finite weights"
         )
+
+
+def check_step_applied(engine, skipped_before: int, step: int) -> None:
+    """Stop a DeepSpeed run whose optimizer skipped a step for a non-finite gradient.
+
+    ZeRO keeps the gradients in its own partitions (every `p.grad` is None when the
+    LightningModule's `on_before_optimizer_step` looks), checks them itself (bf16, and fp32
+    with gradient clipping) and skips such a step without a word, counting it in
+    `engine.skipped_steps`: a run whose gradients stay non-finite would go on without learning.
+    fp16 loss scaling skips steps by design while it finds its scale, so it is let be."""
+    if engine.fp16_enabled() or engine.skipped_steps <= skipped_before:
+        return
+    raise FloatingPointError(
+        f"DeepSpeed skipped the update of global step {step}: its gradient is not finite "
+        f"({engine.skipped_steps - skipped_before} step(s) skipped). The weights are those of the "
+        "step before and the last checkpoint is finite: lower the learning rate or check the "
+        "data before resuming"
+    )
 
 
 def check_resumable(checkpoint: dict[str, Any], drafter, path: str | None = None) -> None:

@@ -94,12 +94,12 @@ def _nonfinite_step(module, engine, trainable) -> dict:
     for scale in (1.0, float("nan")):
         engine.backward(sum((p.float() ** 2).sum() for p in trainable) * scale)
         engine.step()
+        module._trainer.global_step += 1  # Lightning counts the step before the batch-end hook
         try:
             module.on_train_batch_end(None, None, 0)
             said.append("")
         except FloatingPointError as e:
             said.append(str(e))
-        module._trainer.global_step += 1
     finite = all(bool(p.isfinite().all()) for p in trainable)
     return {"said": said, "skipped": engine.skipped_steps, "finite": finite}
 

@@ -463,7 +463,8 @@ class DrafterDistillation(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
         if engine is not None:  # ZeRO hides its gradients from on_before_optimizer_step
-            check_step_applied(engine, self._skipped_before, self.global_step)
+            # Lightning has counted the step by now, skipped or not: it was global_step - 1
+            check_step_applied(engine, self._skipped_before, self.global_step - 1)
         if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
             self._log_agreement("train", self.train_agreement)
 

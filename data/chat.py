@@ -119,19 +119,50 @@ def encode_conversation(
         return_text_replacement_offsets=True,
     )
     replacements = out.pop("text_replacement_offsets")[0]
-    offsets = out.pop("offset_mapping")[0]  # (T, 2)
-    starts = offsets[:, 0]
-    loss_mask = torch.zeros_like(starts, dtype=torch.bool)
-    for s, e in spans:
-        loss_mask |= (starts >= _shift(s, replacements)) & (starts < _shift(e, replacements))
-    # Zero-width tokens (none in byte-level BPE, some in sentencepiece) carry no answer text.
-    loss_mask &= offsets[:, 1] > offsets[:, 0]
-    out["loss_mask"] = loss_mask[None]
+    out["loss_mask"] = _loss_mask(out.pop("offset_mapping")[0], spans, replacements)
     if max_length is not None and out["input_ids"].shape[1] > max_length:
         raise ConversationError(
             f"conversation is {out['input_ids'].shape[1]} tokens, over max_length={max_length}"
         )
     return dict(out)
+
+
+def _loss_mask(offsets: torch.Tensor, spans: list, replacements: list[dict]) -> torch.Tensor:
+    """(1, T): tokens whose text starts inside an assistant span of the unexpanded text."""
+    starts = offsets[:, 0]  # offsets: (T, 2)
+    loss_mask = torch.zeros_like(starts, dtype=torch.bool)
+    for s, e in spans:
+        loss_mask |= (starts >= _shift(s, replacements)) & (starts < _shift(e, replacements))
+    # Zero-width tokens (none in byte-level BPE, some in sentencepiece) carry no answer text.
+    loss_mask &= offsets[:, 1] > offsets[:, 0]
+    return loss_mask[None]
+
+
+def encode_image_slots(
+    processor, messages: list[dict], tokens_per_image: int
+) -> dict[str, torch.Tensor]:
+    """What `encode_conversation` gives for `messages` with images of `tokens_per_image` tokens
+    each (input_ids, attention_mask, loss_mask), without any image: every image placeholder is
+    expanded as the processor expands it, for a caller that fills the slots with embeddings of
+    its own. Nothing is drawn or preprocessed, which is the point on long clips."""
+    if tokens_per_image < 1:
+        raise ValueError(f"tokens_per_image must be >= 1, got {tokens_per_image}")
+    text, spans = assistant_char_spans(processor, to_content_items(validate_messages(messages)))
+    token = processor.image_token
+    pieces, replacements, pos, new_pos = [], [], 0, 0
+    while (hit := text.find(token, pos)) >= 0:
+        pieces.append(text[pos:hit] + token * tokens_per_image)
+        new_pos += hit - pos
+        end = new_pos + len(token) * tokens_per_image
+        replacements.append({"span": (hit, hit + len(token)), "new_span": (new_pos, end)})
+        pos, new_pos = hit + len(token), end
+    expanded = "".join(pieces) + text[pos:]
+    enc = processor.tokenizer(expanded, return_offsets_mapping=True, return_tensors="pt")
+    return {
+        "input_ids": enc["input_ids"],
+        "attention_mask": enc["attention_mask"],
+        "loss_mask": _loss_mask(enc["offset_mapping"][0], spans, replacements),
+    }
 
 
 def truncate_encoding(

@@ -5,7 +5,8 @@
     >>> clip["tracks"]        # per object: colour, shape, start/end cell, appear/leave frame
     >>> clip["messages"]      # a caption or 1-3 questions with their answers (LLaVA chat form)
 
-An object keeps its colour name and shape for the whole clip, moves in a straight line from the
+An object keeps its colour name and shape for the whole clip (no two objects of a clip share a
+colour or a shape, so either word alone names one), moves in a straight line from the
 centre of one grid cell to another between the frame it appears and the frame it leaves, and is
 drawn only in between. Captions and questions are about events, not one frame: where each
 object moves, which appears first, how many objects appear over the clip, which one leaves.
@@ -41,7 +42,7 @@ from covspec.data.toy_world import (
 from covspec.data.video import write_video
 from covspec.modeling.outputs import check_replaceable, write_folder
 
-MAX_TRACKS = 3
+MAX_TRACKS = 3  # <= len(SHAPES): shapes are distinct within a clip
 VIDEO_DESCRIBE_PROMPTS = ("Describe the video.", "What happens in this clip?")
 
 
@@ -74,14 +75,17 @@ class Track:
 
 
 def sample_tracks(rng: random.Random, num_frames: int, image_size: int) -> list[Track]:
-    """1..MAX_TRACKS objects with distinct (colour, shape), start cells and end cells, each
+    """1..MAX_TRACKS objects with distinct colours, shapes, start cells and end cells, each
     moving to another cell; the first appears on frame 0, others may appear later, at most one
     leaves early."""
     if num_frames < 2:
         raise ValueError(f"a clip needs at least 2 frames, got {num_frames}")
     if image_size < 36:
         raise ValueError(f"image_size must be >= 36 to draw recognisable shapes, got {image_size}")
-    kinds = rng.sample([(c, s) for c in COLOURS for s in SHAPES], rng.randint(1, MAX_TRACKS))
+    count = rng.randint(1, MAX_TRACKS)
+    # distinct colours and distinct shapes: either word alone picks an object out, so asking
+    # about one never needs the colour-shape conjunction across frames
+    kinds = list(zip(rng.sample(list(COLOURS), count), rng.sample(SHAPES, count), strict=True))
     leaver = rng.randrange(len(kinds)) if len(kinds) > 1 and rng.random() < 0.5 else None
     cell_px = image_size // 3
     starts = rng.sample(range(9), len(kinds))  # distinct start cells
@@ -119,8 +123,14 @@ def caption(tracks: list[Track]) -> str:
 def event_questions(tracks: list[Track]) -> list[tuple[str, str, str]]:
     """Every (kind, question, answer) the clip supports: where each object moves to, the
     count, and which appears first / leaves where that is defined; what evaluation asks."""
+    # the answer names the object again ("The red square moves to ..."): its name, the token
+    # before the cell, is what the cell is looked up from in the visual tokens
     out = [
-        ("where_to", f"Where does the {t.name} move to?", f"It moves to the {POSITIONS[t.end]}.")
+        (
+            "where_to",
+            f"Where does the {t.name} move to?",
+            f"The {t.name} moves to the {POSITIONS[t.end]}.",
+        )
         for t in tracks
     ]
     n = len(tracks)
@@ -192,6 +202,32 @@ def clip_frame(
     return image, [asdict(o) for o in drawn]
 
 
+def clip_story(
+    seed: int,
+    index: int,
+    num_frames: int = 8,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    describe_prob: float = 0.5,
+    max_questions: int = 2,
+    where_to_only: bool = False,
+) -> dict:
+    """`make_clip` without drawing the frames: {"id", "tracks", "messages"}, equal to the
+    clip's for the same arguments (what a language stage on symbolic frames trains on)."""
+    rng, tracks, _ = _clip_world(seed, index, num_frames, image_size)
+    if where_to_only:  # every object's where-to question, in one conversation
+        turns = [(q, a) for kind, q, a in event_questions(tracks) if kind == "where_to"]
+        rng.shuffle(turns)
+    elif rng.random() < describe_prob:
+        turns = [(rng.choice(VIDEO_DESCRIBE_PROMPTS), caption(tracks))]
+    else:
+        turns = distinct_turns(lambda: question_answer(tracks, rng), rng.randint(1, max_questions))
+    return {
+        "id": f"toyvideo-{seed}-{index}-{num_frames}",
+        "tracks": [asdict(t) for t in tracks],
+        "messages": chat_messages(turns, "<video>"),
+    }
+
+
 def make_clip(
     seed: int,
     index: int,
@@ -199,22 +235,17 @@ def make_clip(
     image_size: int = DEFAULT_IMAGE_SIZE,
     describe_prob: float = 0.5,
     max_questions: int = 2,
+    where_to_only: bool = False,
 ) -> dict:
     """Clip `index` of the stream `seed`: {"id", "frames", "tracks", "messages"}; a caption turn
     with probability `describe_prob`, else 1..max_questions event questions (`<video>` opens
-    the first turn)."""
-    rng, tracks, style = _clip_world(seed, index, num_frames, image_size)
+    the first turn); `where_to_only`: where every object moves to, and nothing else."""
+    _, tracks, style = _clip_world(seed, index, num_frames, image_size)
     frames = [_frame(tracks, style, f, num_frames, image_size)[0] for f in range(num_frames)]
-    if rng.random() < describe_prob:
-        turns = [(rng.choice(VIDEO_DESCRIBE_PROMPTS), caption(tracks))]
-    else:
-        turns = distinct_turns(lambda: question_answer(tracks, rng), rng.randint(1, max_questions))
-    return {
-        "id": f"toyvideo-{seed}-{index}-{num_frames}",
-        "frames": frames,
-        "tracks": [asdict(t) for t in tracks],
-        "messages": chat_messages(turns, "<video>"),
-    }
+    story = clip_story(
+        seed, index, num_frames, image_size, describe_prob, max_questions, where_to_only
+    )
+    return {**story, "frames": frames}
 
 
 class ToyVideoClips(torch.utils.data.Dataset):

@@ -36,7 +36,16 @@ def _toy_data(args: argparse.Namespace) -> None:
     print(f"wrote {args.num} conversations to {path}")
 
 
-VIDEO_TARGET_FLAGS = ("describe_prob", "max_questions", "min_frames", "max_frames", "frame_spread")
+VIDEO_TARGET_FLAGS = (
+    "describe_prob",
+    "max_questions",
+    "min_frames",
+    "max_frames",
+    "frame_spread",
+    "symbolic",
+    "where_every",
+    "align_steps",
+)
 
 
 def _toy_target(args: argparse.Namespace) -> None:
@@ -49,7 +58,10 @@ def _toy_target(args: argparse.Namespace) -> None:
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     video_only = sorted(k for k in VIDEO_TARGET_FLAGS if k in overrides)
     if video_only and not args.video:
-        flags = ", ".join("--" + k.replace("_", "-") for k in video_only)
+        flags = ", ".join(
+            "--pixel-language" if k == "symbolic" else "--" + k.replace("_", "-")
+            for k in video_only
+        )
         raise ValueError(f"{flags} set the toy video target's conversations: add --video")
     spec_keys = {f.name for f in fields(base.spec)}
     spec = replace(base.spec, **{k: v for k, v in overrides.items() if k in spec_keys})
@@ -147,6 +159,19 @@ def add_toy_parsers(sub) -> None:
     p.add_argument(
         "--frame-spread", choices=("uniform", "log"), help="--video: training clip lengths"
     )
+    p.add_argument(
+        "--pixel-language", action="store_const", const=False, dest="symbolic",
+        help="--video: the language stage on rendered frames, not symbolic frames",
+    )  # fmt: skip
+    p.add_argument(
+        "--where-every", type=at_least(0), dest="where_every",
+        help="--video: every k-th language step asks where every object of 2-frame clips "
+        "moves (0: never)",
+    )  # fmt: skip
+    p.add_argument(
+        "--align-steps", type=at_least(1), dest="align_steps",
+        help="--video: projector regression steps after the symbolic language stage",
+    )  # fmt: skip
     p.set_defaults(func=_toy_target)
 
     p = sub.add_parser(

@@ -306,6 +306,8 @@ def test_over_long_rows_are_cut_or_skipped_and_counted_never_fatal(micro_target_
         (["toy-target", "--frame-spread", "log"], "--frame-spread set the toy video target's"),
         (["toy-target", "--video", "--min-frames", "9", "--max-frames", "4"], "min_frames"),
         (["toy-target", "--video", "--paraphrase"], "no paraphrase variant"),
+        (["toy-target", "--pixel-language"], "--pixel-language set the toy video target's"),
+        (["toy-target", "--where-every", "-1"], "--where-every: must be >= 0"),
         (["toy-data", "--out", "x", "--video", "--paraphrase"], "toy video world has none"),
         (["toy-eval", "--target", "checkpoints/no-such-target"], "target folder not found"),
         (["toy-eval", "--frames", "8"], "--frames [8] sets clip lengths: add --video"),

@@ -31,11 +31,14 @@ def test_ground_truth_round_trips_and_is_what_the_frames_and_answers_show():
         clip = make_clip(7, i, 12)
         tracks = [Track(**t) for t in json.loads(json.dumps(clip["tracks"]))]
         by_name = {t.name: t for t in tracks}
+        # one word names an object: colours and shapes are distinct within a clip
+        assert len({t.colour for t in tracks}) == len({t.shape for t in tracks}) == len(tracks)
         msgs = clip["messages"]
         for user, reply in zip(msgs[::2], msgs[1::2], strict=True):
             q, a = user["content"].replace("<video>\n", ""), reply["content"]
             if q.startswith("Where does the "):
-                assert a == f"It moves to the {POSITIONS[by_name[q[15:-9]].end]}."
+                name = q[15:-9]
+                assert a == f"The {name} moves to the {POSITIONS[by_name[name].end]}."
             elif q.startswith("How many"):
                 assert a == f"{NUMBER_WORDS[len(tracks)].capitalize()}."
             elif q.startswith("Which object appears first"):

@@ -43,6 +43,7 @@ MICRO_VIDEO = ToyVideoTargetSettings(  # the micro image target's sizes, 9 token
     vision_batch=4,
     lm_steps=20,
     lm_batch=4,
+    align_steps=2,
     warmup_steps=1,
     max_frames=4,
     eval_samples=1,

@@ -77,7 +77,7 @@ class ToyTargetSettings:
         blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
-    # The world the target learns; the toy video target's settings override these four.
+    # The world the target learns and how; the toy video target's settings override these.
     def corpus(self) -> list[str]:
         return corpus_text(self.seed, 4000, self.paraphrase)
 
@@ -91,6 +91,13 @@ class ToyTargetSettings:
 
     def evaluate(self, model, processor) -> dict:
         return object_accuracy(model, processor, self.eval_samples)
+
+    def total_steps(self) -> int:
+        return self.vision_steps + self.lm_steps
+
+    def train_language_stage(self, model, processor, bar: tqdm) -> None:
+        """Everything after the vision stage."""
+        train_language(model, processor, self, bar, self.lm_encode(processor))
 
 
 def _lr_lambda(total: int, warmup: int):
@@ -165,6 +172,12 @@ def _encode(processor, sample: dict) -> dict:
     return encode_conversation(processor, sample["messages"], [sample["image"]])
 
 
+def assistant_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Next-token cross-entropy of `logits` (B, T, V) on the batch's assistant tokens only."""
+    target = batch["input_ids"][:, 1:].masked_fill(~batch["loss_mask"][:, 1:], -100)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), ignore_index=-100)
+
+
 def lm_loss(model, batch: dict) -> torch.Tensor:
     """Next-token cross-entropy on assistant tokens only."""
     logits = model(
@@ -172,15 +185,17 @@ def lm_loss(model, batch: dict) -> torch.Tensor:
         attention_mask=batch["attention_mask"],
         pixel_values=batch["pixel_values"],
     ).logits  # (B, T, V)
-    target = batch["input_ids"][:, 1:].masked_fill(~batch["loss_mask"][:, 1:], -100)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), ignore_index=-100)
+    return assistant_loss(logits, batch)
 
 
-def train_language(model, processor, s: ToyTargetSettings, bar: tqdm, encode=None) -> None:
+def train_language(
+    model, processor, s: ToyTargetSettings, bar: tqdm, encode=None, loss_fn=lm_loss, extra=()
+) -> None:
     """Assistant-token loss with the tower frozen. `encode(index) -> encoding` gives the
-    training conversations (default: toy scenes of stream seed)."""
+    training conversations (default: toy scenes of stream seed); `loss_fn(model, batch)` scores
+    a padded batch of them; `extra` parameters (of `loss_fn`) train beside the model's."""
     encode = encode or (lambda k: _encode(processor, make_sample(s.seed, k)))
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad] + list(extra)
     opt = torch.optim.AdamW(params, lr=s.lm_lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s.lm_steps, s.warmup_steps))
     pad = processor.tokenizer.pad_token_id
@@ -188,7 +203,7 @@ def train_language(model, processor, s: ToyTargetSettings, bar: tqdm, encode=Non
     model.model.vision_tower.eval()
     for step in range(s.lm_steps):
         encs = [encode(step * s.lm_batch + i) for i in range(s.lm_batch)]
-        loss = lm_loss(model, pad_batch(encs, pad))
+        loss = loss_fn(model, pad_batch(encs, pad))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"toy target loss is {loss.item()} at language step {step}")
         _step(opt, sched, params, loss, bar, "language")
@@ -292,9 +307,9 @@ def build_toy_target(
     tokenizer = train_tokenizer(s.corpus(), s.spec.vocab_size, s.spec.max_position_embeddings)
     processor = build_processor(tokenizer, s.spec)
     model = LlavaForConditionalGeneration(build_config(s.spec, tokenizer))
-    with tqdm(total=s.vision_steps + s.lm_steps, desc="toy target", unit="step") as bar:
+    with tqdm(total=s.total_steps(), desc="toy target", unit="step") as bar:
         train_vision(model, processor, s, bar, s.vision_draw())
-        train_language(model, processor, s, bar, s.lm_encode(processor))
+        s.train_language_stage(model, processor, bar)
     train_s = time.time() - start
     metrics = s.evaluate(model, processor)
     report = {

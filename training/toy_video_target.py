@@ -12,11 +12,18 @@ coarser patch grid: 72x72 frames in 24x24 patches give 9 visual tokens per frame
 cell, so 8 frames are 72 visual tokens and 576 frames 5,184, the range the video length sweep
 covers. Rotary positions reach 8,192 tokens.
 
-Same two stages as the image target (training/toy_target.py): the tower learns per-patch colour,
-shape and cell on single frames of clips, then projector + Llama learn captions and event
-questions on clips of `min_frames`..`max_frames` frames. `event_accuracy` asks every event
-question a clip supports (where each object moves to, how many objects appear, which appears
-first, which leaves) on unseen clips and compares the greedy answer with the ground truth.
+The tower learns per-patch colour, shape and cell on single frames of clips, as in the image
+target (training/toy_target.py). The language stage is different, because "where does the red
+square move to" needs a lookup by name across the clip's visual tokens that a language model
+trained from scratch takes about a thousand dense steps to find (training/toy_symbolic.py):
+with `symbolic=True` Llama learns on symbolic frames (the ground truth's colour, shape and cell
+embeddings in the image slots, nothing rendered), every `where_every`-th step a batch of
+2-frame clips asking where every object moves, the other steps captions and event questions
+on clips of `min_frames`..`max_frames` frames; then `align_steps` regress the projector onto
+the symbolic embeddings. `symbolic=False` trains projector + Llama on rendered frames instead.
+`event_accuracy` asks every event question a clip supports (where each object moves to, how
+many objects appear, which appears first, which leaves) on unseen clips and compares the greedy
+answer with the ground truth.
 """
 
 from __future__ import annotations
@@ -24,7 +31,10 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from covspec.data.chat import encode_conversation, frames_as_images
+import torch
+from tqdm.auto import tqdm
+
+from covspec.data.chat import encode_conversation, encode_image_slots, frames_as_images
 from covspec.data.toy_video import (
     LENGTH_SPREADS,
     VIDEO_DESCRIBE_PROMPTS,
@@ -32,12 +42,23 @@ from covspec.data.toy_video import (
     caption,
     clip_frame,
     clip_length,
+    clip_story,
     event_questions,
+    frame_objects,
     make_clip,
 )
 from covspec.data.toy_world import corpus_text
 from covspec.modeling.toy_vlm import ToyVLMSpec
-from covspec.training.toy_target import EVAL_SEED, ToyTargetSettings, greedy_answers
+from covspec.training.toy_symbolic import SymbolicFrames, align_projector, symbolic_loss
+from covspec.training.toy_target import (
+    EVAL_SEED,
+    ToyTargetSettings,
+    _patch_labels,
+    greedy_answers,
+    train_language,
+)
+
+WHERE_TO_STREAM = 3  # seed offset of the dense where-to clips (seed + 1: vision, + 2: corpus)
 
 
 def video_spec() -> ToyVLMSpec:
@@ -49,8 +70,12 @@ class ToyVideoTargetSettings(ToyTargetSettings):
     spec: ToyVLMSpec = field(default_factory=video_spec)
     vision_steps: int = 1500  # cheap here (9 patches a frame) and what event questions rest on
     vision_batch: int = 64
-    lm_steps: int = 1500
+    lm_steps: int = 1900
     lm_batch: int = 16
+    symbolic: bool = True  # the language stage on symbolic frames, then `align_steps`
+    where_every: int = 2  # every k-th language step: 2-frame clips, every where-to; 0 = none
+    align_steps: int = 300  # projector regression onto the symbolic frames (symbolic only)
+    align_lr: float = 2e-3
     min_frames: int = 2
     max_frames: int = 32
     # of clip lengths: log-uniform spends as much on 2-8 frames as on 8-32 (the long clips,
@@ -80,6 +105,17 @@ class ToyVideoTargetSettings(ToyTargetSettings):
             )
         if not self.eval_frames or min(self.eval_frames) < 2:
             raise ValueError(f"eval_frames must be frame counts >= 2, got {self.eval_frames}")
+        if not isinstance(self.where_every, int) or self.where_every < 0:
+            raise ValueError(f"where_every must be an integer >= 0, got {self.where_every}")
+        if self.align_lr <= 0:
+            raise ValueError(f"align_lr must be > 0, got {self.align_lr}")
+        grid = self.spec.image_size // self.spec.patch_size
+        if self.symbolic and grid % 3:
+            raise ValueError(
+                f"symbolic frames label each patch with its cell: the patch grid must divide into "
+                f"the 3x3 cells, got {grid}x{grid} (image_size {self.spec.image_size}, "
+                f"patch_size {self.spec.patch_size})"
+            )
 
     def num_frames(self, index: int) -> int:
         spread = self.frame_spread
@@ -101,17 +137,54 @@ class ToyVideoTargetSettings(ToyTargetSettings):
 
         return draw
 
+    def lm_clip(self, k: int) -> tuple[int, int, int, bool]:
+        """(stream seed, index, frames, where-to only) of language-stage conversation `k`."""
+        step = k // self.lm_batch
+        if self.where_every and step % self.where_every == 0:
+            return self.seed + WHERE_TO_STREAM, k, 2, True
+        # one length per batch (k counts conversations): nothing is padded to a longer clip
+        return self.seed, k, self.num_frames(step), False
+
     def lm_encode(self, processor):
+        size, describe, questions = self.spec.image_size, self.describe_prob, self.max_questions
+
         def encode(k: int) -> dict:
-            # one length per batch (k counts conversations): nothing is padded to a longer clip
-            num = self.num_frames(k // self.lm_batch)
-            clip = make_clip(
-                self.seed, k, num, self.spec.image_size, self.describe_prob, self.max_questions
-            )
+            seed, index, num, where_to = self.lm_clip(k)
+            clip = make_clip(seed, index, num, size, describe, questions, where_to)
             messages = frames_as_images(clip["messages"], num)
             return encode_conversation(processor, messages, clip["frames"])
 
         return encode
+
+    def symbolic_encode(self, processor):
+        """`lm_encode`'s conversations as `encode_image_slots` rows with `visual_labels`
+        (frames x patches, 3): the same token ids, and the ground truth for every slot."""
+        size, describe, questions = self.spec.image_size, self.describe_prob, self.max_questions
+        grid = size // self.spec.patch_size
+        tokens = self.spec.num_image_tokens
+
+        def encode(k: int) -> dict:
+            seed, index, num, where_to = self.lm_clip(k)
+            clip = clip_story(seed, index, num, size, describe, questions, where_to)
+            enc = encode_image_slots(processor, frames_as_images(clip["messages"], num), tokens)
+            objects = [frame_objects(clip["tracks"], f, num, size) for f in range(num)]
+            labels = torch.cat([_patch_labels(o, grid) for o in objects])  # (num * P, 3)
+            return {**enc, "visual_labels": labels}
+
+        return encode
+
+    def total_steps(self) -> int:
+        return super().total_steps() + (self.align_steps if self.symbolic else 0)
+
+    def train_language_stage(self, model, processor, bar: tqdm) -> None:
+        if not self.symbolic:
+            train_language(model, processor, self, bar, self.lm_encode(processor))
+            return
+        frames = SymbolicFrames(self.spec.text_hidden)
+        encode, loss = self.symbolic_encode(processor), symbolic_loss(frames)
+        train_language(model, processor, self, bar, encode, loss, frames.parameters())
+        draw = self.vision_draw()
+        align_projector(model, processor, frames, draw, self.align_steps, self.align_lr, bar)
 
     def evaluate(self, model, processor) -> dict:
         return event_accuracy(

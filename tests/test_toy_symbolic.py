@@ -19,7 +19,7 @@ from covspec.training.toy_symbolic import (
     symbolic_loss,
     tower_features,
 )
-from covspec.training.toy_target import _patch_labels, pad_batch
+from covspec.training.toy_target import pad_batch, patch_labels
 from covspec.training.toy_video_target import ToyVideoTargetSettings
 from tests.test_video_mode import MICRO_VIDEO
 
@@ -99,7 +99,7 @@ def test_align_projector_fits_the_symbolic_frames_from_pixels(parts):
     draw = SETTINGS.vision_draw()
     drawn = [draw(5_000 + i) for i in range(16)]
     pixels = processor.image_processor([im for im, _ in drawn], return_tensors="pt")
-    labels = torch.stack([_patch_labels(o, 3) for _, o in drawn])
+    labels = torch.stack([patch_labels(o, 3) for _, o in drawn])
 
     def mse() -> float:
         with torch.no_grad():
@@ -126,3 +126,37 @@ def test_bad_symbolic_settings_are_refused():
         ToyVideoTargetSettings(align_lr=0.0)
     with pytest.raises(ValueError, match="3x3 cells"):
         ToyVideoTargetSettings(spec=dataclasses.replace(SETTINGS.spec, patch_size=18))
+
+
+def test_cli_flags_reach_the_video_settings(monkeypatch, tmp_path):
+    import covspec.training.toy_target as toy_target
+    from covspec.scripts.cli import main
+
+    seen = []
+    monkeypatch.setattr(toy_target, "build_toy_target", lambda out, s, **kw: seen.append(s) or {})
+    argv = ["toy-target", "--video", "--out", str(tmp_path / "t"), "--where-every", "0"]
+    assert main([*argv, "--pixel-language"]) == 0
+    assert main([*argv, "--align-steps", "7"]) == 0
+    pixel, symbolic = seen
+    assert (pixel.symbolic, pixel.where_every) == (False, 0)
+    assert (symbolic.symbolic, symbolic.align_steps) == (True, 7)
+    assert main([*argv, "--pixel-language", "--align-steps", "7"]) == 2  # no regression to set
+
+
+def test_the_pixel_language_stage_builds_a_target_without_symbolic_frames(tmp_path, monkeypatch):
+    import covspec.training.toy_video_target as video_target
+    from covspec.training.toy_target import build_toy_target
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("symbolic frames used with symbolic=False")
+
+    monkeypatch.setattr(video_target, "SymbolicFrames", refuse)
+    default_align = ToyVideoTargetSettings().align_steps  # refused otherwise: no regression
+    settings = dataclasses.replace(
+        MICRO_VIDEO, symbolic=False, lm_steps=4, align_steps=default_align
+    )
+    assert settings.total_steps() == settings.vision_steps + 4
+    report = build_toy_target(tmp_path / "pixel", settings)
+    assert report["settings"]["symbolic"] is False and 0.0 <= report["event_accuracy"] <= 1.0
+    with pytest.raises(ValueError, match="symbolic=False"):
+        dataclasses.replace(settings, align_steps=5)

@@ -6,8 +6,8 @@
 
 Why: what a toy video target finds hard to learn is not seeing the objects but answering "where
 does the red square move to": the language model must look a name up among the clip's visual
-tokens (associative recall), and that lookup takes on the order of a thousand dense steps to
-appear, even with perfect visual tokens. Those steps can be spent without the tower: every image
+tokens (associative recall), a lookup it is slow to find however good the visual tokens are.
+Those steps can be spent without the tower: every image
 slot of the conversation (`encode_image_slots`, token for token what the processor gives) is
 filled with the sum of learned colour, shape and cell embeddings of its patch, read from the
 clip's ground truth. Then `align_projector` regresses the projector, on the frozen tower's
@@ -22,13 +22,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from covspec.data.toy_world import COLOURS, SHAPES
-from covspec.training.toy_target import _lr_lambda, _patch_labels, assistant_loss
+from covspec.training.toy_target import assistant_loss, lr_lambda, patch_labels
 
 LABEL_SIZES = (len(COLOURS) + 1, len(SHAPES) + 1, 9)  # colour (0 = none), shape (0 = none), cell
 
 
 class SymbolicFrames(torch.nn.Module):
-    """Per patch label (colour, shape, cell), as `_patch_labels` gives it, -> one embedding."""
+    """Per patch label (colour, shape, cell), as `patch_labels` gives it, -> one embedding."""
 
     def __init__(self, hidden: int) -> None:
         super().__init__()
@@ -60,6 +60,11 @@ def tower_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     """(B, P, D_vision): the tower's per-patch features the projector reads, as LLaVA picks
     them (`vision_feature_layer`, the class token dropped by the "default" strategy)."""
     config = model.config
+    if not isinstance(config.vision_feature_layer, int):
+        raise ValueError(
+            "symbolic frames read one tower layer, got vision_feature_layer="
+            f"{config.vision_feature_layer!r}"
+        )
     if config.vision_feature_select_strategy != "default":
         raise ValueError(
             "symbolic frames need the 'default' feature strategy (one slot per patch), got "
@@ -90,13 +95,13 @@ def align_projector(
     grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
     params = list(projector.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, min(warmup, steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, min(warmup, steps)))
     frames.requires_grad_(False)
     projector.train()
     for step in range(steps):
         drawn = [draw(first_index + step * batch + i) for i in range(batch)]
         pixels = processor.image_processor([im for im, _ in drawn], return_tensors="pt")
-        labels = torch.stack([_patch_labels(objs, grid) for _, objs in drawn])  # (B, P, 3)
+        labels = torch.stack([patch_labels(objs, grid) for _, objs in drawn])  # (B, P, 3)
         with torch.no_grad():
             feats = tower_features(model, pixels["pixel_values"])  # (B, P, D_vision)
             wanted = frames(labels.flatten(0, 1)).view(*labels.shape[:2], -1)  # (B, P, D)

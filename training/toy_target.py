@@ -42,7 +42,7 @@ from covspec.modeling.outputs import check_replaceable, write_folder
 from covspec.modeling.toy_vlm import ToyVLMSpec, build_config, build_processor, train_tokenizer
 
 REPORT_NAME = "covspec_toy_target.json"
-EVAL_SEED = 987_654  # unseen by training (which uses `seed` and seed + 1)
+EVAL_SEED = 987_654  # unseen by training (which draws from streams seed to seed + 3)
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ class ToyTargetSettings:
         train_language(model, processor, self, bar, self.lm_encode(processor))
 
 
-def _lr_lambda(total: int, warmup: int):
+def lr_lambda(total: int, warmup: int):
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
@@ -110,7 +110,7 @@ def _lr_lambda(total: int, warmup: int):
     return f
 
 
-def _patch_labels(objects: list[dict], grid: int) -> torch.Tensor:
+def patch_labels(objects: list[dict], grid: int) -> torch.Tensor:
     """(grid*grid, 3) per patch: colour id (0 = none), shape id (0 = none), cell id."""
     per_cell = grid // 3
     by_cell = {o["cell"]: o for o in objects}
@@ -152,12 +152,12 @@ def train_vision(model, processor, s: ToyTargetSettings, bar: tqdm, draw=None) -
     )
     params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=s.vision_lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s.vision_steps, s.warmup_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(s.vision_steps, s.warmup_steps))
     tower.train()
     for step in range(s.vision_steps):
         drawn = [draw(step * s.vision_batch + i) for i in range(s.vision_batch)]
         pixels = processor.image_processor([im for im, _ in drawn], return_tensors="pt")
-        labels = torch.stack([_patch_labels(objs, grid) for _, objs in drawn])  # (B, P, 3)
+        labels = torch.stack([patch_labels(objs, grid) for _, objs in drawn])  # (B, P, 3)
         feats = tower(pixel_values=pixels["pixel_values"]).last_hidden_state[:, 1:]  # (B, P, D)
         loss = sum(
             F.cross_entropy(h(feats).flatten(0, 1), labels[..., k].flatten())
@@ -197,7 +197,7 @@ def train_language(
     encode = encode or (lambda k: _encode(processor, make_sample(s.seed, k)))
     params = [p for p in model.parameters() if p.requires_grad] + list(extra)
     opt = torch.optim.AdamW(params, lr=s.lm_lr, weight_decay=0.01, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s.lm_steps, s.warmup_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(s.lm_steps, s.warmup_steps))
     pad = processor.tokenizer.pad_token_id
     model.train()
     model.model.vision_tower.eval()

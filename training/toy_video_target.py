@@ -15,7 +15,7 @@ covers. Rotary positions reach 8,192 tokens.
 The tower learns per-patch colour, shape and cell on single frames of clips, as in the image
 target (training/toy_target.py). The language stage is different, because "where does the red
 square move to" needs a lookup by name across the clip's visual tokens that a language model
-trained from scratch takes about a thousand dense steps to find (training/toy_symbolic.py):
+trained from scratch is slow to find (training/toy_symbolic.py):
 with `symbolic=True` Llama learns on symbolic frames (the ground truth's colour, shape and cell
 embeddings in the image slots, nothing rendered), every `where_every`-th step a batch of
 2-frame clips asking where every object moves, the other steps captions and event questions
@@ -29,7 +29,7 @@ answer with the ground truth.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from tqdm.auto import tqdm
@@ -53,8 +53,8 @@ from covspec.training.toy_symbolic import SymbolicFrames, align_projector, symbo
 from covspec.training.toy_target import (
     EVAL_SEED,
     ToyTargetSettings,
-    _patch_labels,
     greedy_answers,
+    patch_labels,
     train_language,
 )
 
@@ -109,6 +109,12 @@ class ToyVideoTargetSettings(ToyTargetSettings):
             raise ValueError(f"where_every must be an integer >= 0, got {self.where_every}")
         if self.align_lr <= 0:
             raise ValueError(f"align_lr must be > 0, got {self.align_lr}")
+        align = {"align_steps": self.align_steps, "align_lr": self.align_lr}
+        if not self.symbolic and align != {k: _DEFAULTS[k] for k in align}:
+            raise ValueError(
+                f"{align} set the projector regression after symbolic frames; with "
+                "symbolic=False there is none"
+            )
         grid = self.spec.image_size // self.spec.patch_size
         if self.symbolic and grid % 3:
             raise ValueError(
@@ -168,7 +174,7 @@ class ToyVideoTargetSettings(ToyTargetSettings):
             clip = clip_story(seed, index, num, size, describe, questions, where_to)
             enc = encode_image_slots(processor, frames_as_images(clip["messages"], num), tokens)
             objects = [frame_objects(clip["tracks"], f, num, size) for f in range(num)]
-            labels = torch.cat([_patch_labels(o, grid) for o in objects])  # (num * P, 3)
+            labels = torch.cat([patch_labels(o, grid) for o in objects])  # (num * P, 3)
             return {**enc, "visual_labels": labels}
 
         return encode
@@ -190,6 +196,9 @@ class ToyVideoTargetSettings(ToyTargetSettings):
         return event_accuracy(
             model, processor, self.eval_samples, self.eval_frames, self.spec.image_size
         )
+
+
+_DEFAULTS = {f.name: f.default for f in fields(ToyVideoTargetSettings)}
 
 
 def _norm(text: str) -> str:

@@ -214,6 +214,19 @@ def clip_story(
     """`make_clip` without drawing the frames: {"id", "tracks", "messages"}, equal to the
     clip's for the same arguments (what a language stage on symbolic frames trains on)."""
     rng, tracks, _ = _clip_world(seed, index, num_frames, image_size)
+    story = _story(rng, tracks, describe_prob, max_questions, where_to_only)
+    return {"id": f"toyvideo-{seed}-{index}-{num_frames}", **story}
+
+
+def _story(
+    rng: random.Random,
+    tracks: list[Track],
+    describe_prob: float,
+    max_questions: int,
+    where_to_only: bool,
+) -> dict:
+    """The conversation about `tracks`, drawn from `rng` where `_clip_world` left it (so a clip
+    and its story agree whichever of `make_clip` / `clip_story` built them)."""
     if where_to_only:  # every object's where-to question, in one conversation
         turns = [(q, a) for kind, q, a in event_questions(tracks) if kind == "where_to"]
         rng.shuffle(turns)
@@ -221,11 +234,7 @@ def clip_story(
         turns = [(rng.choice(VIDEO_DESCRIBE_PROMPTS), caption(tracks))]
     else:
         turns = distinct_turns(lambda: question_answer(tracks, rng), rng.randint(1, max_questions))
-    return {
-        "id": f"toyvideo-{seed}-{index}-{num_frames}",
-        "tracks": [asdict(t) for t in tracks],
-        "messages": chat_messages(turns, "<video>"),
-    }
+    return {"tracks": [asdict(t) for t in tracks], "messages": chat_messages(turns, "<video>")}
 
 
 def make_clip(
@@ -240,12 +249,10 @@ def make_clip(
     """Clip `index` of the stream `seed`: {"id", "frames", "tracks", "messages"}; a caption turn
     with probability `describe_prob`, else 1..max_questions event questions (`<video>` opens
     the first turn); `where_to_only`: where every object moves to, and nothing else."""
-    _, tracks, style = _clip_world(seed, index, num_frames, image_size)
+    rng, tracks, style = _clip_world(seed, index, num_frames, image_size)
+    story = _story(rng, tracks, describe_prob, max_questions, where_to_only)
     frames = [_frame(tracks, style, f, num_frames, image_size)[0] for f in range(num_frames)]
-    story = clip_story(
-        seed, index, num_frames, image_size, describe_prob, max_questions, where_to_only
-    )
-    return {**story, "frames": frames}
+    return {"id": f"toyvideo-{seed}-{index}-{num_frames}", **story, "frames": frames}
 
 
 class ToyVideoClips(torch.utils.data.Dataset):

@@ -44,6 +44,9 @@ VIDEO_TARGET_FLAGS = (
     "frame_spread",
     "symbolic",
     "where_every",
+    "long_every",
+    "long_max_frames",
+    "long_step_frames",
     "align_steps",
 )
 
@@ -167,6 +170,19 @@ def add_toy_parsers(sub) -> None:
         "--where-every", type=at_least(0), dest="where_every",
         help="--video: every k-th language step asks where every object of 2-frame clips "
         "moves (0: never)",
+    )  # fmt: skip
+    p.add_argument(
+        "--long-every", type=at_least(0), dest="long_every",
+        help="--video: every k-th language step trains on clips longer than --max-frames "
+        "(0: never)",
+    )  # fmt: skip
+    p.add_argument(
+        "--long-max-frames", type=at_least(3), dest="long_max_frames",
+        help="--video: longest clip of the long-clip steps",
+    )  # fmt: skip
+    p.add_argument(
+        "--long-step-frames", type=at_least(1), dest="long_step_frames",
+        help="--video: frames a long-clip step holds (its clip count: this // clip length)",
     )  # fmt: skip
     p.add_argument(
         "--align-steps", type=at_least(1), dest="align_steps",

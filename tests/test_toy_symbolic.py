@@ -137,7 +137,10 @@ def test_cli_flags_reach_the_video_settings(monkeypatch, tmp_path):
     argv = ["toy-target", "--video", "--out", str(tmp_path / "t"), "--where-every", "0"]
     assert main([*argv, "--pixel-language"]) == 0
     assert main([*argv, "--align-steps", "7"]) == 0
-    pixel, symbolic = seen
+    assert main([*argv, "--long-every", "5", "--long-max-frames", "64"]) == 0
+    assert main([*argv, "--long-step-frames", "128"]) == 0
+    pixel, symbolic, long, budget = seen
+    assert (long.long_every, long.long_max_frames, budget.long_step_frames) == (5, 64, 128)
     assert (pixel.symbolic, pixel.where_every) == (False, 0)
     assert (symbolic.symbolic, symbolic.align_steps) == (True, 7)
     assert main([*argv, "--pixel-language", "--align-steps", "7"]) == 2  # no regression to set
@@ -153,9 +156,9 @@ def test_the_pixel_language_stage_builds_a_target_without_symbolic_frames(tmp_pa
     monkeypatch.setattr(video_target, "SymbolicFrames", refuse)
     default_align = ToyVideoTargetSettings().align_steps  # refused otherwise: no regression
     settings = dataclasses.replace(
-        MICRO_VIDEO, symbolic=False, lm_steps=4, align_steps=default_align
+        MICRO_VIDEO, symbolic=False, lm_steps=6, align_steps=default_align
     )
-    assert settings.total_steps() == settings.vision_steps + 4
+    assert settings.total_steps() == settings.vision_steps + 6  # step 5: long clips
     report = build_toy_target(tmp_path / "pixel", settings)
     assert report["settings"]["symbolic"] is False and 0.0 <= report["event_accuracy"] <= 1.0
     with pytest.raises(ValueError, match="symbolic=False"):

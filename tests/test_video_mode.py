@@ -2,6 +2,7 @@
 the runner on a clip against `generate`, the length sweep's report and the keep-or-offload
 policy."""
 
+import copy
 import dataclasses
 import json
 from types import SimpleNamespace
@@ -46,6 +47,9 @@ MICRO_VIDEO = ToyVideoTargetSettings(  # the micro image target's sizes, 9 token
     align_steps=2,
     warmup_steps=1,
     max_frames=4,
+    long_every=3,
+    long_max_frames=12,
+    long_step_frames=16,
     eval_samples=1,
     eval_frames=(2, 3),
 )
@@ -74,6 +78,36 @@ def test_the_video_target_trains_one_clip_length_per_language_batch(loaded):
     per_batch = [set(frames[i : i + batch]) for i in range(0, len(frames), batch)]
     assert all(len(lengths) == 1 for lengths in per_batch), frames
     assert len(set.union(*per_batch)) > 1, frames  # while lengths still differ across batches
+
+
+def test_long_clip_steps_hold_fewer_longer_clips(loaded):
+    s = MICRO_VIDEO  # where-to steps are the even ones, so every third step past them is long
+    assert [step for step in range(s.lm_steps) if s.long_step(step)] == [5, 11, 17]
+    for step in range(s.lm_steps):
+        frames = {s.lm_clip(step * s.lm_batch + i)[2] for i in range(s.step_batch(step))}
+        if s.long_step(step):
+            (num,) = frames
+            assert s.max_frames < num <= s.long_max_frames
+            assert s.step_batch(step) == max(1, s.long_step_frames // num)
+        else:
+            assert max(frames) <= s.max_frames and s.step_batch(step) == s.lm_batch
+
+
+def test_train_language_encodes_each_steps_own_batch(loaded):
+    from covspec.training.toy_target import train_language
+
+    model, processor = loaded
+    model = copy.deepcopy(model)
+    seen = []
+
+    def loss_fn(m, batch):
+        seen.append(batch["input_ids"].shape[0])
+        return m.lm_head.weight.sum() * 0.0
+
+    bar = SimpleNamespace(update=lambda n: None, set_postfix=lambda **kw: None)
+    train_language(model, processor, MICRO_VIDEO, bar, MICRO_VIDEO.lm_encode(processor), loss_fn)
+    assert seen == [MICRO_VIDEO.step_batch(step) for step in range(MICRO_VIDEO.lm_steps)]
+    assert min(seen) < MICRO_VIDEO.lm_batch  # the long steps
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +183,13 @@ def test_bad_video_target_settings_are_refused():
         ToyVideoTargetSettings(min_frames=5, max_frames=3)
     with pytest.raises(ValueError, match="eval_frames"):
         ToyVideoTargetSettings(eval_frames=(1,))
+    with pytest.raises(ValueError, match="long_max_frames"):
+        ToyVideoTargetSettings(max_frames=32, long_max_frames=32)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        dataclasses.replace(MICRO_VIDEO, long_max_frames=200)  # 1,800 tokens in 1,024 positions
+    with pytest.raises(ValueError, match="long-clip step among"):
+        dataclasses.replace(MICRO_VIDEO, lm_steps=4, long_every=6)
+    assert dataclasses.replace(MICRO_VIDEO, lm_steps=4, long_every=0).step_batch(3) == 4
 
 
 def test_toyvideo_spec_gives_lazy_deterministic_clips_of_mixed_length():

@@ -95,6 +95,10 @@ class ToyTargetSettings:
     def total_steps(self) -> int:
         return self.vision_steps + self.lm_steps
 
+    def step_batch(self, step: int) -> int:
+        """Conversations in language step `step` (the video target's long-clip steps hold fewer)."""
+        return self.lm_batch
+
     def train_language_stage(self, model, processor, bar: tqdm) -> None:
         """Everything after the vision stage."""
         train_language(model, processor, self, bar, self.lm_encode(processor))
@@ -202,7 +206,7 @@ def train_language(
     model.train()
     model.model.vision_tower.eval()
     for step in range(s.lm_steps):
-        encs = [encode(step * s.lm_batch + i) for i in range(s.lm_batch)]
+        encs = [encode(step * s.lm_batch + i) for i in range(s.step_batch(step))]
         loss = loss_fn(model, pad_batch(encs, pad))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"toy target loss is {loss.item()} at language step {step}")

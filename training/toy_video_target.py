@@ -18,9 +18,11 @@ square move to" needs a lookup by name across the clip's visual tokens that a la
 trained from scratch is slow to find (training/toy_symbolic.py):
 with `symbolic=True` Llama learns on symbolic frames (the ground truth's colour, shape and cell
 embeddings in the image slots, nothing rendered), every `where_every`-th step a batch of
-2-frame clips asking where every object moves, the other steps captions and event questions
-on clips of `min_frames`..`max_frames` frames; then `align_steps` regress the projector onto
-the symbolic embeddings. `symbolic=False` trains projector + Llama on rendered frames instead.
+2-frame clips asking where every object moves, every `long_every`-th step one or a few clips
+of up to `long_max_frames` frames (without them the model, having seen only short clips,
+answers a 256-frame clip with "orange orange orange ..."), the other steps captions and event
+questions on clips of `min_frames`..`max_frames` frames; then `align_steps` regress the
+projector onto the symbolic embeddings. `symbolic=False` trains projector + Llama on rendered frames instead.
 `event_accuracy` asks every event question a clip supports (where each object moves to, how
 many objects appear, which appears first, which leaves) on unseen clips and compares the greedy
 answer with the ground truth.
@@ -81,6 +83,12 @@ class ToyVideoTargetSettings(ToyTargetSettings):
     # of clip lengths: log-uniform spends as much on 2-8 frames as on 8-32 (the long clips,
     # where a drafter is tested, without paying for them in every batch)
     frame_spread: str = "log"
+    # every k-th language step (not a where-to one): clips of max_frames+1..long_max_frames
+    # frames, log-uniform, max(1, long_step_frames // frames) of them, so the model has seen the
+    # positions and the attention spread of the sweep's long clips; 0 = none
+    long_every: int = 12
+    long_max_frames: int = 576
+    long_step_frames: int = 256
     describe_prob: float = 0.3  # of a training clip's conversation being its caption
     max_questions: int = 3  # event questions per question conversation
     eval_samples: int = 100  # clips per evaluated frame count
@@ -122,10 +130,48 @@ class ToyVideoTargetSettings(ToyTargetSettings):
                 f"the 3x3 cells, got {grid}x{grid} (image_size {self.spec.image_size}, "
                 f"patch_size {self.spec.patch_size})"
             )
+        self._check_long_steps()
+
+    def _check_long_steps(self) -> None:
+        long = {k: getattr(self, k) for k in ("long_every", "long_max_frames", "long_step_frames")}
+        if not all(isinstance(v, int) for v in long.values()) or self.long_every < 0:
+            raise ValueError(f"long-clip steps need integers, long_every >= 0, got {long}")
+        if not self.long_every:
+            return
+        positions = self.long_max_frames * self.spec.num_image_tokens
+        if (
+            not self.max_frames < self.long_max_frames
+            or positions >= self.spec.max_position_embeddings
+        ):
+            raise ValueError(
+                f"need max_frames ({self.max_frames}) < long_max_frames and the longest clip's "
+                f"{positions} visual tokens < max_position_embeddings "
+                f"({self.spec.max_position_embeddings}), got {long}"
+            )
+        if self.long_step_frames < 1 or not any(map(self.long_step, range(self.lm_steps))):
+            raise ValueError(
+                f"need long_step_frames >= 1 and a long-clip step among the {self.lm_steps} "
+                f"language steps (where_every {self.where_every}), got {long}"
+            )
 
     def num_frames(self, index: int) -> int:
         spread = self.frame_spread
         return clip_length(self.seed, index, self.min_frames, self.max_frames, spread)
+
+    def where_step(self, step: int) -> bool:
+        return bool(self.where_every) and step % self.where_every == 0
+
+    def long_step(self, step: int) -> bool:
+        every = self.long_every
+        return bool(every) and step % every == every - 1 and not self.where_step(step)
+
+    def long_frames(self, step: int) -> int:
+        return clip_length(self.seed, step, self.max_frames + 1, self.long_max_frames, "log")
+
+    def step_batch(self, step: int) -> int:
+        if not self.long_step(step):
+            return self.lm_batch
+        return min(self.lm_batch, max(1, self.long_step_frames // self.long_frames(step)))
 
     def corpus(self) -> list[str]:
         texts = corpus_text(self.seed, 1000) + list(VIDEO_DESCRIBE_PROMPTS)
@@ -146,8 +192,10 @@ class ToyVideoTargetSettings(ToyTargetSettings):
     def lm_clip(self, k: int) -> tuple[int, int, int, bool]:
         """(stream seed, index, frames, where-to only) of language-stage conversation `k`."""
         step = k // self.lm_batch
-        if self.where_every and step % self.where_every == 0:
+        if self.where_step(step):
             return self.seed + WHERE_TO_STREAM, k, 2, True
+        if self.long_step(step):
+            return self.seed, k, self.long_frames(step), False
         # one length per batch (k counts conversations): nothing is padded to a longer clip
         return self.seed, k, self.num_frames(step), False
 

@@ -22,7 +22,8 @@ embeddings in the image slots, nothing rendered), every `where_every`-th step a 
 of up to `long_max_frames` frames (without them the model, having seen only short clips,
 answers a 256-frame clip with "orange orange orange ..."), the other steps captions and event
 questions on clips of `min_frames`..`max_frames` frames; then `align_steps` regress the
-projector onto the symbolic embeddings. `symbolic=False` trains projector + Llama on rendered frames instead.
+projector onto the symbolic embeddings. `symbolic=False` trains projector + Llama on rendered
+frames instead.
 `event_accuracy` asks every event question a clip supports (where each object moves to, how
 many objects appear, which appears first, which leaves) on unseen clips and compares the greedy
 answer with the ground truth.

@@ -14,7 +14,9 @@ the target's visual tokens, tau, the drafter's ms per draft step and its KV cach
 the end-to-end speedup over `generate` (processor and prefill included) and the decode-phase
 speedup: `generate`'s time minus the prompt's encode + prefill (as the runner measured them on
 the same prompts, the same computation) against the runner's time minus its encode, prefill
-and drafter prefill. An `auto` policy (inference/visual_policy.py) appears as one more method.
+and drafter prefill. Per length it also counts the clips whose target answer loops (one token
+`LOOP_RUN`+ times in a row): a drafter's tau there measures the target's failure, not the
+drafter's. An `auto` policy (inference/visual_policy.py) appears as one more method.
 """
 
 from __future__ import annotations
@@ -43,6 +45,18 @@ FIELDS = (
     "identical_fraction",
     "repeats_disagreed",
 )
+# a target answer that repeats one token this many times in a row ("a red red red red circle")
+# is looping: no drafter distilled on well-formed answers follows it, so its tau drops there
+LOOP_RUN = 4
+
+
+def longest_run(ids: list[int]) -> int:
+    """Length of the longest run of one token id in a row (0 for an empty answer)."""
+    best = run = 0
+    for i, t in enumerate(ids):
+        run = run + 1 if i and t == ids[i - 1] else 1
+        best = max(best, run)
+    return best
 
 
 def _decode_speedups(methods: dict) -> dict[str, float | None]:
@@ -119,6 +133,9 @@ def run_sweep(
                 # the target's own answers: how long they are says how much decode there is
                 "answer_tokens": sum(len(r["token_ids"]["hf_greedy"]) for r in report["samples"])
                 / max(1, len(report["samples"])),
+                "looping_answers": sum(
+                    longest_run(r["token_ids"]["hf_greedy"]) >= LOOP_RUN for r in report["samples"]
+                ),
                 "methods": methods,
             }
         )
@@ -301,6 +318,13 @@ def markdown_table(report: dict) -> str:
                 f"{100 * m['identical_fraction']:.0f}% |"
             )
     lines += _gate_lines(report, names)
+    if all("looping_answers" in p for p in report["points"]):
+        loops = ", ".join(f"{p['frames']} frames {p['looping_answers']}" for p in report["points"])
+        lines += [
+            "",
+            f"Target answers that loop (one token {LOOP_RUN}+ times in a row), clips per length: "
+            f"{loops}.",
+        ]
     changes = [(n, c) for n in names if (c := tau_change(report, n))]
     if changes:
         f0, f1 = changes[0][1][:2]

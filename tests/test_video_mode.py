@@ -26,6 +26,7 @@ from covspec.data.toy_video import (
 from covspec.inference.media import Media
 from covspec.inference.runner import SpecRunner
 from covspec.inference.sweep import (
+    longest_run,
     markdown_table,
     run_sweep,
     write_sweep,
@@ -368,12 +369,20 @@ def test_sweep_report_schema_table_plot_and_policy(video_target, drafters, tmp_p
     two = markdown_table({**report, "policy": {**policy, "depths": [(20, 4), (None, 6)]}})
     assert "depth 4 up to 20 tokens, depth 6 beyond" in two
     assert all(0 < p["answer_tokens"] <= 6 for p in report["points"])
+    assert all(0 <= p["looping_answers"] <= 1 for p in report["points"])
+    assert "Target answers that loop (one token 4+ times in a row), clips per length: 2" in page
     assert all(p["methods"]["pool3"]["gate_choices"] is None for p in report["points"])
     write_sweep(report, tmp_path / "s.json")
     assert (tmp_path / "s.png").stat().st_size > 0 and (tmp_path / "s.md").is_file()
     assert json.loads((tmp_path / "s.json").read_text())["points"][0]["frames"] == 2
     with pytest.raises(ValueError, match="frames"):
         run_sweep(str(out), paths, [1], clips=1, max_new_tokens=2)
+
+
+def test_longest_run_finds_a_looping_answer():
+    assert longest_run([]) == 0 and longest_run([5]) == 1
+    assert longest_run([3, 7, 7, 7, 7, 2, 7]) == 4  # "a red red red red circle red"
+    assert longest_run([1, 2, 1, 2, 1]) == 1
 
 
 def test_sweep_runs_every_drafter_at_each_depth(video_target, drafters):

@@ -133,12 +133,13 @@ def run_sweep(
                 # the target's own answers: how long they are says how much decode there is
                 "answer_tokens": sum(len(r["token_ids"]["hf_greedy"]) for r in report["samples"])
                 / max(1, len(report["samples"])),
-                "looping_answers": sum(
+                "clip_looping": [  # in clip order, beside each method's clip_decode
                     longest_run(r["token_ids"]["hf_greedy"]) >= LOOP_RUN for r in report["samples"]
-                ),
+                ],
                 "methods": methods,
             }
         )
+        points[-1]["looping_answers"] = sum(points[-1]["clip_looping"])
     return {
         "target": target,
         "clips_per_length": clips,

@@ -369,7 +369,8 @@ def test_sweep_report_schema_table_plot_and_policy(video_target, drafters, tmp_p
     two = markdown_table({**report, "policy": {**policy, "depths": [(20, 4), (None, 6)]}})
     assert "depth 4 up to 20 tokens, depth 6 beyond" in two
     assert all(0 < p["answer_tokens"] <= 6 for p in report["points"])
-    assert all(0 <= p["looping_answers"] <= 1 for p in report["points"])
+    assert all(p["looping_answers"] == sum(p["clip_looping"]) for p in report["points"])
+    assert all(len(p["clip_looping"]) == 1 for p in report["points"])  # one clip per length
     assert "Target answers that loop (one token 4+ times in a row), clips per length: 2" in page
     assert all(p["methods"]["pool3"]["gate_choices"] is None for p in report["points"])
     write_sweep(report, tmp_path / "s.json")

@@ -22,6 +22,7 @@ drafter's. An `auto` policy (inference/visual_policy.py) appears as one more met
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import groupby
 from pathlib import Path
 
 import torch
@@ -46,17 +47,13 @@ FIELDS = (
     "repeats_disagreed",
 )
 # a target answer that repeats one token this many times in a row ("a red red red red circle")
-# is looping: no drafter distilled on well-formed answers follows it, so its tau drops there
+# is looping: drafters distilled on well-formed answers follow it poorly, so their tau drops there
 LOOP_RUN = 4
 
 
 def longest_run(ids: list[int]) -> int:
     """Length of the longest run of one token id in a row (0 for an empty answer)."""
-    best = run = 0
-    for i, t in enumerate(ids):
-        run = run + 1 if i and t == ids[i - 1] else 1
-        best = max(best, run)
-    return best
+    return max((len(list(run)) for _, run in groupby(ids)), default=0)
 
 
 def _decode_speedups(methods: dict) -> dict[str, float | None]:

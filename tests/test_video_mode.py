@@ -386,6 +386,20 @@ def test_longest_run_finds_a_looping_answer():
     assert longest_run([1, 2, 1, 2, 1]) == 1
 
 
+def test_sweep_flags_the_clips_whose_target_answer_loops(monkeypatch):
+    # a faked bench with known answers: the flags must follow each clip's own answer
+    answers = [[9, 4, 4, 4, 4, 2], [9, 4, 4, 4, 2], [1, 2, 3]]
+    bench = {
+        "methods": {"hf_greedy": {"kind": "hf", "ms_per_sample": {"total": 1.0}}},
+        "samples": [{"token_ids": {"hf_greedy": a}} for a in answers],
+    }
+    monkeypatch.setattr("covspec.inference.sweep.run_bench", lambda *a, **k: bench)
+    report = run_sweep("unused", [], [2], clips=3, max_new_tokens=6)
+    point = report["points"][0]
+    assert point["clip_looping"] == [True, False, False] and point["looping_answers"] == 1
+    assert "clips per length: 2 frames 1." in markdown_table(report)
+
+
 def test_sweep_runs_every_drafter_at_each_depth(video_target, drafters):
     out, _ = video_target
     report = run_sweep(

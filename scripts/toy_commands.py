@@ -48,6 +48,9 @@ VIDEO_TARGET_FLAGS = (
     "long_max_frames",
     "long_step_frames",
     "align_steps",
+    "pixel_polish",
+    "pixel_lr",
+    "pixel_step_frames",
 )
 
 
@@ -187,6 +190,16 @@ def add_toy_parsers(sub) -> None:
     p.add_argument(
         "--align-steps", type=at_least(1), dest="align_steps",
         help="--video: projector regression steps after the symbolic language stage",
+    )  # fmt: skip
+    p.add_argument(
+        "--pixel-polish", type=at_least(0), dest="pixel_polish", metavar="STEPS",
+        help="--video: language steps on rendered frames after the projector regression, "
+        "every other one a long clip (0: none)",
+    )  # fmt: skip
+    p.add_argument("--pixel-lr", type=between(1e-6, 1.0), dest="pixel_lr")
+    p.add_argument(
+        "--pixel-step-frames", type=at_least(1), dest="pixel_step_frames",
+        help="--video: frames a long-clip step of the pixel polish holds",
     )  # fmt: skip
     p.set_defaults(func=_toy_target)
 

@@ -139,11 +139,15 @@ def test_cli_flags_reach_the_video_settings(monkeypatch, tmp_path):
     assert main([*argv, "--align-steps", "7"]) == 0
     assert main([*argv, "--long-every", "5", "--long-max-frames", "64"]) == 0
     assert main([*argv, "--long-step-frames", "128"]) == 0
-    pixel, symbolic, long, budget = seen
+    polish = ["--pixel-polish", "30", "--pixel-lr", "1e-4", "--pixel-step-frames", "64"]
+    assert main([*argv, *polish]) == 0
+    pixel, symbolic, long, budget, polished = seen
     assert (long.long_every, long.long_max_frames, budget.long_step_frames) == (5, 64, 128)
     assert (pixel.symbolic, pixel.where_every) == (False, 0)
     assert (symbolic.symbolic, symbolic.align_steps) == (True, 7)
+    assert (polished.pixel_polish, polished.pixel_lr, polished.pixel_step_frames) == (30, 1e-4, 64)
     assert main([*argv, "--pixel-language", "--align-steps", "7"]) == 2  # no regression to set
+    assert main([*argv, "--pixel-language", "--pixel-polish", "7"]) == 2  # nor a polish
 
 
 def test_the_pixel_language_stage_builds_a_target_without_symbolic_frames(tmp_path, monkeypatch):
@@ -154,12 +158,58 @@ def test_the_pixel_language_stage_builds_a_target_without_symbolic_frames(tmp_pa
         raise AssertionError("symbolic frames used with symbolic=False")
 
     monkeypatch.setattr(video_target, "SymbolicFrames", refuse)
-    default_align = ToyVideoTargetSettings().align_steps  # refused otherwise: no regression
-    settings = dataclasses.replace(
-        MICRO_VIDEO, symbolic=False, lm_steps=6, align_steps=default_align
-    )
+    after = ("align_steps", "align_lr", "pixel_polish", "pixel_lr", "pixel_step_frames")
+    defaults = {k: getattr(ToyVideoTargetSettings(), k) for k in after}  # refused otherwise
+    settings = dataclasses.replace(MICRO_VIDEO, symbolic=False, lm_steps=6, **defaults)
     assert settings.total_steps() == settings.vision_steps + 6  # step 5: long clips
     report = build_toy_target(tmp_path / "pixel", settings)
     assert report["settings"]["symbolic"] is False and 0.0 <= report["event_accuracy"] <= 1.0
     with pytest.raises(ValueError, match="symbolic=False"):
         dataclasses.replace(settings, align_steps=5)
+
+
+def test_the_pixel_polish_runs_on_rendered_frames_of_its_own_clips():
+    s = dataclasses.replace(MICRO_VIDEO, pixel_polish=6)
+    polish = s.pixel_stage()
+    assert (polish.lm_steps, polish.lm_lr, polish.where_every) == (6, s.pixel_lr, 0)
+    assert polish.seed != s.seed and not any(map(polish.where_step, range(6)))
+    assert [polish.long_step(k) for k in range(6)] == [False, True] * 3  # every other step
+    assert polish.step_batch(1) == max(1, s.pixel_step_frames // polish.long_frames(1))
+    assert s.total_steps() == s.vision_steps + s.lm_steps + s.align_steps + 6
+
+
+def test_the_pixel_polish_trains_projector_and_llama_after_the_regression(tmp_path, monkeypatch):
+    import covspec.training.toy_video_target as video_target
+    from covspec.training.toy_target import build_toy_target
+
+    stages = []
+    real_language, real_align = video_target.train_language, video_target.align_projector
+
+    def language(model, processor, s, bar, encode, *args):
+        projector = [p.clone() for p in model.model.multi_modal_projector.parameters()]
+        real_language(model, processor, s, bar, encode, *args)
+        moved = not all(
+            torch.equal(a, b)
+            for a, b in zip(projector, model.model.multi_modal_projector.parameters(), strict=True)
+        )
+        stages.append(("pixel" if "visual_labels" not in encode(0) else "symbolic", moved))
+
+    def align(*args, **kwargs):
+        stages.append(("align", True))
+        return real_align(*args, **kwargs)
+
+    monkeypatch.setattr(video_target, "train_language", language)
+    monkeypatch.setattr(video_target, "align_projector", align)
+    build_toy_target(tmp_path / "t", MICRO_VIDEO)
+    assert stages == [("symbolic", False), ("align", True), ("pixel", True)]
+    stages.clear()
+    build_toy_target(tmp_path / "u", dataclasses.replace(MICRO_VIDEO, pixel_polish=0))
+    assert [name for name, _ in stages] == ["symbolic", "align"]
+
+
+@pytest.mark.parametrize(
+    "bad", [{"pixel_polish": 1}, {"pixel_polish": -2}, {"pixel_lr": 0.0}, {"pixel_step_frames": 0}]
+)
+def test_bad_pixel_polish_settings_are_refused(bad):
+    with pytest.raises(ValueError, match="pixel"):
+        dataclasses.replace(MICRO_VIDEO, **bad)

@@ -51,6 +51,8 @@ MICRO_VIDEO = ToyVideoTargetSettings(  # the micro image target's sizes, 9 token
     long_every=3,
     long_max_frames=12,
     long_step_frames=16,
+    pixel_polish=2,
+    pixel_step_frames=16,
     eval_samples=1,
     eval_frames=(2, 3),
 )

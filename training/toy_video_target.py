@@ -22,8 +22,11 @@ embeddings in the image slots, nothing rendered), every `where_every`-th step a 
 of up to `long_max_frames` frames (without them the model, having seen only short clips,
 answers a 256-frame clip with "orange orange orange ..."), the other steps captions and event
 questions on clips of `min_frames`..`max_frames` frames; then `align_steps` regress the
-projector onto the symbolic embeddings. `symbolic=False` trains projector + Llama on rendered
-frames instead.
+projector onto the symbolic embeddings, and `pixel_polish` steps train projector + Llama on
+rendered frames, every other one a long clip: what the projector gives is near the symbolic
+embeddings, not equal to them, and Llama trained on symbolic frames alone answered a few clips
+with "A red red red red ...", read off the background slots (zeroing them stopped it).
+`symbolic=False` trains projector + Llama on rendered frames instead.
 `event_accuracy` asks every event question a clip supports (where each object moves to, how
 many objects appear, which appears first, which leaves) on unseen clips and compares the greedy
 answer with the ground truth.
@@ -32,7 +35,7 @@ answer with the ground truth.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -62,6 +65,7 @@ from covspec.training.toy_target import (
 )
 
 WHERE_TO_STREAM = 3  # seed offset of the dense where-to clips (seed + 1: vision, + 2: corpus)
+PIXEL_STREAM = 4  # of the pixel polish's clips (its where-to stream would be + 4 + 3: unused)
 
 
 def video_spec() -> ToyVLMSpec:
@@ -90,6 +94,13 @@ class ToyVideoTargetSettings(ToyTargetSettings):
     long_every: int = 12
     long_max_frames: int = 576
     long_step_frames: int = 256
+    # after the projector regression (symbolic only): language steps on rendered frames,
+    # projector and Llama, every other one a long clip, `pixel_step_frames` frames a step; the
+    # symbolic stage never shows Llama the projector's real output, and without these steps the
+    # target loops on a few clips ("A red red red red ..."); 0 = none
+    pixel_polish: int = 120
+    pixel_lr: float = 3e-4
+    pixel_step_frames: int = 256
     describe_prob: float = 0.3  # of a training clip's conversation being its caption
     max_questions: int = 3  # event questions per question conversation
     eval_samples: int = 100  # clips per evaluated frame count
@@ -118,11 +129,12 @@ class ToyVideoTargetSettings(ToyTargetSettings):
             raise ValueError(f"where_every must be an integer >= 0, got {self.where_every}")
         if self.align_lr <= 0:
             raise ValueError(f"align_lr must be > 0, got {self.align_lr}")
-        align = {"align_steps": self.align_steps, "align_lr": self.align_lr}
-        if not self.symbolic and align != {k: _DEFAULTS[k] for k in align}:
+        after = ("align_steps", "align_lr", "pixel_polish", "pixel_lr", "pixel_step_frames")
+        after = {k: getattr(self, k) for k in after}
+        if not self.symbolic and after != {k: _DEFAULTS[k] for k in after}:
             raise ValueError(
-                f"{align} set the projector regression after symbolic frames; with "
-                "symbolic=False there is none"
+                f"{after} set the stages after the symbolic language stage; with "
+                "symbolic=False there are none"
             )
         grid = self.spec.image_size // self.spec.patch_size
         if self.symbolic and grid % 3:
@@ -132,6 +144,20 @@ class ToyVideoTargetSettings(ToyTargetSettings):
                 f"patch_size {self.spec.patch_size})"
             )
         self._check_long_steps()
+        self._check_pixel_polish()
+
+    def _check_pixel_polish(self) -> None:
+        pixel = {k: getattr(self, k) for k in ("pixel_polish", "pixel_lr", "pixel_step_frames")}
+        counts = (self.pixel_polish, self.pixel_step_frames)
+        if (
+            not all(isinstance(v, int) for v in counts)
+            or (self.pixel_polish < 0 or self.pixel_polish == 1 or self.pixel_step_frames < 1)
+            or self.pixel_lr <= 0
+        ):
+            raise ValueError(
+                "the pixel polish needs integers pixel_polish = 0 or >= 2 (every other step is a "
+                f"long clip), pixel_step_frames >= 1 and pixel_lr > 0, got {pixel}"
+            )
 
     def _check_long_steps(self) -> None:
         long = {k: getattr(self, k) for k in ("long_every", "long_max_frames", "long_step_frames")}
@@ -228,8 +254,23 @@ class ToyVideoTargetSettings(ToyTargetSettings):
 
         return encode
 
+    def pixel_stage(self) -> ToyVideoTargetSettings:
+        """The settings `train_language` runs the pixel polish with: clips of their own stream
+        (seed + PIXEL_STREAM), every other step a long clip, no where-to-only steps."""
+        return replace(
+            self,
+            seed=self.seed + PIXEL_STREAM,
+            lm_steps=self.pixel_polish,
+            lm_lr=self.pixel_lr,
+            warmup_steps=max(1, self.pixel_polish // 12),
+            where_every=0,
+            long_every=2,
+            long_step_frames=self.pixel_step_frames,
+        )
+
     def total_steps(self) -> int:
-        return super().total_steps() + (self.align_steps if self.symbolic else 0)
+        after = self.align_steps + self.pixel_polish if self.symbolic else 0
+        return super().total_steps() + after
 
     def train_language_stage(self, model, processor, bar: tqdm) -> None:
         if not self.symbolic:
@@ -240,6 +281,9 @@ class ToyVideoTargetSettings(ToyTargetSettings):
         train_language(model, processor, self, bar, encode, loss, frames.parameters())
         draw = self.vision_draw()
         align_projector(model, processor, frames, draw, self.align_steps, self.align_lr, bar)
+        if self.pixel_polish:
+            pixel = self.pixel_stage()
+            train_language(model, processor, pixel, bar, pixel.lm_encode(processor))
 
     def evaluate(self, model, processor) -> dict:
         return event_accuracy(

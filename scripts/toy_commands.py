@@ -196,7 +196,10 @@ def add_toy_parsers(sub) -> None:
         help="--video: language steps on rendered frames after the projector regression, "
         "every other one a long clip (0: none)",
     )  # fmt: skip
-    p.add_argument("--pixel-lr", type=between(1e-6, 1.0), dest="pixel_lr")
+    p.add_argument(
+        "--pixel-lr", type=between(1e-6, 1.0), dest="pixel_lr",
+        help="--video: learning rate of the pixel polish",
+    )  # fmt: skip
     p.add_argument(
         "--pixel-step-frames", type=at_least(1), dest="pixel_step_frames",
         help="--video: frames a long-clip step of the pixel polish holds",

@@ -20,7 +20,7 @@ from covspec.training.toy_symbolic import (
     tower_features,
 )
 from covspec.training.toy_target import pad_batch, patch_labels
-from covspec.training.toy_video_target import ToyVideoTargetSettings
+from covspec.training.toy_video_target import PIXEL_STREAM, ToyVideoTargetSettings
 from tests.test_video_mode import MICRO_VIDEO
 
 SETTINGS = dataclasses.replace(MICRO_VIDEO, lm_batch=2, where_every=2)
@@ -169,12 +169,17 @@ def test_the_pixel_language_stage_builds_a_target_without_symbolic_frames(tmp_pa
 
 
 def test_the_pixel_polish_runs_on_rendered_frames_of_its_own_clips():
-    s = dataclasses.replace(MICRO_VIDEO, pixel_polish=6)
+    s = dataclasses.replace(MICRO_VIDEO, pixel_polish=6, pixel_step_frames=24)
     polish = s.pixel_stage()
     assert (polish.lm_steps, polish.lm_lr, polish.where_every) == (6, s.pixel_lr, 0)
-    assert polish.seed != s.seed and not any(map(polish.where_step, range(6)))
+    assert (polish.long_step_frames, polish.long_max_frames) == (24, s.long_max_frames)
+    assert polish.seed == s.seed + PIXEL_STREAM and not any(map(polish.where_step, range(6)))
     assert [polish.long_step(k) for k in range(6)] == [False, True] * 3  # every other step
-    assert polish.step_batch(1) == max(1, s.pixel_step_frames // polish.long_frames(1))
+    for step in (1, 3, 5):  # long clips from the polish's stream, as many as fit its frames
+        seed, _, frames, where_to = polish.lm_clip(step * polish.lm_batch)
+        assert (seed, where_to) == (s.seed + PIXEL_STREAM, False)
+        assert s.max_frames < frames <= s.long_max_frames
+        assert polish.step_batch(step) * frames <= max(frames, s.pixel_step_frames)
     assert s.total_steps() == s.vision_steps + s.lm_steps + s.align_steps + 6
 
 
@@ -185,26 +190,31 @@ def test_the_pixel_polish_trains_projector_and_llama_after_the_regression(tmp_pa
     stages = []
     real_language, real_align = video_target.train_language, video_target.align_projector
 
+    def moved(before, module) -> bool:
+        return not all(torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
+
     def language(model, processor, s, bar, encode, *args):
-        projector = [p.clone() for p in model.model.multi_modal_projector.parameters()]
+        projector, llama = model.model.multi_modal_projector, model.model.language_model
+        before = [[p.clone() for p in m.parameters()] for m in (projector, llama)]
         real_language(model, processor, s, bar, encode, *args)
-        moved = not all(
-            torch.equal(a, b)
-            for a, b in zip(projector, model.model.multi_modal_projector.parameters(), strict=True)
-        )
-        stages.append(("pixel" if "visual_labels" not in encode(0) else "symbolic", moved))
+        kind = "pixel" if "visual_labels" not in encode(0) else "symbolic"
+        stages.append((kind, s, moved(before[0], projector), moved(before[1], llama)))
 
     def align(*args, **kwargs):
-        stages.append(("align", True))
+        stages.append(("align",))
         return real_align(*args, **kwargs)
 
     monkeypatch.setattr(video_target, "train_language", language)
     monkeypatch.setattr(video_target, "align_projector", align)
     build_toy_target(tmp_path / "t", MICRO_VIDEO)
-    assert stages == [("symbolic", False), ("align", True), ("pixel", True)]
+    assert stages == [
+        ("symbolic", MICRO_VIDEO, False, True),
+        ("align",),
+        ("pixel", MICRO_VIDEO.pixel_stage(), True, True),
+    ]
     stages.clear()
     build_toy_target(tmp_path / "u", dataclasses.replace(MICRO_VIDEO, pixel_polish=0))
-    assert [name for name, _ in stages] == ["symbolic", "align"]
+    assert [stage[0] for stage in stages] == ["symbolic", "align"]
 
 
 @pytest.mark.parametrize(
@@ -213,3 +223,15 @@ def test_the_pixel_polish_trains_projector_and_llama_after_the_regression(tmp_pa
 def test_bad_pixel_polish_settings_are_refused(bad):
     with pytest.raises(ValueError, match="pixel"):
         dataclasses.replace(MICRO_VIDEO, **bad)
+
+
+def test_a_polish_whose_long_clips_cannot_be_drawn_is_refused_before_training():
+    # no long steps in the symbolic stage, but the polish still needs clips past max_frames
+    no_long = dataclasses.replace(MICRO_VIDEO, long_every=0)
+    assert no_long.pixel_stage().long_every == 2
+    with pytest.raises(ValueError, match="pixel polish's long clips.*max_frames"):
+        dataclasses.replace(no_long, max_frames=MICRO_VIDEO.long_max_frames)
+    assert dataclasses.replace(no_long, max_frames=MICRO_VIDEO.long_max_frames, pixel_polish=0)
+    after = ("align_steps", "align_lr", "pixel_lr", "pixel_step_frames")
+    defaults = {k: getattr(ToyVideoTargetSettings(), k) for k in after}
+    assert dataclasses.replace(MICRO_VIDEO, symbolic=False, pixel_polish=0, **defaults)

@@ -24,8 +24,8 @@ answers a 256-frame clip with "orange orange orange ..."), the other steps capti
 questions on clips of `min_frames`..`max_frames` frames; then `align_steps` regress the
 projector onto the symbolic embeddings, and `pixel_polish` steps train projector + Llama on
 rendered frames, every other one a long clip: what the projector gives is near the symbolic
-embeddings, not equal to them, and Llama trained on symbolic frames alone answered a few clips
-with "A red red red red ...", read off the background slots (zeroing them stopped it).
+embeddings, not equal to them, and Llama trained on symbolic frames alone answers some clips
+with "A red red red red ...", a colour read off the background slots.
 `symbolic=False` trains projector + Llama on rendered frames instead.
 `event_accuracy` asks every event question a clip supports (where each object moves to, how
 many objects appear, which appears first, which leaves) on unseen clips and compares the greedy
@@ -95,9 +95,12 @@ class ToyVideoTargetSettings(ToyTargetSettings):
     long_max_frames: int = 576
     long_step_frames: int = 256
     # after the projector regression (symbolic only): language steps on rendered frames,
-    # projector and Llama, every other one a long clip, `pixel_step_frames` frames a step; the
-    # symbolic stage never shows Llama the projector's real output, and without these steps the
-    # target loops on a few clips ("A red red red red ..."); 0 = none
+    # projector and Llama, the even ones captions and event questions on clips of
+    # min_frames..max_frames frames, the odd ones long clips (max_frames+1..long_max_frames,
+    # whatever long_every says) as many as fit in `pixel_step_frames` frames. The symbolic stage
+    # never shows Llama the projector's real output, which is near the symbolic embeddings but
+    # not equal to them; without this polish the target loops on some clips ("A red red red
+    # red ..."), reading a colour off the background slots; 0 = none
     pixel_polish: int = 120
     pixel_lr: float = 3e-4
     pixel_step_frames: int = 256
@@ -131,7 +134,8 @@ class ToyVideoTargetSettings(ToyTargetSettings):
             raise ValueError(f"align_lr must be > 0, got {self.align_lr}")
         after = ("align_steps", "align_lr", "pixel_polish", "pixel_lr", "pixel_step_frames")
         after = {k: getattr(self, k) for k in after}
-        if not self.symbolic and after != {k: _DEFAULTS[k] for k in after}:
+        changed = {k for k, v in after.items() if v != _DEFAULTS[k]}
+        if not self.symbolic and changed - ({"pixel_polish"} if not self.pixel_polish else set()):
             raise ValueError(
                 f"{after} set the stages after the symbolic language stage; with "
                 "symbolic=False there are none"
@@ -158,6 +162,11 @@ class ToyVideoTargetSettings(ToyTargetSettings):
                 "the pixel polish needs integers pixel_polish = 0 or >= 2 (every other step is a "
                 f"long clip), pixel_step_frames >= 1 and pixel_lr > 0, got {pixel}"
             )
+        if self.symbolic and self.pixel_polish:
+            try:  # refused now, not after the stages before the polish
+                self.pixel_stage()
+            except ValueError as err:
+                raise ValueError(f"the pixel polish's long clips: {err}") from err
 
     def _check_long_steps(self) -> None:
         long = {k: getattr(self, k) for k in ("long_every", "long_max_frames", "long_step_frames")}
@@ -255,17 +264,19 @@ class ToyVideoTargetSettings(ToyTargetSettings):
         return encode
 
     def pixel_stage(self) -> ToyVideoTargetSettings:
-        """The settings `train_language` runs the pixel polish with: clips of their own stream
-        (seed + PIXEL_STREAM), every other step a long clip, no where-to-only steps."""
+        """The settings `train_language` runs the pixel polish with: clips no other stage draws
+        (stream seed + PIXEL_STREAM), every other step a long clip, no where-to-only steps."""
         return replace(
             self,
             seed=self.seed + PIXEL_STREAM,
             lm_steps=self.pixel_polish,
             lm_lr=self.pixel_lr,
+            # a fresh optimiser on a trained model: a short warm-up, ~8% of the steps
             warmup_steps=max(1, self.pixel_polish // 12),
             where_every=0,
             long_every=2,
             long_step_frames=self.pixel_step_frames,
+            pixel_polish=0,  # these settings are the polish, not a recipe with one
         )
 
     def total_steps(self) -> int:

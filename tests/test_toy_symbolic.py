@@ -20,7 +20,11 @@ from covspec.training.toy_symbolic import (
     tower_features,
 )
 from covspec.training.toy_target import pad_batch, patch_labels
-from covspec.training.toy_video_target import PIXEL_STREAM, ToyVideoTargetSettings
+from covspec.training.toy_video_target import (
+    AFTER_SYMBOLIC,
+    PIXEL_STREAM,
+    ToyVideoTargetSettings,
+)
 from tests.test_video_mode import MICRO_VIDEO
 
 SETTINGS = dataclasses.replace(MICRO_VIDEO, lm_batch=2, where_every=2)
@@ -158,8 +162,7 @@ def test_the_pixel_language_stage_builds_a_target_without_symbolic_frames(tmp_pa
         raise AssertionError("symbolic frames used with symbolic=False")
 
     monkeypatch.setattr(video_target, "SymbolicFrames", refuse)
-    after = ("align_steps", "align_lr", "pixel_polish", "pixel_lr", "pixel_step_frames")
-    defaults = {k: getattr(ToyVideoTargetSettings(), k) for k in after}  # refused otherwise
+    defaults = {k: getattr(ToyVideoTargetSettings(), k) for k in AFTER_SYMBOLIC}  # else refused
     settings = dataclasses.replace(MICRO_VIDEO, symbolic=False, lm_steps=6, **defaults)
     assert settings.total_steps() == settings.vision_steps + 6  # step 5: long clips
     report = build_toy_target(tmp_path / "pixel", settings)
@@ -232,6 +235,6 @@ def test_a_polish_whose_long_clips_cannot_be_drawn_is_refused_before_training():
     with pytest.raises(ValueError, match="pixel polish's long clips.*max_frames"):
         dataclasses.replace(no_long, max_frames=MICRO_VIDEO.long_max_frames)
     assert dataclasses.replace(no_long, max_frames=MICRO_VIDEO.long_max_frames, pixel_polish=0)
-    after = ("align_steps", "align_lr", "pixel_lr", "pixel_step_frames")
+    after = set(AFTER_SYMBOLIC) - {"pixel_polish"}
     defaults = {k: getattr(ToyVideoTargetSettings(), k) for k in after}
     assert dataclasses.replace(MICRO_VIDEO, symbolic=False, pixel_polish=0, **defaults)

@@ -66,6 +66,8 @@ from covspec.training.toy_target import (
 
 WHERE_TO_STREAM = 3  # seed offset of the dense where-to clips (seed + 1: vision, + 2: corpus)
 PIXEL_STREAM = 4  # of the pixel polish's clips (its where-to stream would be + 4 + 3: unused)
+# the settings of the stages after the symbolic language stage (none with symbolic=False)
+AFTER_SYMBOLIC = ("align_steps", "align_lr", "pixel_polish", "pixel_lr", "pixel_step_frames")
 
 
 def video_spec() -> ToyVLMSpec:
@@ -132,8 +134,7 @@ class ToyVideoTargetSettings(ToyTargetSettings):
             raise ValueError(f"where_every must be an integer >= 0, got {self.where_every}")
         if self.align_lr <= 0:
             raise ValueError(f"align_lr must be > 0, got {self.align_lr}")
-        after = ("align_steps", "align_lr", "pixel_polish", "pixel_lr", "pixel_step_frames")
-        after = {k: getattr(self, k) for k in after}
+        after = {k: getattr(self, k) for k in AFTER_SYMBOLIC}
         changed = {k for k, v in after.items() if v != _DEFAULTS[k]}
         if not self.symbolic and changed - ({"pixel_polish"} if not self.pixel_polish else set()):
             raise ValueError(

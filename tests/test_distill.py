@@ -176,6 +176,18 @@ def test_every_recipe_parses_through_the_cli(recipe, monkeypatch):
         assert cli.model.hparams.draft_vocab_size == 32000
 
 
+@pytest.mark.parametrize("seed,suffix", [(0, "toy-drafter-full-visual"), (3, "-full-visual-seed3")])
+def test_a_seed_replicate_gets_folders_of_its_own(seed, suffix, monkeypatch):
+    """Another seed must not resume (resume: last) or overwrite seed 0's run: the resume guard
+    compares drafter settings and target, which seeds share."""
+    monkeypatch.chdir(ROOT)
+    args = ["--config", "recipes/toy/drafter.yaml", "--model.variant", "full_visual"]
+    cli = make_cli([*args, "--seed_everything", str(seed)], cli_class=ParseOnlyCLI)
+    callbacks = cli.config_init.trainer.callbacks
+    dirs = [c.dirpath for c in callbacks if hasattr(c, "dirpath")]  # checkpoints and export
+    assert len(dirs) == 2 and all(d.endswith(suffix) for d in dirs)
+
+
 def test_unknown_recipe_key_is_an_error(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     bad = tmp_path / "bad.yaml"

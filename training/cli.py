@@ -4,20 +4,22 @@
     covspec train --config recipes/toy/drafter.yaml --model.variant full_visual
     covspec train --config recipes/toy/drafter.yaml --resume none      # ignore last.ckpt
 
-The data module's `target` is linked to the model's, so a recipe names its target once. Strings
-in the trainer section may hold `{variant}`, `{variant_suffix}` ("" for visual_free, else
+The data module's `target` is linked to the model's, so a recipe names its target once. Strings in
+the trainer section may hold `{variant}`, `{variant_suffix}` ("" for visual_free, else
 "-full-visual" / "-text-only"; then "-elastic" for a compressed visual prefix, or the fixed
-primitive, e.g. "-pool4"), `{codec_suffix}` ("" or "-r16" for a feature codec of rank
-16), `{target_stem}` (the target folder's name without "-target", e.g. "toy-video") and
-`{recipe}` (the folder of the recipe given last with --config, e.g. "llava-1.5-7b"), so checkpoints, exports and run names follow `--model.variant`
-and the target, and a baseline never resumes from another variant's checkpoint. A recipe may
-start with `config: ../_shared/BASE.yaml` to inherit a shared base (jsonargparse nesting). By default training resumes from
-the `last.ckpt` of the recipe's ModelCheckpoint when there is one: exactly (the data loader
-resumes mid-epoch, data/resumable.py), and only a checkpoint of the same drafter settings and
-target identity (training/guards.py). Checkpoints are written beside the old one and renamed
+primitive, e.g. "-pool4"; then "-seedN" for `--seed_everything N` other than 0), `{codec_suffix}`
+("" or "-r16" for a feature codec of rank 16), `{target_stem}` (the target folder's name without
+"-target", e.g. "toy-video") and `{recipe}` (the folder of the recipe given last with --config,
+e.g. "llava-1.5-7b"), so checkpoints, exports and run names follow `--model.variant` and the
+target, and a baseline never resumes from another variant's checkpoint (nor a seed replicate from
+another seed's: the resume guard checks settings and target, not the seed). A recipe may start with
+`config: ../_shared/BASE.yaml` to inherit a shared base (jsonargparse nesting). By default training
+resumes from the `last.ckpt` of the recipe's ModelCheckpoint when there is one: exactly (the data
+loader resumes mid-epoch, data/resumable.py), and only a checkpoint of the same drafter settings
+and target identity (training/guards.py). Checkpoints are written beside the old one and renamed
 over it, so a killed run keeps a whole `last.ckpt`. A resumed run with nothing left to train
-exports from its checkpoint when the drafter folder is missing or older, and says so. Errors
-reach the user as one line through `covspec`'s error boundary (scripts/cli.py).
+exports from its checkpoint when the drafter folder is missing or older, and says so. Errors reach
+the user as one line through `covspec`'s error boundary (scripts/cli.py).
 """
 
 from __future__ import annotations
@@ -71,6 +73,9 @@ class CovspecCLI(LightningCLI):
         if model.get("visual_prefix") == "compressed":  # -elastic, or the one fixed primitive
             options = (model.get("compressor") or {}).get("options") or DEFAULT_OPTIONS
             suffix += "-elastic" if len(options) > 1 else "-" + options[0].replace(":", "")
+        seed = self.config.get("seed_everything")  # an int by now (LightningCLI._set_seed)
+        if seed:  # seed 0 (every recipe's) and False keep the plain names
+            suffix += f"-seed{seed}"
         configs = self.config.get("config") or []
         recipe = Path(str(configs[-1])).resolve().parent.name if configs else "run"
         rank = self.config.model.get("feature_codec_rank")

@@ -11,6 +11,7 @@ on hand-written reports and recomputed from a saved JSON without a model.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -47,7 +48,7 @@ def markdown_table(report: dict) -> str:
             f"| {m['identical_fraction']:.0%} |"
         )
     lines += pareto_lines(report, "tree") + pareto_lines(report, "chain")
-    lines += _gate_lines(report) + _kind_lines(report)
+    lines += seed_lines(report) + _gate_lines(report) + _kind_lines(report)
     lines += [
         "",
         "Where the time goes, wall ms per sample (runner phases; `other` = the loop itself):",
@@ -120,6 +121,34 @@ def pareto_lines(report: dict, mode: str = "tree") -> list[str]:
             )
         if speed is not None:
             text += f"; speedup {g['speedup']:.2f}x vs {speed:.2f}x for `{free}` (no visual rows)"
+        lines += ["", text + "."]
+    return lines
+
+
+def seed_lines(report: dict) -> list[str]:
+    """Each drafter benched beside its training-seed replicates (`NAME-seedN`, what
+    `covspec train --seed_everything N` exports): their tau per draft shape and each
+    replicate's paired difference from seed 0. The scene intervals above say nothing of the
+    training seed; this spread is the yardstick for a difference between two drafters."""
+    groups: dict[tuple[str, str], dict[int, str]] = {}
+    for name in report["methods"]:
+        label, _, mode = name.rpartition("/")
+        match = re.fullmatch(r"(.+)-seed(\d+)", label)
+        if match and f"{match[1]}/{mode}" in report["methods"]:
+            group = groups.setdefault((match[1], mode), {0: f"{match[1]}/{mode}"})
+            group[int(match[2])] = name
+    lines = []
+    for (base, mode), seeds in groups.items():
+        order = sorted(seeds)
+        taus = [report["methods"][seeds[k]]["tau"] for k in order]
+        text = (
+            f"Training seeds of `{base}` ({mode}): seeds {', '.join(map(str, order))} reach tau "
+            f"{', '.join(f'{t:.3f}' for t in taus)} (spread {max(taus) - min(taus):.3f})"
+        )
+        for k in order[1:]:
+            text += f"; seed {k} against seed 0" + _paired_interval(
+                report.get("samples", []), seeds[k], seeds[0]
+            )
         lines += ["", text + "."]
     return lines
 

@@ -9,6 +9,7 @@ from covspec.inference.bench_report import (
     markdown_table,
     pareto_lines,
     per_prompt_oracle_tau,
+    seed_lines,
     tau_difference_interval,
     write_report,
 )
@@ -266,6 +267,24 @@ def test_pareto_lines_compare_only_with_primitives_carrying_as_many_rows():
     for name in ("big/tree", "full/tree"):
         del report["methods"][name]
     assert "no fixed primitive carries as many rows" in pareto_lines(report)[1]
+
+
+def test_seed_lines_group_replicates_with_their_seed_zero_drafter():
+    methods = {
+        name: {"tau": tau}
+        for name, tau in [
+            ("d/tree", 6.0), ("d-seed1/tree", 5.5), ("d-seed2/tree", 5.8), ("d/chain", 5.0),
+            ("e-seed1/tree", 4.0),  # no seed-0 drafter benched beside it: not a group
+        ]
+    }  # fmt: skip
+    samples = [{"decode": {"d/tree": [6 * r, r], "d-seed1/tree": [11 * r, 2 * r]}} for r in (2, 3)]
+    (line,) = [x for x in seed_lines({"methods": methods, "samples": samples}) if x]
+    assert line.startswith("Training seeds of `d` (tree): seeds 0, 1, 2 reach tau 6.000, 5.500,")
+    assert "(spread 0.500)" in line and "`e" not in line
+    # the paired interval where both decodes were recorded, none where they were not
+    assert "seed 1 against seed 0 (difference -0.500, 95% paired" in line
+    assert line.endswith("; seed 2 against seed 0.")
+    assert seed_lines({"methods": {"d/tree": {"tau": 6.0}}}) == []
 
 
 def test_tau_difference_interval_is_paired_over_samples():

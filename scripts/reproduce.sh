@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every table of the README and its pages under docs/results, in order, on the toy world.
 # Each training step is skipped when its export exists and resumes from its last checkpoint
-# otherwise, so a rerun picks up where it stopped. About 10 h on a 2-core CPU VM (the stages
-# noted below add up to 8.4 h, the benches and simulations without a note to the rest; the
+# otherwise, so a rerun picks up where it stopped. About 11 h on a 2-core CPU VM (the stages
+# noted below add up to 9.4 h, the benches and simulations without a note to the rest; the
 # measured stage times are in the README); run it alone: the speed tables are ratios measured
 # on this machine and the other stages would disturb them.
 set -euo pipefail
@@ -21,6 +21,10 @@ covspec toy-target --out checkpoints/toy-target                                 
 train recipes/toy/drafter.yaml checkpoints/toy-drafter                              # ~28 min
 train recipes/toy/drafter.yaml checkpoints/toy-drafter-full-visual \
   --model.variant full_visual --trainer.max_steps 1000                             # ~16 min
+for s in 1 2 3; do  # training-seed replicates of it: the yardstick for gaps between drafters
+  train recipes/toy/drafter.yaml "checkpoints/toy-drafter-full-visual-seed$s" \
+    --model.variant full_visual --trainer.max_steps 1000 --seed_everything "$s"       # ~19 min each
+done
 train recipes/toy/drafter.yaml checkpoints/toy-drafter-text-only \
   --model.variant text_only --trainer.max_steps 1000                               # ~12 min
 for r in 64 16 4; do                                                                # ~37 min
@@ -63,6 +67,11 @@ done
 covspec bench --target checkpoints/toy-target "${elastic[@]}" --toy 480 --toy-mixed \
   --gate-cost-weight 0 --gate-cost-weight 0.005 --gate-cost-weight 0.02 --gate-cost-weight 0.05 \
   --max-new-tokens 96 --out "$OUT/bench-elastic.json"                              # ~9 min
+# README: the full-visual drafter's training-seed spread on the same 480 scenes
+seeds=(--drafter checkpoints/toy-drafter-full-visual)
+for s in 1 2 3; do seeds+=(--drafter "checkpoints/toy-drafter-full-visual-seed$s"); done
+covspec bench --target checkpoints/toy-target "${seeds[@]}" --toy 480 --toy-mixed \
+  --max-new-tokens 96 --out "$OUT/bench-seeds.json"                                # ~6 min
 # README: the elastic drafter's price over a bad link (prefix bytes, first token)
 covspec simulate --target checkpoints/toy-target --drafter checkpoints/toy-drafter-elastic \
   --drafter checkpoints/toy-drafter --drafter checkpoints/toy-drafter-pool2 \

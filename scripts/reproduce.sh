@@ -23,7 +23,7 @@ train recipes/toy/drafter.yaml checkpoints/toy-drafter-full-visual \
   --model.variant full_visual --trainer.max_steps 1000                             # ~16 min
 for s in 1 2 3; do  # training-seed replicates of it: the yardstick for gaps between drafters
   train recipes/toy/drafter.yaml "checkpoints/toy-drafter-full-visual-seed$s" \
-    --model.variant full_visual --trainer.max_steps 1000 --seed_everything "$s"       # ~20 min each
+    --model.variant full_visual --trainer.max_steps 1000 --seed_everything "$s"       # ~21 min each
 done
 train recipes/toy/drafter.yaml checkpoints/toy-drafter-text-only \
   --model.variant text_only --trainer.max_steps 1000                               # ~12 min
